@@ -1,0 +1,1496 @@
+//! File-system layer: the public [`Fs`] API (by inode number, as FUSE wants it, plus
+//! path helpers), opening, closing, and the operation wrapper.
+//!
+//! Every operation runs under one lock, between `begin_op` and either success (the
+//! running transaction keeps its changes; it is committed when large, on `fsync` /
+//! `sync`, and at close) or failure (every block, allocation and cached inode the
+//! operation touched is rolled back, so an error such as ENOSPC leaves no partial
+//! metadata). Operations longer than one transaction (truncating a file of millions of
+//! extents) commit at consistent intermediate points.
+//!
+//! Permission checks are the caller's (FUSE `default_permissions`, or a privileged app).
+
+use crate::alloc::{BlockAllocator, EpochPin, Epochs, InodeAllocator};
+use crate::device::{BlockDevice, FileDevice};
+use crate::dir::{self, Entry};
+use crate::error::{Error, Result};
+use crate::events::{ChangeKind, ExtentChange, ExtentListener};
+use crate::extent;
+use crate::format::*;
+use crate::inode::{Extent, Inode, InodeTable, Meta};
+use crate::journal::{Journal, JournalStats};
+use crate::xattr::{self, SetMode};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use zerocopy::little_endian::U64;
+
+/// Options for [`Fs::open`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// Byte budget of the metadata block cache.
+    pub cache_bytes: usize,
+    /// Number of decoded inodes kept in memory.
+    pub inode_cache: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            cache_bytes: 64 << 20,
+            inode_cache: 65536,
+        }
+    }
+}
+
+impl OpenOptions {
+    pub fn read_only() -> Self {
+        Self {
+            read_only: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Attributes of an inode (what `stat` shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    /// File type and permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    /// Data blocks of 4 KiB.
+    pub blocks: u64,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub crtime_ns: i64,
+    pub rdev: u32,
+    pub generation: u64,
+}
+
+impl Attr {
+    fn of(inode: &Inode) -> Self {
+        Self {
+            ino: inode.ino,
+            mode: inode.mode,
+            uid: inode.uid,
+            gid: inode.gid,
+            nlink: inode.nlink,
+            size: inode.size,
+            blocks: inode.blocks,
+            atime_ns: inode.atime_ns,
+            mtime_ns: inode.mtime_ns,
+            ctime_ns: inode.ctime_ns,
+            crtime_ns: inode.crtime_ns,
+            rdev: inode.rdev,
+            generation: inode.generation,
+        }
+    }
+    pub fn is_dir(&self) -> bool {
+        self.mode & S_IFMT == S_IFDIR
+    }
+    pub fn is_file(&self) -> bool {
+        self.mode & S_IFMT == S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & S_IFMT == S_IFLNK
+    }
+}
+
+/// A time to set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    /// ns since the Unix epoch.
+    At(i64),
+}
+
+/// Attribute changes for [`Fs::setattr`]; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    /// Permission bits (the file type bits are ignored).
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncate or extend.
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// How [`Fs::rename`] treats an existing target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RenameMode {
+    /// Replace it (POSIX rename).
+    #[default]
+    Replace,
+    /// Fail with `Exists` (RENAME_NOREPLACE).
+    NoReplace,
+    /// Swap the two entries (RENAME_EXCHANGE).
+    Exchange,
+}
+
+/// One readdir entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    /// File type bits (S_IFMT part of the mode).
+    pub kind: u32,
+    /// Cursor to pass to `readdir` to continue after this entry.
+    pub next: u64,
+}
+
+/// File-system statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub block_size: u32,
+    pub total_blocks: u64,
+    /// Free blocks, including freed ones not yet reusable.
+    pub free_blocks: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub name_max: u32,
+}
+
+/// fallocate modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FallocateMode {
+    /// Do not change the size (FALLOC_FL_KEEP_SIZE).
+    pub keep_size: bool,
+    /// Deallocate the range (FALLOC_FL_PUNCH_HOLE; requires keep_size).
+    pub punch_hole: bool,
+}
+
+/// Largest file size supported: 2^52 bytes.
+pub const MAX_FILE_SIZE: u64 = 1 << 52;
+/// Most links one inode can have.
+pub const LINK_MAX: u32 = 65000;
+
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Mode bits -> directory-entry file type.
+pub(crate) fn file_type_of(mode: u32) -> u8 {
+    ((mode & S_IFMT) >> 12) as u8
+}
+
+/// State behind the lock.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) meta: Meta,
+    /// Open handles per inode: an unlinked inode is freed when its last one closes.
+    open_counts: HashMap<u64, usize>,
+    /// Changes of the running operation, delivered when it succeeds.
+    pending_events: Vec<ExtentChange>,
+    listeners: Vec<Arc<dyn ExtentListener>>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for dyn ExtentListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtentListener")
+    }
+}
+
+/// An open exofs file system.
+#[derive(Debug)]
+pub struct Fs {
+    inner: Mutex<Inner>,
+    epochs: Arc<Epochs>,
+    device: Arc<dyn BlockDevice>,
+    uuid: [u8; 16],
+    read_only: bool,
+}
+
+impl Fs {
+    /// Opens the image or block device at `path`.
+    ///
+    /// ```no_run
+    /// use libfs::{Fs, OpenOptions};
+    /// let fs = Fs::open("disk.img".as_ref(), &OpenOptions::default())?;
+    /// let attr = fs.lookup(libfs::ROOT_INO, b"hello.txt")?;
+    /// let mut buf = vec![0; attr.size as usize];
+    /// fs.read_at(attr.ino, 0, &mut buf)?;
+    /// fs.close()?;
+    /// # Ok::<(), libfs::Error>(())
+    /// ```
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<Fs> {
+        let device = FileDevice::open(path, !options.read_only)?;
+        Self::open_device(Arc::new(device), options)
+    }
+
+    /// Opens a file system on any device: replays the journal, loads the bitmaps, and
+    /// (read-write) frees inodes left on the orphan list by a crash.
+    pub fn open_device(device: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Fs> {
+        let mut raw = [0u8; BLOCK_SIZE];
+        device.read_at(&mut raw, 0)?;
+        let sb = check_superblock(&raw, device.size(), options.read_only)?;
+        let mut journal = Journal::open(
+            device.clone(),
+            sb.journal_start.get(),
+            sb.journal_blocks.get(),
+            options.cache_bytes,
+            options.read_only,
+        )?;
+        // The journal may have held a newer superblock.
+        let sb = check_superblock(&*journal.read(0)?, device.size(), options.read_only)?;
+        let epochs = Arc::new(Epochs::default());
+        let blocks = BlockAllocator::load(
+            &mut journal,
+            sb.bitmap_start.get(),
+            sb.bitmap_blocks.get(),
+            sb.total_blocks.get(),
+            sb.data_start.get(),
+            epochs.clone(),
+        )?;
+        let inode_alloc = InodeAllocator::load(
+            &mut journal,
+            sb.inode_bitmap_start.get(),
+            sb.inode_bitmap_blocks.get(),
+            sb.inode_count.get(),
+        )?;
+        let inodes = InodeTable::new(
+            sb.inode_table_start.get(),
+            sb.inode_count.get(),
+            options.inode_cache,
+        );
+        let meta = Meta {
+            journal,
+            blocks,
+            inode_alloc,
+            inodes,
+            total_blocks: sb.total_blocks.get(),
+        };
+        let inner = Inner {
+            meta,
+            open_counts: HashMap::new(),
+            pending_events: Vec::new(),
+            listeners: Vec::new(),
+            closed: false,
+        };
+        let fs = Fs {
+            inner: Mutex::new(inner),
+            epochs,
+            device,
+            uuid: sb.uuid,
+            read_only: options.read_only,
+        };
+        if !options.read_only {
+            let mut inner = fs.lock();
+            inner.begin_op();
+            let result = inner.recover_orphans().and_then(|_| {
+                inner.update_superblock(|sb| {
+                    sb.state = STATE_DIRTY.into();
+                    sb.mount_count = U64::new(sb.mount_count.get() + 1);
+                })
+            });
+            if let Err(e) = result {
+                inner.rollback_op();
+                return Err(e);
+            }
+            inner.commit()?;
+        }
+        Ok(fs)
+    }
+
+    /// Flushes everything, marks the image clean and closes it.
+    pub fn close(self) -> Result<()> {
+        self.lock().close()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs a modifying operation: all or nothing, see the module header.
+    fn modify<T>(&self, op: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Error::Invalid("file system is closed".into()));
+        }
+        inner.begin_op();
+        match op(&mut inner) {
+            Ok(value) => {
+                inner.finish_op()?;
+                Ok(value)
+            }
+            Err(e) => {
+                inner.rollback_op();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs a read-only operation.
+    fn query<T>(&self, op: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Error::Invalid("file system is closed".into()));
+        }
+        op(&mut inner)
+    }
+
+    /// The file system's UUID.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The device (the kernel binding maps it read-only).
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        self.query(|inner| {
+            let ino = inner.lookup(parent, name)?;
+            Ok(Attr::of(&inner.get(ino)?))
+        })
+    }
+
+    /// Resolves an absolute or root-relative path (symlinks are not followed).
+    pub fn resolve(&self, path: &Path) -> Result<Attr> {
+        self.query(|inner| {
+            let ino = inner.resolve(path)?;
+            Ok(Attr::of(&inner.get(ino)?))
+        })
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        self.query(|inner| Ok(Attr::of(&inner.get(ino)?)))
+    }
+
+    /// Changes attributes; a size change truncates or extends.
+    pub fn setattr(&self, ino: u64, changes: &SetAttr) -> Result<Attr> {
+        self.modify(|inner| inner.setattr(ino, changes))
+    }
+
+    /// Creates a regular file.
+    pub fn create(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.mknod(parent, name, S_IFREG | (mode & 0o7777), 0, uid, gid)
+    }
+
+    /// Creates a file of any type but directory and symlink (regular, fifo, socket,
+    /// device); `mode` includes the type bits.
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        let kind = mode & S_IFMT;
+        if ![S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK].contains(&kind) {
+            return Err(Error::Invalid(format!("mknod of file type {kind:#o}")));
+        }
+        self.modify(|inner| {
+            let mut inode = inner.new_inode(parent, name, mode, uid, gid)?;
+            inode.rdev = rdev;
+            inner.put(&inode)?;
+            Ok(Attr::of(&inode))
+        })
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        self.modify(|inner| inner.mkdir(parent, name, mode, uid, gid))
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        if target.is_empty() || target.len() > SYMLINK_MAX {
+            return Err(if target.is_empty() {
+                Error::NotFound
+            } else {
+                Error::NameTooLong
+            });
+        }
+        self.modify(|inner| {
+            let mut inode = inner.new_inode(parent, name, S_IFLNK | 0o777, uid, gid)?;
+            inner.write_data(&mut inode, 0, target)?;
+            inner.put(&inode)?;
+            Ok(Attr::of(&inode))
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        self.query(|inner| {
+            let inode = inner.get(ino)?;
+            if !inode.is_symlink() {
+                return Err(Error::NotSymlink);
+            }
+            let mut target = vec![0; inode.size as usize];
+            let n = inner.read_data(&inode, 0, &mut target)?;
+            target.truncate(n);
+            Ok(target)
+        })
+    }
+
+    /// Adds a hard link to `ino` named `name` in `parent`.
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
+        self.modify(|inner| inner.link(ino, parent, name))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.modify(|inner| inner.unlink(parent, name, false))
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        self.modify(|inner| inner.unlink(parent, name, true))
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<()> {
+        self.modify(|inner| inner.rename(parent, name, new_parent, new_name, mode))
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).
+    pub fn read_at(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.query(|inner| {
+            let inode = inner.get(ino)?;
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            inner.read_data(&inode, offset, buf)
+        })
+    }
+
+    /// Writes `data` at `offset`; returns the count written (short only when the device
+    /// fills up part way).
+    pub fn write_at(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        self.modify(|inner| {
+            let mut inode = inner.get(ino)?;
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            let written = inner.write_data(&mut inode, offset, data)?;
+            inner.put(&inode)?;
+            Ok(written)
+        })
+    }
+
+    /// Allocates (or with `punch_hole`, deallocates) `[offset, offset + len)`.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: FallocateMode) -> Result<()> {
+        self.modify(|inner| inner.fallocate(ino, offset, len, mode))
+    }
+
+    /// Calls `emit` for entries from `cursor` on ("." and ".." first; cursor 0 is the
+    /// start) until it returns false or the directory ends. Cursors stay valid while the
+    /// directory changes: entries present throughout are returned exactly once.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        cursor: u64,
+        mut emit: impl FnMut(DirEntry) -> bool,
+    ) -> Result<()> {
+        let mut cursor = cursor;
+        loop {
+            let batch = self.query(|inner| inner.readdir_batch(ino, cursor, 256))?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            cursor = last.next;
+            for entry in batch {
+                if !emit(entry) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// All entries of a directory except "." and "..".
+    pub fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let mut entries = Vec::new();
+        self.readdir(ino, 2, |entry| {
+            entries.push(entry);
+            true
+        })?;
+        Ok(entries)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        self.query(|inner| {
+            let inode = inner.get(ino)?;
+            if inode.xattr_root == 0 {
+                return Err(Error::NoAttr);
+            }
+            xattr::get(&mut inner.meta, &xattr::tree(inode.xattr_root, ino), name)
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], mode: SetMode) -> Result<()> {
+        self.modify(|inner| inner.setxattr(ino, name, value, mode))
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
+        self.query(|inner| {
+            let inode = inner.get(ino)?;
+            if inode.xattr_root == 0 {
+                return Ok(Vec::new());
+            }
+            xattr::list(&mut inner.meta, &xattr::tree(inode.xattr_root, ino))
+        })
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.modify(|inner| inner.removexattr(ino, name))
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        self.query(|inner| {
+            let meta = &inner.meta;
+            Ok(StatFs {
+                block_size: BLOCK_SIZE as u32,
+                total_blocks: meta.total_blocks,
+                free_blocks: meta.blocks.free_blocks(),
+                total_inodes: meta.inodes.count() - 1,
+                free_inodes: meta.inode_alloc.free_inodes(),
+                name_max: NAME_MAX as u32,
+            })
+        })
+    }
+
+    /// Makes the file's data and metadata durable (commits every pending change: the
+    /// journal is global).
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        self.query(|inner| {
+            inner.get(ino)?;
+            inner.commit()
+        })
+    }
+
+    /// Makes every change durable.
+    pub fn sync(&self) -> Result<()> {
+        self.query(|inner| inner.commit())
+    }
+
+    /// Commits and checkpoints: the journal is empty afterwards and freed blocks become
+    /// reusable (subject to epoch pins).
+    pub fn checkpoint(&self) -> Result<()> {
+        self.query(|inner| {
+            inner.commit()?;
+            inner.checkpoint()
+        })
+    }
+
+    /// The extents of a file: (logical block, physical block, length).
+    pub fn extents(&self, ino: u64) -> Result<Vec<Extent>> {
+        self.query(|inner| {
+            let inode = inner.get(ino)?;
+            extent::list(&mut inner.meta, &inode)
+        })
+    }
+
+    /// Subscribes to extent changes (see `events`).
+    pub fn subscribe(&self, listener: Arc<dyn ExtentListener>) {
+        self.lock().listeners.push(listener);
+    }
+
+    /// Removes a subscription.
+    pub fn unsubscribe(&self, listener: &Arc<dyn ExtentListener>) {
+        self.lock().listeners.retain(|l| !Arc::ptr_eq(l, listener));
+    }
+
+    /// Pins the current epoch: blocks freed from now on are not reused until the pin
+    /// is dropped.
+    pub fn pin_epoch(&self) -> EpochPin {
+        self.epochs.pin()
+    }
+
+    /// Releases freed blocks whose epochs are no longer pinned.
+    pub fn reclaim(&self) {
+        self.lock().meta.blocks.reclaim();
+    }
+
+    /// Notes an open handle on `ino`: if it loses its last link while open, it is freed
+    /// when the last handle is released (and after a crash, at the next open).
+    pub fn retain(&self, ino: u64) -> Result<()> {
+        let mut inner = self.lock();
+        inner.get(ino)?;
+        *inner.open_counts.entry(ino).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Releases a handle taken with `retain`.
+    pub fn release(&self, ino: u64) -> Result<()> {
+        let free_now = {
+            let mut inner = self.lock();
+            let Some(count) = inner.open_counts.get_mut(&ino) else {
+                return Ok(());
+            };
+            *count -= 1;
+            if *count > 0 {
+                return Ok(());
+            }
+            inner.open_counts.remove(&ino);
+            let inode = inner.get(ino)?;
+            inode.nlink == 0 && inode.is_allocated()
+        };
+        if free_now && !self.read_only {
+            self.modify(|inner| {
+                inner.orphan_remove(ino)?;
+                let inode = inner.get(ino)?;
+                inner.free_inode(inode)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Creates the root directory of a freshly formatted image.
+    pub(crate) fn make_root(&self) -> Result<()> {
+        self.modify(|inner| inner.make_root())
+    }
+
+    /// Journal and cache counters.
+    pub fn journal_stats(&self) -> JournalStats {
+        self.lock().meta.journal.stats()
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        let mut inner = self.lock();
+        if !inner.closed && !self.read_only {
+            if let Err(e) = inner.close() {
+                log::error!("closing the file system failed: {e}");
+            }
+        }
+    }
+}
+
+/// Validates a superblock read from `raw` against the device size.
+pub(crate) fn check_superblock(
+    raw: &[u8; BLOCK_SIZE],
+    device_size: u64,
+    read_only: bool,
+) -> Result<Superblock> {
+    verify_block(raw, MAGIC_SUPER, 0, "superblock")?;
+    let sb: Superblock = read_struct(raw, 0, "superblock")?;
+    let version = sb.format_version.get();
+    if version != FORMAT_VERSION {
+        return Err(Error::Unsupported(format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        )));
+    }
+    let unknown = sb.feature_incompat.get() & !FEATURE_INCOMPAT_KNOWN;
+    if unknown != 0 {
+        return Err(Error::Unsupported(format!(
+            "unknown incompatible features {unknown:#x}"
+        )));
+    }
+    let unknown = sb.feature_ro_compat.get() & !FEATURE_RO_COMPAT_KNOWN;
+    if unknown != 0 && !read_only {
+        return Err(Error::Unsupported(format!(
+            "unknown read-only-compatible features {unknown:#x}: open read-only"
+        )));
+    }
+    if sb.block_size.get() != BLOCK_SIZE as u32 {
+        return Err(Error::corrupt(
+            0,
+            format!("superblock: block size {}", sb.block_size.get()),
+        ));
+    }
+    let total = sb.total_blocks.get();
+    if total
+        .checked_mul(BLOCK_SIZE_U64)
+        .is_none_or(|bytes| bytes > device_size)
+    {
+        return Err(Error::corrupt(
+            0,
+            format!("superblock: {total} blocks do not fit a device of {device_size} bytes"),
+        ));
+    }
+    // Regions must follow one another in order and end before the data area.
+    let regions = [
+        ("journal", sb.journal_start.get(), sb.journal_blocks.get()),
+        (
+            "block bitmap",
+            sb.bitmap_start.get(),
+            sb.bitmap_blocks.get(),
+        ),
+        (
+            "inode bitmap",
+            sb.inode_bitmap_start.get(),
+            sb.inode_bitmap_blocks.get(),
+        ),
+        (
+            "inode table",
+            sb.inode_table_start.get(),
+            sb.inode_table_blocks.get(),
+        ),
+    ];
+    let mut next = 1;
+    for (name, start, len) in regions {
+        if start != next || len == 0 || start.checked_add(len).is_none() {
+            return Err(Error::corrupt(
+                0,
+                format!("superblock: {name} region at {start}+{len} is misplaced"),
+            ));
+        }
+        next = start + len;
+    }
+    if sb.data_start.get() != next || next >= total {
+        return Err(Error::corrupt(
+            0,
+            format!("superblock: data area starts at {}", sb.data_start.get()),
+        ));
+    }
+    let inodes = sb.inode_count.get();
+    if sb.bitmap_blocks.get() != total.div_ceil(BITMAP_BITS_PER_BLOCK)
+        || sb.inode_bitmap_blocks.get() != inodes.div_ceil(BITMAP_BITS_PER_BLOCK)
+        || sb.inode_table_blocks.get() != inodes.div_ceil(INODES_PER_BLOCK as u64)
+        || inodes < 2
+    {
+        return Err(Error::corrupt(
+            0,
+            "superblock: region sizes disagree with block and inode counts",
+        ));
+    }
+    Ok(sb)
+}
+
+impl Inner {
+    pub(crate) fn begin_op(&mut self) {
+        self.meta.journal.begin_op();
+        self.meta.blocks.begin_op();
+        self.meta.inode_alloc.begin_op();
+        self.meta.inodes.begin_op();
+        self.pending_events.clear();
+    }
+
+    fn rollback_op(&mut self) {
+        self.meta.journal.rollback_op();
+        self.meta.blocks.rollback_op();
+        self.meta.inode_alloc.rollback_op();
+        self.meta.inodes.rollback_op();
+        self.pending_events.clear();
+    }
+
+    /// Ends a successful operation: delivers its events, commits if the transaction grew
+    /// large, and starts a new savepoint.
+    fn finish_op(&mut self) -> Result<()> {
+        for change in std::mem::take(&mut self.pending_events) {
+            for listener in &self.listeners {
+                listener.extents_changed(&change);
+            }
+        }
+        if self.meta.journal.should_commit() {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// A point inside a long operation where the state is consistent: commit if needed.
+    pub(crate) fn consistent_point(&mut self) -> Result<()> {
+        if self.meta.journal.should_commit() {
+            self.commit()?;
+            self.begin_op();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn commit(&mut self) -> Result<()> {
+        if self.meta.journal.needs_checkpoint() {
+            self.checkpoint()?;
+        }
+        self.meta.journal.commit()?;
+        self.meta.blocks.committed();
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        if self.meta.journal.checkpoint()? {
+            self.meta.blocks.checkpointed();
+        }
+        Ok(())
+    }
+
+    /// Before an allocation of about `blocks`: if free space is short and freed blocks
+    /// are held back by the log, commit and checkpoint (at an operation boundary) so
+    /// they can be reused.
+    pub(crate) fn make_room(&mut self, blocks: u64) -> Result<()> {
+        let meta = &mut self.meta;
+        if meta.blocks.allocatable_blocks() < blocks + 64 && meta.blocks.has_held() {
+            self.commit()?;
+            self.checkpoint()?;
+            self.meta.blocks.reclaim();
+            self.begin_op();
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        if !self.meta.journal.is_read_only() {
+            self.begin_op();
+            self.update_superblock(|sb| sb.state = STATE_CLEAN.into())?;
+            self.commit()?;
+            self.checkpoint()?;
+        }
+        self.closed = true;
+        Ok(())
+    }
+
+    pub(crate) fn emit(
+        &mut self,
+        ino: u64,
+        generation: u64,
+        kind: ChangeKind,
+        extents: Vec<Extent>,
+    ) {
+        if !extents.is_empty() && !self.listeners.is_empty() {
+            self.pending_events.push(ExtentChange {
+                ino,
+                generation,
+                kind,
+                extents,
+                old: Vec::new(),
+            });
+        }
+    }
+
+    pub(crate) fn superblock(&mut self) -> Result<Superblock> {
+        let raw = self.meta.journal.read(0)?;
+        verify_block(&raw, MAGIC_SUPER, 0, "superblock")?;
+        read_struct(&raw[..], 0, "superblock")
+    }
+
+    fn update_superblock(&mut self, change: impl FnOnce(&mut Superblock)) -> Result<()> {
+        let mut sb = self.superblock()?;
+        change(&mut sb);
+        let mut block = *self.meta.journal.read(0)?;
+        write_struct(&mut block, &sb);
+        seal_block(&mut block, MAGIC_SUPER, 0);
+        self.meta.journal.write(0, block)
+    }
+
+    /// Reads an allocated inode.
+    pub(crate) fn get(&mut self, ino: u64) -> Result<Inode> {
+        if ino == 0 || ino >= self.meta.inodes.count() {
+            return Err(Error::NotFound);
+        }
+        let inode = self.meta.inodes.read(&mut self.meta.journal, ino)?;
+        if !inode.is_allocated() {
+            return Err(Error::NotFound);
+        }
+        Ok(inode)
+    }
+
+    pub(crate) fn put(&mut self, inode: &Inode) -> Result<()> {
+        self.meta.inodes.write(&mut self.meta.journal, inode)
+    }
+
+    fn dir_tree(&mut self, ino: u64) -> Result<(Inode, crate::btree::Tree)> {
+        let inode = self.get(ino)?;
+        if !inode.is_dir() {
+            return Err(Error::NotDir);
+        }
+        let tree = dir::tree(inode.tree_root, ino);
+        Ok((inode, tree))
+    }
+
+    fn lookup_entry(&mut self, parent: u64, name: &[u8]) -> Result<Option<(u64, Entry)>> {
+        let (_, tree) = self.dir_tree(parent)?;
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        dir::lookup(&mut self.meta, &tree, name)
+    }
+
+    fn lookup(&mut self, parent: u64, name: &[u8]) -> Result<u64> {
+        if name == b"." {
+            self.dir_tree(parent)?;
+            return Ok(parent);
+        }
+        if name == b".." {
+            let (inode, _) = self.dir_tree(parent)?;
+            return Ok(if inode.ino == ROOT_INO {
+                ROOT_INO
+            } else {
+                inode.parent
+            });
+        }
+        Ok(self
+            .lookup_entry(parent, name)?
+            .ok_or(Error::NotFound)?
+            .1
+            .ino)
+    }
+
+    fn resolve(&mut self, path: &Path) -> Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut ino = ROOT_INO;
+        for component in path.components() {
+            match component {
+                std::path::Component::RootDir | std::path::Component::CurDir => {}
+                other => ino = self.lookup(ino, other.as_os_str().as_bytes())?,
+            }
+        }
+        Ok(ino)
+    }
+
+    /// Allocates an inode and links it as `name` in `parent`.
+    fn new_inode(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Inode> {
+        dir::check_name(name)?;
+        let (mut dir_inode, tree) = self.dir_tree(parent)?;
+        if dir::lookup(&mut self.meta, &tree, name)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let ino = self.meta.inode_alloc.allocate(&mut self.meta.journal)?;
+        let old = self.meta.inodes.read(&mut self.meta.journal, ino)?;
+        if old.is_allocated() {
+            return Err(Error::corrupt(
+                0,
+                format!("inode {ino} is free in the bitmap but in use in the table"),
+            ));
+        }
+        let now = now_ns();
+        let inode = Inode {
+            ino,
+            mode,
+            uid,
+            gid,
+            flags: 0,
+            nlink: 1,
+            size: 0,
+            generation: old.generation + 1,
+            atime_ns: now,
+            mtime_ns: now,
+            ctime_ns: now,
+            crtime_ns: now,
+            blocks: 0,
+            parent: 0,
+            xattr_root: 0,
+            next_orphan: 0,
+            tree_root: 0,
+            rdev: 0,
+            extent_count: 0,
+            inline: Vec::new(),
+        };
+        dir::insert(&mut self.meta, &tree, name, ino, file_type_of(mode))?;
+        dir_inode.size += 1;
+        dir_inode.mtime_ns = now;
+        dir_inode.ctime_ns = now;
+        self.put(&dir_inode)?;
+        self.put(&inode)?;
+        Ok(inode)
+    }
+
+    fn mkdir(&mut self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
+        let parent_inode = self.get(parent)?;
+        if parent_inode.nlink >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
+        let mut inode = self.new_inode(parent, name, S_IFDIR | (mode & 0o7777), uid, gid)?;
+        let tree = crate::btree::create(&mut self.meta, BTREE_KIND_DIRECTORY, inode.ino)?;
+        inode.tree_root = tree.root;
+        inode.parent = parent;
+        inode.nlink = 2;
+        self.put(&inode)?;
+        let mut parent_inode = self.get(parent)?;
+        parent_inode.nlink += 1;
+        self.put(&parent_inode)?;
+        Ok(Attr::of(&inode))
+    }
+
+    /// Creates the root directory of a fresh file system.
+    pub(crate) fn make_root(&mut self) -> Result<()> {
+        let ino = self.meta.inode_alloc.allocate(&mut self.meta.journal)?;
+        if ino != ROOT_INO {
+            return Err(Error::Invalid(format!(
+                "fresh image gave inode {ino} for the root"
+            )));
+        }
+        let tree = crate::btree::create(&mut self.meta, BTREE_KIND_DIRECTORY, ino)?;
+        let now = now_ns();
+        let root = Inode {
+            ino,
+            mode: S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            flags: 0,
+            nlink: 2,
+            size: 0,
+            generation: 1,
+            atime_ns: now,
+            mtime_ns: now,
+            ctime_ns: now,
+            crtime_ns: now,
+            blocks: 0,
+            parent: ROOT_INO,
+            xattr_root: 0,
+            next_orphan: 0,
+            tree_root: tree.root,
+            rdev: 0,
+            extent_count: 0,
+            inline: Vec::new(),
+        };
+        self.put(&root)
+    }
+
+    fn link(&mut self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
+        let inode = self.get(ino)?;
+        if inode.is_dir() {
+            return Err(Error::NotPermitted("hard link to a directory".into()));
+        }
+        if inode.nlink >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
+        if inode.nlink == 0 {
+            return Err(Error::NotFound);
+        }
+        dir::check_name(name)?;
+        let (mut dir_inode, tree) = self.dir_tree(parent)?;
+        dir::insert(&mut self.meta, &tree, name, ino, file_type_of(inode.mode))?;
+        let now = now_ns();
+        dir_inode.size += 1;
+        dir_inode.mtime_ns = now;
+        dir_inode.ctime_ns = now;
+        self.put(&dir_inode)?;
+        let mut inode = self.get(ino)?;
+        inode.nlink += 1;
+        inode.ctime_ns = now;
+        self.put(&inode)?;
+        Ok(Attr::of(&inode))
+    }
+
+    fn unlink(&mut self, parent: u64, name: &[u8], want_dir: bool) -> Result<()> {
+        if name == b"." || name == b".." {
+            return Err(if name == b"." {
+                Error::Invalid("rmdir of \".\"".into())
+            } else {
+                Error::NotEmpty
+            });
+        }
+        let (key, entry) = self.lookup_entry(parent, name)?.ok_or(Error::NotFound)?;
+        let inode = self.get(entry.ino)?;
+        if want_dir && !inode.is_dir() {
+            return Err(Error::NotDir);
+        }
+        if !want_dir && inode.is_dir() {
+            return Err(Error::IsDir);
+        }
+        if inode.is_dir() && inode.size != 0 {
+            return Err(Error::NotEmpty);
+        }
+        let (mut dir_inode, tree) = self.dir_tree(parent)?;
+        crate::btree::remove(&mut self.meta, &tree, key)?;
+        let now = now_ns();
+        dir_inode.size -= 1;
+        dir_inode.mtime_ns = now;
+        dir_inode.ctime_ns = now;
+        if inode.is_dir() {
+            dir_inode.nlink -= 1;
+        }
+        self.put(&dir_inode)?;
+        self.drop_link(entry.ino)
+    }
+
+    /// Removes one link of `ino`; frees it (or puts it on the orphan list while open)
+    /// when none remain.
+    fn drop_link(&mut self, ino: u64) -> Result<()> {
+        let mut inode = self.get(ino)?;
+        inode.ctime_ns = now_ns();
+        inode.nlink = if inode.is_dir() {
+            0
+        } else {
+            inode.nlink.saturating_sub(1)
+        };
+        if inode.nlink > 0 {
+            return self.put(&inode);
+        }
+        if self.open_counts.contains_key(&ino) {
+            self.put(&inode)?;
+            return self.orphan_add(ino);
+        }
+        self.free_inode(inode)
+    }
+
+    /// Frees an inode with no links: its data (in steps), trees and slot.
+    pub(crate) fn free_inode(&mut self, mut inode: Inode) -> Result<()> {
+        // A large file is freed over several transactions: keep it on the orphan list
+        // meanwhile so a crash part way does not leak it.
+        if crate::data::freeing_takes_steps(&inode) && inode.flags & INODE_FLAG_ORPHAN == 0 {
+            self.orphan_add(inode.ino)?;
+            inode = self.get(inode.ino)?;
+        }
+        if inode.is_dir() {
+            crate::btree::destroy(&mut self.meta, &dir::tree(inode.tree_root, inode.ino))?;
+            inode.tree_root = 0;
+        } else {
+            self.truncate_blocks(&mut inode, 0, ChangeKind::Delete)?;
+        }
+        if inode.xattr_root != 0 {
+            crate::btree::destroy(&mut self.meta, &xattr::tree(inode.xattr_root, inode.ino))?;
+        }
+        if inode.flags & INODE_FLAG_ORPHAN != 0 {
+            self.put(&inode)?;
+            self.orphan_remove(inode.ino)?;
+        }
+        self.put(&Inode::free_slot(inode.ino, inode.generation + 1))?;
+        self.meta
+            .inode_alloc
+            .free(&mut self.meta.journal, inode.ino)
+    }
+
+    fn orphan_add(&mut self, ino: u64) -> Result<()> {
+        let head = self.superblock()?.orphan_head.get();
+        let mut inode = self.get(ino)?;
+        inode.next_orphan = head;
+        inode.flags |= INODE_FLAG_ORPHAN;
+        self.put(&inode)?;
+        self.update_superblock(|sb| sb.orphan_head = U64::new(ino))
+    }
+
+    fn orphan_remove(&mut self, ino: u64) -> Result<()> {
+        let inode = self.get(ino)?;
+        if inode.flags & INODE_FLAG_ORPHAN == 0 {
+            return Ok(());
+        }
+        let next = inode.next_orphan;
+        let head = self.superblock()?.orphan_head.get();
+        if head == ino {
+            self.update_superblock(|sb| sb.orphan_head = U64::new(next))?;
+        } else {
+            let mut cursor = head;
+            let mut steps = 0;
+            while cursor != 0 {
+                let mut node = self.get(cursor)?;
+                if node.next_orphan == ino {
+                    node.next_orphan = next;
+                    self.put(&node)?;
+                    break;
+                }
+                cursor = node.next_orphan;
+                steps += 1;
+                if steps > self.meta.inodes.count() {
+                    return Err(Error::corrupt(0, "orphan list loops"));
+                }
+            }
+        }
+        let mut inode = self.get(ino)?;
+        inode.flags &= !INODE_FLAG_ORPHAN;
+        inode.next_orphan = 0;
+        self.put(&inode)
+    }
+
+    /// Frees every inode on the orphan list (left by a crash while they were open).
+    fn recover_orphans(&mut self) -> Result<()> {
+        let mut steps = 0;
+        loop {
+            let head = self.superblock()?.orphan_head.get();
+            if head == 0 {
+                return Ok(());
+            }
+            let inode = self.get(head)?;
+            if inode.nlink == 0 {
+                log::info!("freeing orphan inode {head}");
+                self.free_inode(inode)?;
+            } else {
+                self.orphan_remove(head)?;
+            }
+            self.consistent_point()?;
+            steps += 1;
+            if steps > self.meta.inodes.count() {
+                return Err(Error::corrupt(0, "orphan list loops"));
+            }
+        }
+    }
+
+    fn is_ancestor(&mut self, ancestor: u64, mut ino: u64) -> Result<bool> {
+        let mut steps = 0;
+        while ino != ROOT_INO {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            ino = self.get(ino)?.parent;
+            steps += 1;
+            if steps > self.meta.inodes.count() {
+                return Err(Error::corrupt(0, "directory parent pointers loop"));
+            }
+        }
+        Ok(ancestor == ROOT_INO)
+    }
+
+    fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> Result<()> {
+        dir::check_name(new_name)?;
+        if name == b"." || name == b".." {
+            return Err(Error::Invalid("rename of \".\" or \"..\"".into()));
+        }
+        let (source_key, source) = self.lookup_entry(parent, name)?.ok_or(Error::NotFound)?;
+        let target = self.lookup_entry(new_parent, new_name)?;
+        let source_inode = self.get(source.ino)?;
+        if source_inode.is_dir()
+            && parent != new_parent
+            && self.is_ancestor(source.ino, new_parent)?
+        {
+            return Err(Error::Invalid("cannot move a directory into itself".into()));
+        }
+        let now = now_ns();
+        let (_, source_tree) = self.dir_tree(parent)?;
+        let (_, target_tree) = self.dir_tree(new_parent)?;
+        match (mode, target) {
+            (RenameMode::Exchange, None) => return Err(Error::NotFound),
+            (RenameMode::NoReplace, Some(_)) => return Err(Error::Exists),
+            (RenameMode::Exchange, Some((target_key, target))) => {
+                let target_inode = self.get(target.ino)?;
+                if target_inode.is_dir()
+                    && parent != new_parent
+                    && self.is_ancestor(target.ino, parent)?
+                {
+                    return Err(Error::Invalid("cannot move a directory into itself".into()));
+                }
+                dir::replace(
+                    &mut self.meta,
+                    &source_tree,
+                    source_key,
+                    name,
+                    target.ino,
+                    target.file_type,
+                )?;
+                dir::replace(
+                    &mut self.meta,
+                    &target_tree,
+                    target_key,
+                    new_name,
+                    source.ino,
+                    source.file_type,
+                )?;
+                if parent != new_parent {
+                    self.reparent(source.ino, parent, new_parent)?;
+                    self.reparent(target.ino, new_parent, parent)?;
+                }
+                self.touch(&[source.ino, target.ino], &[parent, new_parent], now)?;
+                return Ok(());
+            }
+            (_, Some((target_key, target))) => {
+                if target.ino == source.ino {
+                    return Ok(());
+                }
+                let target_inode = self.get(target.ino)?;
+                match (source_inode.is_dir(), target_inode.is_dir()) {
+                    (true, false) => return Err(Error::NotDir),
+                    (false, true) => return Err(Error::IsDir),
+                    (true, true) if target_inode.size != 0 => return Err(Error::NotEmpty),
+                    _ => {}
+                }
+                dir::replace(
+                    &mut self.meta,
+                    &target_tree,
+                    target_key,
+                    new_name,
+                    source.ino,
+                    source.file_type,
+                )?;
+                crate::btree::remove(&mut self.meta, &source_tree, source_key)?;
+                self.adjust_dir(parent, -1, 0)?;
+                if target_inode.is_dir() {
+                    self.adjust_dir(new_parent, 0, -1)?;
+                }
+                self.drop_link(target.ino)?;
+            }
+            (_, None) => {
+                dir::insert(
+                    &mut self.meta,
+                    &target_tree,
+                    new_name,
+                    source.ino,
+                    source.file_type,
+                )?;
+                crate::btree::remove(&mut self.meta, &source_tree, source_key)?;
+                self.adjust_dir(parent, -1, 0)?;
+                self.adjust_dir(new_parent, 1, 0)?;
+            }
+        }
+        if parent != new_parent {
+            self.reparent(source.ino, parent, new_parent)?;
+        }
+        self.touch(&[source.ino], &[parent, new_parent], now)
+    }
+
+    /// Moves directory `ino`'s ".." from `from` to `to` (no-op for non-directories).
+    fn reparent(&mut self, ino: u64, from: u64, to: u64) -> Result<()> {
+        let mut inode = self.get(ino)?;
+        if !inode.is_dir() {
+            return Ok(());
+        }
+        inode.parent = to;
+        self.put(&inode)?;
+        self.adjust_dir(from, 0, -1)?;
+        self.adjust_dir(to, 0, 1)
+    }
+
+    fn adjust_dir(&mut self, ino: u64, entries: i64, links: i64) -> Result<()> {
+        let mut inode = self.get(ino)?;
+        inode.size = inode.size.saturating_add_signed(entries);
+        inode.nlink = (i64::from(inode.nlink) + links).max(0) as u32;
+        self.put(&inode)
+    }
+
+    fn touch(&mut self, changed: &[u64], dirs: &[u64], now: i64) -> Result<()> {
+        for ino in changed {
+            let mut inode = self.get(*ino)?;
+            inode.ctime_ns = now;
+            self.put(&inode)?;
+        }
+        for ino in dirs {
+            let mut inode = self.get(*ino)?;
+            inode.mtime_ns = now;
+            inode.ctime_ns = now;
+            self.put(&inode)?;
+        }
+        Ok(())
+    }
+
+    fn readdir_batch(&mut self, ino: u64, cursor: u64, limit: usize) -> Result<Vec<DirEntry>> {
+        let (inode, tree) = self.dir_tree(ino)?;
+        let mut out = Vec::new();
+        if cursor == 0 {
+            out.push(DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: S_IFDIR,
+                next: 1,
+            });
+        }
+        if cursor <= 1 {
+            out.push(DirEntry {
+                name: b"..".to_vec(),
+                ino: inode.parent,
+                kind: S_IFDIR,
+                next: 2,
+            });
+        }
+        let from = cursor.saturating_sub(2);
+        for (key, entry) in dir::list_from(&mut self.meta, &tree, from, limit)? {
+            out.push(DirEntry {
+                name: entry.name,
+                ino: entry.ino,
+                kind: u32::from(entry.file_type) << 12,
+                next: key + 3,
+            });
+        }
+        Ok(out)
+    }
+
+    fn setattr(&mut self, ino: u64, changes: &SetAttr) -> Result<Attr> {
+        let mut inode = self.get(ino)?;
+        let now = now_ns();
+        if let Some(size) = changes.size {
+            if inode.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if size > MAX_FILE_SIZE {
+                return Err(Error::TooBig);
+            }
+            self.set_size(&mut inode, size)?;
+            inode.mtime_ns = now;
+        }
+        if let Some(mode) = changes.mode {
+            inode.mode = (inode.mode & S_IFMT) | (mode & 0o7777);
+        }
+        if let Some(uid) = changes.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = changes.gid {
+            inode.gid = gid;
+        }
+        let resolve = |t: SetTime| match t {
+            SetTime::Now => now,
+            SetTime::At(ns) => ns,
+        };
+        if let Some(t) = changes.atime {
+            inode.atime_ns = resolve(t);
+        }
+        if let Some(t) = changes.mtime {
+            inode.mtime_ns = resolve(t);
+        }
+        inode.ctime_ns = now;
+        self.put(&inode)?;
+        Ok(Attr::of(&inode))
+    }
+
+    fn setxattr(&mut self, ino: u64, name: &[u8], value: &[u8], mode: SetMode) -> Result<()> {
+        xattr::check_name(name)?;
+        let mut inode = self.get(ino)?;
+        if inode.xattr_root == 0 {
+            if mode == SetMode::Replace {
+                return Err(Error::NoAttr);
+            }
+            inode.xattr_root = crate::btree::create(&mut self.meta, BTREE_KIND_XATTR, ino)?.root;
+        }
+        xattr::set(
+            &mut self.meta,
+            &xattr::tree(inode.xattr_root, ino),
+            name,
+            value,
+            mode,
+        )?;
+        inode.ctime_ns = now_ns();
+        self.put(&inode)
+    }
+
+    fn removexattr(&mut self, ino: u64, name: &[u8]) -> Result<()> {
+        let mut inode = self.get(ino)?;
+        if inode.xattr_root == 0 {
+            return Err(Error::NoAttr);
+        }
+        let tree = xattr::tree(inode.xattr_root, ino);
+        xattr::remove(&mut self.meta, &tree, name)?;
+        if crate::btree::is_empty(&mut self.meta, &tree)? {
+            crate::btree::destroy(&mut self.meta, &tree)?;
+            inode.xattr_root = 0;
+        }
+        inode.ctime_ns = now_ns();
+        self.put(&inode)
+    }
+}

@@ -1,0 +1,481 @@
+//! Journal layer: write-ahead redo log of whole metadata blocks; the only way metadata
+//! reaches the device.
+//!
+//! Interface: `read` / `write` metadata blocks (reads see the running transaction),
+//! `read_data` / `write_data` for file data (straight to the device), `commit`,
+//! `checkpoint`, and replay at `open`.
+//!
+//! Commit protocol (one transaction = every block dirtied since the last commit):
+//!   1. fdatasync if file data was written since the last sync (data before metadata);
+//!   2. write descriptor(s) + block images + commit block (crc32c over all) to the log;
+//!   3. fdatasync: the transaction is now durable;
+//!   4. write the images to their home blocks (not synced: replay redoes them).
+//! Checkpoint: fdatasync (homes durable), then point the journal header past every
+//! transaction and fdatasync again; only then is log space (and any block freed by a
+//! logged transaction, see `alloc`) reused. The log never wraps: when a transaction does
+//! not fit after the head, a checkpoint first rewinds the head to the start.
+//!
+//! Invariants: the cache holds only clean blocks; the running transaction's blocks live
+//! in `dirty` until commit; replay applies transactions in sequence order and stops at
+//! the first descriptor or commit that is missing, torn or of another sequence.
+
+use crate::cache::{BlockCache, CacheStats};
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{
+    read_struct, seal_block, verify_block, write_struct, Block, JournalCommit, JournalDescriptor,
+    JournalHeader, BLOCK_SIZE, BLOCK_SIZE_U64, DESCRIPTOR_CAPACITY, MAGIC_JOURNAL_COMMIT,
+    MAGIC_JOURNAL_DESCRIPTOR, MAGIC_JOURNAL_HEADER,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::FromZeros;
+
+/// Counters, for statistics and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JournalStats {
+    pub commits: u64,
+    pub checkpoints: u64,
+    pub replayed_transactions: u64,
+    pub cache: CacheStats,
+}
+
+/// The metadata journal and block cache of one open file system.
+#[derive(Debug)]
+pub struct Journal {
+    device: Arc<dyn BlockDevice>,
+    cache: BlockCache,
+    read_only: bool,
+    /// Read-only opens: images replayed from the log, never written home.
+    overlay: HashMap<u64, Arc<Block>>,
+    /// The journal header block; the log follows it.
+    start: u64,
+    /// Log blocks after the header.
+    capacity: u64,
+    /// Next free log index.
+    head: u64,
+    /// Sequence number of the next transaction.
+    next_seq: u64,
+    /// The running transaction: home block -> new image.
+    dirty: BTreeMap<u64, Arc<Block>>,
+    /// File data was written since the last fdatasync.
+    data_unsynced: bool,
+    /// A commit failed part way: the device state is unknown, so refuse further writes.
+    failed: bool,
+    /// Undo log of the current operation: each block's image before its first write in
+    /// the operation (None: it was not in the transaction).
+    op_undo: Vec<(u64, Option<Arc<Block>>)>,
+    op_touched: HashSet<u64>,
+    stats: JournalStats,
+}
+
+/// Log blocks a transaction of `images` blocks takes: descriptors, images, commit.
+fn log_blocks_for(images: u64) -> u64 {
+    images.div_ceil(DESCRIPTOR_CAPACITY as u64).max(1) + images + 1
+}
+
+impl Journal {
+    /// Writes an empty journal: a header whose first transaction is `first_seq`, and an
+    /// invalid first log block so nothing left on the device from an old image replays.
+    pub fn format(device: &dyn BlockDevice, start: u64, blocks: u64, first_seq: u64) -> Result<()> {
+        if blocks < 16 {
+            return Err(Error::Invalid(format!(
+                "journal of {blocks} blocks is too small"
+            )));
+        }
+        write_header(device, start, first_seq)?;
+        device.write_at(&[0u8; BLOCK_SIZE], (start + 1) * BLOCK_SIZE_U64)?;
+        Ok(())
+    }
+
+    /// Opens the journal at `start` (`blocks` long) and replays every committed
+    /// transaction: read-write opens write them home and rewind the log; read-only opens
+    /// keep them in memory only. Returns the journal and the number replayed.
+    pub fn open(
+        device: Arc<dyn BlockDevice>,
+        start: u64,
+        blocks: u64,
+        cache_bytes: usize,
+        read_only: bool,
+    ) -> Result<Self> {
+        let mut header_block = [0u8; BLOCK_SIZE];
+        device.read_at(&mut header_block, start * BLOCK_SIZE_U64)?;
+        verify_block(&header_block, MAGIC_JOURNAL_HEADER, start, "journal header")?;
+        let header: JournalHeader = read_struct(&header_block, start, "journal header")?;
+        let capacity = blocks.saturating_sub(1);
+        let mut journal = Self {
+            device,
+            cache: BlockCache::new(cache_bytes),
+            read_only,
+            overlay: HashMap::new(),
+            start,
+            capacity,
+            head: 0,
+            next_seq: header.tail_seq.get(),
+            dirty: BTreeMap::new(),
+            data_unsynced: false,
+            failed: false,
+            op_undo: Vec::new(),
+            op_touched: HashSet::new(),
+            stats: JournalStats::default(),
+        };
+        journal.replay(header.tail_index.get())?;
+        Ok(journal)
+    }
+
+    fn replay(&mut self, tail_index: u64) -> Result<()> {
+        let mut index = tail_index;
+        let mut replayed: Vec<(u64, Arc<Block>)> = Vec::new();
+        let mut transactions = 0;
+        while let Some((images, used)) = self.read_transaction(index, self.next_seq)? {
+            replayed.extend(images);
+            index += used;
+            self.next_seq += 1;
+            transactions += 1;
+        }
+        self.stats.replayed_transactions = transactions;
+        if transactions == 0 {
+            if !self.read_only && tail_index != 0 {
+                write_header(&*self.device, self.start, self.next_seq)?;
+                self.device.sync()?;
+            }
+            return Ok(());
+        }
+        log::info!(
+            "journal: replaying {transactions} transaction(s), {} block(s)",
+            replayed.len()
+        );
+        if self.read_only {
+            self.overlay.extend(replayed);
+            return Ok(());
+        }
+        for (home, image) in &replayed {
+            self.device.write_at(&image[..], home * BLOCK_SIZE_U64)?;
+        }
+        self.device.sync()?;
+        write_header(&*self.device, self.start, self.next_seq)?;
+        self.device.sync()?;
+        Ok(())
+    }
+
+    /// Reads the transaction `seq` at log index `index`; None if it is absent or invalid.
+    #[allow(clippy::type_complexity)]
+    fn read_transaction(
+        &self,
+        index: u64,
+        seq: u64,
+    ) -> Result<Option<(Vec<(u64, Arc<Block>)>, u64)>> {
+        let mut images = Vec::new();
+        let mut crc = 0u32;
+        let mut at = index;
+        loop {
+            let Some(descriptor_block) = self.read_log(at)? else {
+                return Ok(None);
+            };
+            let nr = self.start + 1 + at;
+            if verify_block(
+                &descriptor_block,
+                MAGIC_JOURNAL_DESCRIPTOR,
+                nr,
+                "descriptor",
+            )
+            .is_err()
+            {
+                return Ok(None);
+            }
+            let descriptor: JournalDescriptor = read_struct(&descriptor_block, nr, "descriptor")?;
+            let count = descriptor.count.get() as usize;
+            if descriptor.seq.get() != seq || count == 0 || count > DESCRIPTOR_CAPACITY {
+                return Ok(None);
+            }
+            crc = crc32c::crc32c_append(crc, &descriptor_block);
+            at += 1;
+            for target in &descriptor.targets[..count] {
+                let Some(image) = self.read_log(at)? else {
+                    return Ok(None);
+                };
+                crc = crc32c::crc32c_append(crc, &image);
+                images.push((target.get(), Arc::new(image)));
+                at += 1;
+            }
+            if descriptor.more.get() == 0 {
+                break;
+            }
+        }
+        let Some(commit_block) = self.read_log(at)? else {
+            return Ok(None);
+        };
+        let nr = self.start + 1 + at;
+        if verify_block(&commit_block, MAGIC_JOURNAL_COMMIT, nr, "commit").is_err() {
+            return Ok(None);
+        }
+        let commit: JournalCommit = read_struct(&commit_block, nr, "commit")?;
+        if commit.seq.get() != seq
+            || commit.total.get() as usize != images.len()
+            || commit.images_crc.get() != crc
+        {
+            return Ok(None);
+        }
+        let total_blocks = self.device.size() / BLOCK_SIZE_U64;
+        if let Some((home, _)) = images.iter().find(|(home, _)| *home >= total_blocks) {
+            return Err(Error::corrupt(
+                nr,
+                format!("journal transaction {seq} targets block {home} past the device end"),
+            ));
+        }
+        Ok(Some((images, at + 1 - index)))
+    }
+
+    fn read_log(&self, index: u64) -> Result<Option<Block>> {
+        if index >= self.capacity {
+            return Ok(None);
+        }
+        let mut block = [0u8; BLOCK_SIZE];
+        self.device
+            .read_at(&mut block, (self.start + 1 + index) * BLOCK_SIZE_U64)?;
+        Ok(Some(block))
+    }
+
+    /// Reads a metadata block, as the running transaction sees it.
+    pub fn read(&mut self, block: u64) -> Result<Arc<Block>> {
+        if let Some(image) = self.dirty.get(&block) {
+            return Ok(image.clone());
+        }
+        if let Some(image) = self.cache.get(block) {
+            return Ok(image);
+        }
+        if let Some(image) = self.overlay.get(&block) {
+            return Ok(image.clone());
+        }
+        let mut data = [0u8; BLOCK_SIZE];
+        self.device.read_at(&mut data, block * BLOCK_SIZE_U64)?;
+        let data = Arc::new(data);
+        self.cache.insert(block, data.clone());
+        Ok(data)
+    }
+
+    /// Replaces a metadata block in the running transaction.
+    pub fn write(&mut self, block: u64, data: Block) -> Result<()> {
+        self.check_writable()?;
+        self.cache.remove(block);
+        let previous = self.dirty.insert(block, Arc::new(data));
+        if self.op_touched.insert(block) {
+            self.op_undo.push((block, previous));
+        }
+        Ok(())
+    }
+
+    /// Starts an operation: a point `rollback_op` can return the transaction to.
+    pub fn begin_op(&mut self) {
+        self.op_undo.clear();
+        self.op_touched.clear();
+    }
+
+    /// Undoes every block write since `begin_op` (or the last commit).
+    pub fn rollback_op(&mut self) {
+        for (block, previous) in self.op_undo.drain(..).rev() {
+            match previous {
+                Some(image) => self.dirty.insert(block, image),
+                None => self.dirty.remove(&block),
+            };
+        }
+        self.op_touched.clear();
+    }
+
+    /// Reads file data straight from the device.
+    pub fn read_data(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.device.read_at(buf, offset)?;
+        Ok(())
+    }
+
+    /// Writes file data straight to the device; the next commit syncs it first.
+    pub fn write_data(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.data_unsynced = true;
+        self.device.write_at(buf, offset)?;
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.failed {
+            return Err(Error::Io(std::io::Error::other(
+                "an earlier journal commit failed; the file system is read-only until reopened",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Blocks in the running transaction.
+    pub fn dirty_blocks(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// True when the running transaction should be committed at the next operation
+    /// boundary, to keep it well inside the log.
+    pub fn should_commit(&self) -> bool {
+        log_blocks_for(self.dirty.len() as u64) * 4 > self.capacity
+    }
+
+    /// True when the running transaction does not fit after the log head: the caller
+    /// must checkpoint before committing.
+    pub fn needs_checkpoint(&self) -> bool {
+        self.head + log_blocks_for(self.dirty.len() as u64) > self.capacity
+    }
+
+    /// Largest number of blocks one transaction may hold.
+    pub fn max_transaction_blocks(&self) -> u64 {
+        self.capacity
+            .saturating_sub(self.capacity.div_ceil(DESCRIPTOR_CAPACITY as u64) + 1)
+    }
+
+    /// Makes the running transaction (and all data written before it) durable.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.check_writable()?;
+        if self.dirty.is_empty() {
+            if self.data_unsynced {
+                self.device.sync()?;
+                self.data_unsynced = false;
+            }
+            return Ok(());
+        }
+        let result = self.commit_dirty();
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn commit_dirty(&mut self) -> Result<()> {
+        let images = self.dirty.len() as u64;
+        let needed = log_blocks_for(images);
+        if needed > self.capacity {
+            return Err(Error::Invalid(format!(
+                "transaction of {images} blocks exceeds the journal ({} blocks)",
+                self.capacity
+            )));
+        }
+        if self.data_unsynced {
+            self.device.sync()?;
+            self.data_unsynced = false;
+        }
+        if self.head + needed > self.capacity {
+            return Err(Error::Invalid(
+                "journal full: checkpoint before committing".into(),
+            ));
+        }
+        let log = self.encode_transaction();
+        self.device
+            .write_at(&log, (self.start + 1 + self.head) * BLOCK_SIZE_U64)?;
+        self.device.sync()?;
+        self.head += needed;
+        self.next_seq += 1;
+        for (home, image) in std::mem::take(&mut self.dirty) {
+            self.device.write_at(&image[..], home * BLOCK_SIZE_U64)?;
+            self.cache.insert(home, image);
+        }
+        self.begin_op();
+        self.stats.commits += 1;
+        Ok(())
+    }
+
+    /// Lays out the running transaction as it goes into the log at `head`.
+    fn encode_transaction(&self) -> Vec<u8> {
+        let entries: Vec<(&u64, &Arc<Block>)> = self.dirty.iter().collect();
+        let mut log =
+            Vec::with_capacity(log_blocks_for(entries.len() as u64) as usize * BLOCK_SIZE);
+        let mut crc = 0u32;
+        let mut at = self.start + 1 + self.head;
+        let chunks: Vec<_> = entries.chunks(DESCRIPTOR_CAPACITY).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut descriptor = JournalDescriptor::new_zeroed();
+            descriptor.seq = U64::new(self.next_seq);
+            descriptor.count = U32::new(chunk.len() as u32);
+            descriptor.more = U32::new(u32::from(i + 1 < chunks.len()));
+            for (slot, (home, _)) in descriptor.targets.iter_mut().zip(chunk.iter()) {
+                *slot = U64::new(**home);
+            }
+            let mut block = [0u8; BLOCK_SIZE];
+            write_struct(&mut block, &descriptor);
+            seal_block(&mut block, MAGIC_JOURNAL_DESCRIPTOR, at);
+            crc = crc32c::crc32c_append(crc, &block);
+            log.extend_from_slice(&block);
+            at += 1;
+            for (_, image) in chunk.iter() {
+                crc = crc32c::crc32c_append(crc, &image[..]);
+                log.extend_from_slice(&image[..]);
+                at += 1;
+            }
+        }
+        let mut commit = JournalCommit::new_zeroed();
+        commit.seq = U64::new(self.next_seq);
+        commit.total = U32::new(entries.len() as u32);
+        commit.images_crc = U32::new(crc);
+        let mut block = [0u8; BLOCK_SIZE];
+        write_struct(&mut block, &commit);
+        seal_block(&mut block, MAGIC_JOURNAL_COMMIT, at);
+        log.extend_from_slice(&block);
+        log
+    }
+
+    /// Makes every home write durable and empties the log. Returns true if the log held
+    /// transactions (so blocks freed by them may now be reused).
+    pub fn checkpoint(&mut self) -> Result<bool> {
+        if self.read_only || self.head == 0 {
+            return Ok(false);
+        }
+        self.device.sync()?;
+        write_header(&*self.device, self.start, self.next_seq)?;
+        self.device.sync()?;
+        self.head = 0;
+        self.stats.checkpoints += 1;
+        Ok(true)
+    }
+
+    /// Writes a block directly to its home, bypassing the log. Only for the superblock's
+    /// clean/dirty flag, when the log is empty.
+    pub fn write_direct(&mut self, block: u64, data: Block) -> Result<()> {
+        self.check_writable()?;
+        self.device.write_at(&data, block * BLOCK_SIZE_U64)?;
+        self.device.sync()?;
+        self.cache.insert(block, Arc::new(data));
+        Ok(())
+    }
+
+    /// True when the log holds committed transactions not yet checkpointed.
+    pub fn has_log(&self) -> bool {
+        self.head > 0
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    pub fn stats(&self) -> JournalStats {
+        JournalStats {
+            cache: self.cache.stats(),
+            ..self.stats
+        }
+    }
+}
+
+fn write_header(device: &dyn BlockDevice, start: u64, tail_seq: u64) -> Result<()> {
+    let mut header = JournalHeader::new_zeroed();
+    header.tail_seq = U64::new(tail_seq);
+    header.tail_index = U64::new(0);
+    let mut block = [0u8; BLOCK_SIZE];
+    write_struct(&mut block, &header);
+    seal_block(&mut block, MAGIC_JOURNAL_HEADER, start);
+    device.write_at(&block, start * BLOCK_SIZE_U64)?;
+    Ok(())
+}
