@@ -177,7 +177,7 @@ impl Inner {
         let covered = (in_block + n).div_ceil(BLOCK_SIZE);
         let at = physical * BLOCK_SIZE_U64;
         self.check_data_range(at, (covered * BLOCK_SIZE) as u64, inode)?;
-        if in_block == 0 && n % BLOCK_SIZE == 0 {
+        if in_block == 0 && n.is_multiple_of(BLOCK_SIZE) {
             self.meta.journal.write_data(&data[..n], at)?;
         } else {
             let mut buffer = vec![0u8; covered * BLOCK_SIZE];

@@ -334,9 +334,9 @@ const _: () = assert!(size_of::<JournalCommit>() == 32);
 /// Header of a B+tree node (32 bytes), followed by entries.
 ///
 /// Internal nodes: `count` entries of ([`BtreeChild`]) sorted by key; child i holds keys
-/// >= key i (the first key is a lower bound for the whole node). Leaves: `count` slots of
-/// [`BtreeSlot`] sorted by key right after the header, and the values they point to
-/// packed at the end of the block, growing downwards.
+/// from key i up to (not including) key i + 1, and the first key is a lower bound for the
+/// whole node. Leaves: `count` slots of [`BtreeSlot`] sorted by key right after the
+/// header, and the values they point to packed at the end of the block, growing downwards.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct BtreeNodeHeader {

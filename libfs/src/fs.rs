@@ -987,28 +987,7 @@ impl Inner {
             ));
         }
         let now = now_ns();
-        let inode = Inode {
-            ino,
-            mode,
-            uid,
-            gid,
-            flags: 0,
-            nlink: 1,
-            size: 0,
-            generation: old.generation + 1,
-            atime_ns: now,
-            mtime_ns: now,
-            ctime_ns: now,
-            crtime_ns: now,
-            blocks: 0,
-            parent: 0,
-            xattr_root: 0,
-            next_orphan: 0,
-            tree_root: 0,
-            rdev: 0,
-            extent_count: 0,
-            inline: Vec::new(),
-        };
+        let inode = Inode::new(ino, mode, uid, gid, old.generation + 1, now);
         dir::insert(&mut self.meta, &tree, name, ino, file_type_of(mode))?;
         dir_inode.size += 1;
         dir_inode.mtime_ns = now;
@@ -1044,29 +1023,10 @@ impl Inner {
             )));
         }
         let tree = crate::btree::create(&mut self.meta, BTREE_KIND_DIRECTORY, ino)?;
-        let now = now_ns();
-        let root = Inode {
-            ino,
-            mode: S_IFDIR | 0o755,
-            uid: 0,
-            gid: 0,
-            flags: 0,
-            nlink: 2,
-            size: 0,
-            generation: 1,
-            atime_ns: now,
-            mtime_ns: now,
-            ctime_ns: now,
-            crtime_ns: now,
-            blocks: 0,
-            parent: ROOT_INO,
-            xattr_root: 0,
-            next_orphan: 0,
-            tree_root: tree.root,
-            rdev: 0,
-            extent_count: 0,
-            inline: Vec::new(),
-        };
+        let mut root = Inode::new(ino, S_IFDIR | 0o755, 0, 0, 1, now_ns());
+        root.nlink = 2;
+        root.parent = ROOT_INO;
+        root.tree_root = tree.root;
         self.put(&root)
     }
 

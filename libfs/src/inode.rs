@@ -160,6 +160,22 @@ impl Inode {
     pub fn is_symlink(&self) -> bool {
         self.mode & S_IFMT == S_IFLNK
     }
+    /// A new inode with one link, no data, all times `now`.
+    pub fn new(ino: u64, mode: u32, uid: u32, gid: u32, generation: u64, now: i64) -> Self {
+        Self {
+            mode,
+            uid,
+            gid,
+            nlink: 1,
+            generation,
+            atime_ns: now,
+            mtime_ns: now,
+            ctime_ns: now,
+            crtime_ns: now,
+            ..Self::free_slot(ino, generation)
+        }
+    }
+
     /// A free inode slot that remembers the generation its next user must exceed.
     pub fn free_slot(ino: u64, generation: u64) -> Self {
         let mut inode = Self::from_disk(ino, &DiskInode::zeroed());

@@ -10,6 +10,7 @@
 //!   2. write descriptor(s) + block images + commit block (crc32c over all) to the log;
 //!   3. fdatasync: the transaction is now durable;
 //!   4. write the images to their home blocks (not synced: replay redoes them).
+//!
 //! Checkpoint: fdatasync (homes durable), then point the journal header past every
 //! transaction and fdatasync again; only then is log space (and any block freed by a
 //! logged transaction, see `alloc`) reused. The log never wraps: when a transaction does

@@ -62,11 +62,10 @@ fn decode(value: &[u8], tree: &Tree) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((body[..name_len].to_vec(), body[name_len..].to_vec()))
 }
 
-fn find<S: NodeStore + ?Sized>(
-    store: &mut S,
-    tree: &Tree,
-    name: &[u8],
-) -> Result<(Option<(u64, Vec<u8>)>, u64)> {
+/// An attribute found (its key and value), and the first free key for its name.
+type Found = (Option<(u64, Vec<u8>)>, u64);
+
+fn find<S: NodeStore + ?Sized>(store: &mut S, tree: &Tree, name: &[u8]) -> Result<Found> {
     let base = key_base(name);
     let mut free_key = base;
     for (key, raw) in btree::range(store, tree, base, base + COLLISION_SLOTS - 1, usize::MAX)? {
