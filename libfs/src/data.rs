@@ -83,15 +83,13 @@ impl Inner {
         offset: u64,
         data: &[u8],
     ) -> Result<usize> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|end| *end <= MAX_FILE_SIZE)
-            .ok_or(Error::TooBig)?;
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > MAX_FILE_SIZE) {
+            return Err(Error::TooBig);
+        }
         if data.is_empty() {
             return Ok(0);
         }
         let old_blocks = blocks_for(inode.size);
-        self.make_room(blocks_for(end) - offset / BLOCK_SIZE_U64)?;
         let mut done = 0usize;
         while done < data.len() {
             match self.write_step(inode, offset + done as u64, &data[done..], old_blocks) {
@@ -280,6 +278,11 @@ impl Inner {
         len: u64,
         mode: FallocateMode,
     ) -> Result<()> {
+        if !mode.punch_hole {
+            // Before anything changes: making room may commit.
+            let first = offset / BLOCK_SIZE_U64;
+            self.make_room(blocks_for(offset.saturating_add(len)).saturating_sub(first))?;
+        }
         let mut inode = self.get(ino)?;
         if inode.is_dir() {
             return Err(Error::IsDir);
@@ -355,7 +358,6 @@ impl Inner {
     fn preallocate(&mut self, inode: &mut Inode, offset: u64, end: u64) -> Result<()> {
         let mut block = offset / BLOCK_SIZE_U64;
         let last = blocks_for(end);
-        self.make_room(last - block)?;
         let old_blocks = blocks_for(inode.size);
         while block < last {
             match extent::lookup(&mut self.meta, inode, block)? {

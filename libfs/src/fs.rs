@@ -492,6 +492,10 @@ impl Fs {
     /// fills up part way).
     pub fn write_at(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
         self.modify(|inner| {
+            // Before anything changes: making room may commit.
+            let first = offset / BLOCK_SIZE_U64;
+            let last = crate::inode::blocks_for(offset.saturating_add(data.len() as u64));
+            inner.make_room(last.saturating_sub(first))?;
             let mut inode = inner.get(ino)?;
             if inode.is_dir() {
                 return Err(Error::IsDir);
@@ -839,8 +843,8 @@ impl Inner {
     }
 
     /// Before an allocation of about `blocks`: if free space is short and freed blocks
-    /// are held back by the log, commit and checkpoint (at an operation boundary) so
-    /// they can be reused.
+    /// are held back by the log, commit and checkpoint so they can be reused. Call it
+    /// only before the operation changes anything: it may commit.
     pub(crate) fn make_room(&mut self, blocks: u64) -> Result<()> {
         let meta = &mut self.meta;
         if meta.blocks.allocatable_blocks() < blocks + 64 && meta.blocks.has_held() {
