@@ -148,7 +148,7 @@ pub struct Superblock {
     pub inode_table_start: U64,
     /// Blocks of the inode table.
     pub inode_table_blocks: U64,
-    /// Number of inodes (inode numbers 1..inode_count are usable; 0 means none).
+    /// Inode slots, slot 0 included: inode numbers 1..inode_count-1 are usable (0 means none).
     pub inode_count: U64,
     /// First block available to files and trees.
     pub data_start: U64,
@@ -237,7 +237,8 @@ pub struct DiskInode {
     pub ctime_ns: I64,
     /// Creation.
     pub crtime_ns: I64,
-    /// Blocks owned: data blocks plus extent-tree blocks (not directory or xattr blocks).
+    /// Data blocks mapped by the file's extents (extent-tree, directory and xattr tree
+    /// blocks are not counted).
     pub blocks: U64,
     /// Directories: inode number of the parent. Others: 0.
     pub parent: U64,

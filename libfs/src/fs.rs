@@ -772,7 +772,25 @@ pub(crate) fn check_superblock(
             format!("superblock: data area starts at {}", sb.data_start.get()),
         ));
     }
+    if sb.journal_blocks.get() < crate::mkfs::MIN_JOURNAL_BLOCKS {
+        return Err(Error::corrupt(
+            0,
+            format!(
+                "superblock: journal of {} blocks is too small",
+                sb.journal_blocks.get()
+            ),
+        ));
+    }
     let inodes = sb.inode_count.get();
+    if sb.orphan_head.get() >= inodes {
+        return Err(Error::corrupt(
+            0,
+            format!(
+                "superblock: orphan list head {} is not an inode",
+                sb.orphan_head.get()
+            ),
+        ));
+    }
     if sb.bitmap_blocks.get() != total.div_ceil(BITMAP_BITS_PER_BLOCK)
         || sb.inode_bitmap_blocks.get() != inodes.div_ceil(BITMAP_BITS_PER_BLOCK)
         || sb.inode_table_blocks.get() != inodes.div_ceil(INODES_PER_BLOCK as u64)

@@ -80,7 +80,7 @@ impl Journal {
     /// Writes an empty journal: a header whose first transaction is `first_seq`, and an
     /// invalid first log block so nothing left on the device from an old image replays.
     pub fn format(device: &dyn BlockDevice, start: u64, blocks: u64, first_seq: u64) -> Result<()> {
-        if blocks < 16 {
+        if blocks < crate::mkfs::MIN_JOURNAL_BLOCKS {
             return Err(Error::Invalid(format!(
                 "journal of {blocks} blocks is too small"
             )));
@@ -219,10 +219,12 @@ impl Journal {
             return Ok(None);
         }
         let total_blocks = self.device.size() / BLOCK_SIZE_U64;
-        if let Some((home, _)) = images.iter().find(|(home, _)| *home >= total_blocks) {
+        let journal_area = self.start..self.start + 1 + self.capacity;
+        let bad_target = |home: &u64| *home >= total_blocks || journal_area.contains(home);
+        if let Some((home, _)) = images.iter().find(|(home, _)| bad_target(home)) {
             return Err(Error::corrupt(
                 nr,
-                format!("journal transaction {seq} targets block {home} past the device end"),
+                format!("journal transaction {seq} targets block {home}, outside the metadata it may hold"),
             ));
         }
         Ok(Some((images, at + 1 - index)))
@@ -437,16 +439,6 @@ impl Journal {
         self.head = 0;
         self.stats.checkpoints += 1;
         Ok(true)
-    }
-
-    /// Writes a block directly to its home, bypassing the log. Only for the superblock's
-    /// clean/dirty flag, when the log is empty.
-    pub fn write_direct(&mut self, block: u64, data: Block) -> Result<()> {
-        self.check_writable()?;
-        self.device.write_at(&data, block * BLOCK_SIZE_U64)?;
-        self.device.sync()?;
-        self.cache.insert(block, Arc::new(data));
-        Ok(())
     }
 
     /// True when the log holds committed transactions not yet checkpointed.

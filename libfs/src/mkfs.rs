@@ -15,6 +15,10 @@ use zerocopy::FromZeros;
 
 /// Smallest image: 2 MiB.
 pub const MIN_BLOCKS: u64 = 512;
+/// Smallest journal, header included.
+pub const MIN_JOURNAL_BLOCKS: u64 = 16;
+/// Longest volume label in bytes.
+pub const LABEL_MAX: usize = 32;
 
 /// Choices for [`format`]; `None` picks a default from the size.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +61,16 @@ impl Geometry {
         let journal_blocks = options
             .journal_blocks
             .unwrap_or((total_blocks / 64).clamp(64, 16384));
+        if journal_blocks < MIN_JOURNAL_BLOCKS {
+            return Err(Error::Invalid(format!(
+                "journal of {journal_blocks} blocks: at least {MIN_JOURNAL_BLOCKS}"
+            )));
+        }
+        if options.label.len() > LABEL_MAX {
+            return Err(Error::Invalid(format!(
+                "label longer than {LABEL_MAX} bytes"
+            )));
+        }
         let inode_count = options
             .inodes
             .unwrap_or(total_blocks / 4)
@@ -158,12 +172,6 @@ pub fn format(device: Arc<dyn BlockDevice>, options: &FormatOptions) -> Result<G
     sb.data_start = U64::new(g.data_start);
     sb.created_ns = I64::new(crate::fs::now_ns());
     let label = options.label.as_bytes();
-    if label.len() > sb.label.len() {
-        return Err(Error::Invalid(format!(
-            "label longer than {} bytes",
-            sb.label.len()
-        )));
-    }
     sb.label[..label.len()].copy_from_slice(label);
     let mut raw = [0u8; BLOCK_SIZE];
     write_struct(&mut raw, &sb);

@@ -68,3 +68,26 @@ fn unsynced_work_survives_only_if_committed() {
     let fs = Fs::open_device(crashed, &OpenOptions::default()).expect("recover");
     fs.lookup(ROOT_INO, b"kept").expect("synced file present");
 }
+
+#[test]
+fn second_read_write_open_is_refused() {
+    let path = std::env::temp_dir().join(format!("exofs-smoke-{}.img", std::process::id()));
+    let device = libfs::FileDevice::create(&path, 8 << 20).expect("create image");
+    format(Arc::new(device), &FormatOptions::default()).expect("format");
+    let first = Fs::open(&path, &OpenOptions::default()).expect("first open");
+    let second = Fs::open(&path, &OpenOptions::default());
+    let message = second
+        .expect_err("second read-write open must fail")
+        .to_string();
+    assert!(message.contains("already open"), "unclear error: {message}");
+    assert!(
+        Fs::open(&path, &OpenOptions::read_only()).is_err(),
+        "read-only open while a writer holds it"
+    );
+    first.close().expect("close");
+    Fs::open(&path, &OpenOptions::default())
+        .expect("open after close")
+        .close()
+        .expect("close");
+    std::fs::remove_file(&path).expect("remove image");
+}
