@@ -292,8 +292,14 @@ pub struct JournalHeader {
     /// Index (0-based, within the journal region after this header) where that
     /// transaction's first descriptor lies.
     pub tail_index: U64,
+    /// Blocks of the journal region, header included (a copy of the superblock's, so the
+    /// log can be found when block 0 is torn).
+    pub journal_blocks: U64,
 }
-const _: () = assert!(size_of::<JournalHeader>() == 32);
+const _: () = assert!(size_of::<JournalHeader>() == 40);
+
+/// Where mkfs always puts the journal header, so recovery can find it without block 0.
+pub const JOURNAL_START: u64 = 1;
 
 /// Block numbers one descriptor block lists.
 pub const DESCRIPTOR_CAPACITY: usize = (BLOCK_SIZE - 32) / 8;

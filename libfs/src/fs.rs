@@ -233,18 +233,19 @@ impl Fs {
     /// Opens a file system on any device: replays the journal, loads the bitmaps, and
     /// (read-write) frees inodes left on the orphan list by a crash.
     pub fn open_device(device: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Fs> {
-        let mut raw = [0u8; BLOCK_SIZE];
-        device.read_at(&mut raw, 0)?;
-        let sb = check_superblock(&raw, device.size(), options.read_only)?;
+        let (journal_start, journal_blocks) = locate_journal(&*device, options.read_only)?;
         let mut journal = Journal::open(
             device.clone(),
-            sb.journal_start.get(),
-            sb.journal_blocks.get(),
+            journal_start,
+            journal_blocks,
             options.cache_bytes,
             options.read_only,
         )?;
         // The journal may have held a newer superblock.
         let sb = check_superblock(&*journal.read(0)?, device.size(), options.read_only)?;
+        if (sb.journal_start.get(), sb.journal_blocks.get()) != (journal_start, journal_blocks) {
+            return Err(Error::corrupt(0, "superblock and journal header disagree on the journal"));
+        }
         let epochs = Arc::new(Epochs::default());
         let blocks = BlockAllocator::load(
             &mut journal,
@@ -692,6 +693,31 @@ impl Drop for Fs {
                 log::error!("closing the file system failed: {e}");
             }
         }
+    }
+}
+
+/// Where the journal is: from the superblock, or, when block 0 fails its checks (a torn
+/// home write whose good image is still in the log), from the journal header that mkfs
+/// always puts at block JOURNAL_START.
+fn locate_journal(device: &dyn BlockDevice, read_only: bool) -> Result<(u64, u64)> {
+    let mut raw = [0u8; BLOCK_SIZE];
+    device.read_at(&mut raw, 0)?;
+    match check_superblock(&raw, device.size(), read_only) {
+        Ok(sb) => Ok((sb.journal_start.get(), sb.journal_blocks.get())),
+        Err(e @ Error::Corrupt { .. }) => {
+            let device_blocks = device.size() / BLOCK_SIZE_U64;
+            match Journal::recorded_size(device, JOURNAL_START) {
+                Ok(blocks)
+                    if blocks >= crate::mkfs::MIN_JOURNAL_BLOCKS
+                        && JOURNAL_START + blocks < device_blocks =>
+                {
+                    log::warn!("{e}; looking for a good copy in the journal");
+                    Ok((JOURNAL_START, blocks))
+                }
+                _ => Err(e),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 

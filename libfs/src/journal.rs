@@ -85,7 +85,7 @@ impl Journal {
                 "journal of {blocks} blocks is too small"
             )));
         }
-        write_header(device, start, first_seq)?;
+        write_header(device, start, blocks, first_seq)?;
         device.write_at(&[0u8; BLOCK_SIZE], (start + 1) * BLOCK_SIZE_U64)?;
         Ok(())
     }
@@ -100,10 +100,6 @@ impl Journal {
         cache_bytes: usize,
         read_only: bool,
     ) -> Result<Self> {
-        let mut header_block = [0u8; BLOCK_SIZE];
-        device.read_at(&mut header_block, start * BLOCK_SIZE_U64)?;
-        verify_block(&header_block, MAGIC_JOURNAL_HEADER, start, "journal header")?;
-        let header: JournalHeader = read_struct(&header_block, start, "journal header")?;
         let capacity = blocks.saturating_sub(1);
         let mut journal = Self {
             device,
@@ -113,7 +109,7 @@ impl Journal {
             start,
             capacity,
             head: 0,
-            next_seq: header.tail_seq.get(),
+            next_seq: 0,
             dirty: BTreeMap::new(),
             data_unsynced: false,
             failed: false,
@@ -121,11 +117,49 @@ impl Journal {
             op_touched: HashSet::new(),
             stats: JournalStats::default(),
         };
-        journal.replay(header.tail_index.get())?;
+        let (tail_seq, tail_index, header_valid) = match read_header(&*journal.device, start) {
+            Ok(header) => (header.tail_seq.get(), header.tail_index.get(), true),
+            Err(e) => {
+                // The header is rewritten only when every logged transaction is already
+                // home and durable (replay end, checkpoint), and the log always restarts
+                // at index 0: a torn header loses nothing if we replay the chain that
+                // starts there (replaying applied transactions is idempotent).
+                log::warn!("{e}; replaying the log from its start");
+                (journal.recovery_seq()?, 0, false)
+            }
+        };
+        journal.next_seq = tail_seq;
+        journal.replay(tail_index, header_valid)?;
         Ok(journal)
     }
 
-    fn replay(&mut self, tail_index: u64) -> Result<()> {
+    /// The journal size recorded in the header at `start`.
+    pub fn recorded_size(device: &dyn BlockDevice, start: u64) -> Result<u64> {
+        Ok(read_header(device, start)?.journal_blocks.get())
+    }
+
+    /// Without a header: the sequence number of the transaction at log index 0, or one
+    /// past every sequence number in the log when index 0 holds none.
+    fn recovery_seq(&self) -> Result<u64> {
+        let mut newest = None;
+        for index in 0..self.capacity {
+            let Some(block) = self.read_log(index)? else {
+                break;
+            };
+            let nr = self.start + 1 + index;
+            if verify_block(&block, MAGIC_JOURNAL_DESCRIPTOR, nr, "descriptor").is_err() {
+                continue;
+            }
+            let descriptor: JournalDescriptor = read_struct(&block, nr, "descriptor")?;
+            if index == 0 {
+                return Ok(descriptor.seq.get());
+            }
+            newest = newest.max(Some(descriptor.seq.get()));
+        }
+        Ok(newest.map_or(1, |seq| seq + 1))
+    }
+
+    fn replay(&mut self, tail_index: u64, header_valid: bool) -> Result<()> {
         let mut index = tail_index;
         let mut replayed: Vec<(u64, Arc<Block>)> = Vec::new();
         let mut transactions = 0;
@@ -137,8 +171,8 @@ impl Journal {
         }
         self.stats.replayed_transactions = transactions;
         if transactions == 0 {
-            if !self.read_only && tail_index != 0 {
-                write_header(&*self.device, self.start, self.next_seq)?;
+            if !self.read_only && (tail_index != 0 || !header_valid) {
+                write_header(&*self.device, self.start, self.capacity + 1, self.next_seq)?;
                 self.device.sync()?;
             }
             return Ok(());
@@ -155,7 +189,7 @@ impl Journal {
             self.device.write_at(&image[..], home * BLOCK_SIZE_U64)?;
         }
         self.device.sync()?;
-        write_header(&*self.device, self.start, self.next_seq)?;
+        write_header(&*self.device, self.start, self.capacity + 1, self.next_seq)?;
         self.device.sync()?;
         Ok(())
     }
@@ -434,7 +468,7 @@ impl Journal {
             return Ok(false);
         }
         self.device.sync()?;
-        write_header(&*self.device, self.start, self.next_seq)?;
+        write_header(&*self.device, self.start, self.capacity + 1, self.next_seq)?;
         self.device.sync()?;
         self.head = 0;
         self.stats.checkpoints += 1;
@@ -462,13 +496,21 @@ impl Journal {
     }
 }
 
-fn write_header(device: &dyn BlockDevice, start: u64, tail_seq: u64) -> Result<()> {
+fn write_header(device: &dyn BlockDevice, start: u64, blocks: u64, tail_seq: u64) -> Result<()> {
     let mut header = JournalHeader::new_zeroed();
     header.tail_seq = U64::new(tail_seq);
     header.tail_index = U64::new(0);
+    header.journal_blocks = U64::new(blocks);
     let mut block = [0u8; BLOCK_SIZE];
     write_struct(&mut block, &header);
     seal_block(&mut block, MAGIC_JOURNAL_HEADER, start);
     device.write_at(&block, start * BLOCK_SIZE_U64)?;
     Ok(())
+}
+
+fn read_header(device: &dyn BlockDevice, start: u64) -> Result<JournalHeader> {
+    let mut block = [0u8; BLOCK_SIZE];
+    device.read_at(&mut block, start * BLOCK_SIZE_U64)?;
+    verify_block(&block, MAGIC_JOURNAL_HEADER, start, "journal header")?;
+    read_struct(&block, start, "journal header")
 }

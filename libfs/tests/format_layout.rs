@@ -640,8 +640,8 @@ fn struct_sizes_and_field_offsets_match_the_tables() {
 
     assert_eq!(size_of::<DiskExtent>(), 24);
     offsets!(DiskExtent; logical => 0, physical => 8, length => 16, flags => 20);
-    assert_eq!(size_of::<JournalHeader>(), 32);
-    offsets!(JournalHeader; header => 0, tail_seq => 16, tail_index => 24);
+    assert_eq!(size_of::<JournalHeader>(), 40);
+    offsets!(JournalHeader; header => 0, tail_seq => 16, tail_index => 24, journal_blocks => 32);
     assert_eq!(size_of::<JournalDescriptor>(), BS);
     offsets!(JournalDescriptor; header => 0, seq => 16, count => 24, more => 28, targets => 32);
     assert_eq!(size_of::<JournalCommit>(), 32);
@@ -707,7 +707,8 @@ fn check_fresh_image(dev: &dyn BlockDevice, expected: &Super, label: &[u8]) -> V
     let header = read_block(dev, s.journal_start);
     check_header(&header, MAGIC_JOURNAL_HEADER, s.journal_start);
     assert_eq!(le64(&header, 24), 0, "tail_index");
-    assert!(header[32..].iter().all(|b| *b == 0));
+    assert_eq!(le64(&header, 32), s.journal_blocks, "journal_blocks copy");
+    assert!(header[40..].iter().all(|b| *b == 0));
     assert!(
         replay_transactions(dev, &s).is_empty(),
         "a cleanly closed image has nothing to replay"
