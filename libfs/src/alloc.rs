@@ -330,12 +330,23 @@ impl BlockAllocator {
 
     /// Undoes the allocations and frees of the current operation.
     pub fn rollback_op(&mut self) {
-        while let Some(step) = self.undo.pop() {
-            match step {
-                Undo::Allocated { start, len } => self.bitmap.set_memory(start, len, false),
-                Undo::Freed => {
+        self.rollback_to(0);
+    }
+
+    /// A point inside the current operation that `rollback_to` can return to.
+    pub fn savepoint(&self) -> usize {
+        self.undo.len()
+    }
+
+    /// Undoes the allocations and frees made since `savepoint`.
+    pub fn rollback_to(&mut self, savepoint: usize) {
+        while self.undo.len() > savepoint {
+            match self.undo.pop() {
+                Some(Undo::Allocated { start, len }) => self.bitmap.set_memory(start, len, false),
+                Some(Undo::Freed) => {
                     self.running.pop();
                 }
+                None => break,
             }
         }
     }
@@ -451,7 +462,18 @@ impl InodeAllocator {
     }
 
     pub fn rollback_op(&mut self) {
-        while let Some((ino, allocated)) = self.undo.pop() {
+        self.rollback_to(0);
+    }
+
+    pub fn savepoint(&self) -> usize {
+        self.undo.len()
+    }
+
+    pub fn rollback_to(&mut self, savepoint: usize) {
+        while self.undo.len() > savepoint {
+            let Some((ino, allocated)) = self.undo.pop() else {
+                break;
+            };
             self.bitmap.set_memory(ino, 1, !allocated);
         }
     }

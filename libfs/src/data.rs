@@ -83,7 +83,10 @@ impl Inner {
         offset: u64,
         data: &[u8],
     ) -> Result<usize> {
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > MAX_FILE_SIZE) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > MAX_FILE_SIZE)
+        {
             return Err(Error::TooBig);
         }
         if data.is_empty() {
@@ -92,9 +95,19 @@ impl Inner {
         let old_blocks = blocks_for(inode.size);
         let mut done = 0usize;
         while done < data.len() {
+            // Each step is all or nothing, so a device that fills up part way gives a
+            // short count over consistent metadata.
+            let savepoint = self.meta.savepoint();
+            let before = inode.clone();
+            let events = self.pending_events.len();
             match self.write_step(inode, offset + done as u64, &data[done..], old_blocks) {
                 Ok(n) => done += n,
-                Err(Error::NoSpace) if done > 0 => break,
+                Err(Error::NoSpace) if done > 0 => {
+                    self.meta.rollback_to(savepoint);
+                    *inode = before;
+                    self.pending_events.truncate(events);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
             inode.size = inode.size.max(offset + done as u64);
@@ -284,9 +297,7 @@ impl Inner {
             self.make_room(blocks_for(offset.saturating_add(len)).saturating_sub(first))?;
         }
         let mut inode = self.get(ino)?;
-        if inode.is_dir() {
-            return Err(Error::IsDir);
-        }
+        inode.check_regular()?;
         let end = offset
             .checked_add(len)
             .filter(|end| *end <= MAX_FILE_SIZE)

@@ -192,7 +192,7 @@ pub(crate) struct Inner {
     /// Open handles per inode: an unlinked inode is freed when its last one closes.
     open_counts: HashMap<u64, usize>,
     /// Changes of the running operation, delivered when it succeeds.
-    pending_events: Vec<ExtentChange>,
+    pub(crate) pending_events: Vec<ExtentChange>,
     listeners: Vec<Arc<dyn ExtentListener>>,
     closed: bool,
 }
@@ -244,7 +244,10 @@ impl Fs {
         // The journal may have held a newer superblock.
         let sb = check_superblock(&*journal.read(0)?, device.size(), options.read_only)?;
         if (sb.journal_start.get(), sb.journal_blocks.get()) != (journal_start, journal_blocks) {
-            return Err(Error::corrupt(0, "superblock and journal header disagree on the journal"));
+            return Err(Error::corrupt(
+                0,
+                "superblock and journal header disagree on the journal",
+            ));
         }
         let epochs = Arc::new(Epochs::default());
         let blocks = BlockAllocator::load(
@@ -447,6 +450,12 @@ impl Fs {
             if !inode.is_symlink() {
                 return Err(Error::NotSymlink);
             }
+            if inode.size > SYMLINK_MAX as u64 {
+                return Err(Error::corrupt(
+                    0,
+                    format!("inode {ino}: symlink target of {} bytes", inode.size),
+                ));
+            }
             let mut target = vec![0; inode.size as usize];
             let n = inner.read_data(&inode, 0, &mut target)?;
             target.truncate(n);
@@ -498,9 +507,7 @@ impl Fs {
             let last = crate::inode::blocks_for(offset.saturating_add(data.len() as u64));
             inner.make_room(last.saturating_sub(first))?;
             let mut inode = inner.get(ino)?;
-            if inode.is_dir() {
-                return Err(Error::IsDir);
-            }
+            inode.check_regular()?;
             let written = inner.write_data(&mut inode, offset, data)?;
             inner.put(&inode)?;
             Ok(written)
@@ -1434,9 +1441,7 @@ impl Inner {
         let mut inode = self.get(ino)?;
         let now = now_ns();
         if let Some(size) = changes.size {
-            if inode.is_dir() {
-                return Err(Error::IsDir);
-            }
+            inode.check_regular()?;
             if size > MAX_FILE_SIZE {
                 return Err(Error::TooBig);
             }

@@ -183,6 +183,20 @@ impl Inode {
         inode
     }
 
+    /// Data operations (write, truncate, fallocate) apply to regular files only.
+    pub fn check_regular(&self) -> Result<()> {
+        if self.is_dir() {
+            return Err(Error::IsDir);
+        }
+        if !self.is_reg() {
+            return Err(Error::Invalid(format!(
+                "inode {} is not a regular file",
+                self.ino
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the inode is in use.
     pub fn is_allocated(&self) -> bool {
         self.mode != 0
@@ -264,7 +278,16 @@ impl InodeTable {
     /// Forgets the cached copies of inodes the operation wrote: the journal rollback
     /// restored their blocks, so the next read decodes the old values.
     pub fn rollback_op(&mut self) {
-        for ino in self.touched.drain(..) {
+        self.rollback_to(0);
+    }
+
+    pub fn savepoint(&self) -> usize {
+        self.touched.len()
+    }
+
+    /// Forgets cached inodes written since `savepoint`.
+    pub fn rollback_to(&mut self, savepoint: usize) {
+        for ino in self.touched.drain(savepoint.min(self.touched.len())..) {
             self.cache.pop(&ino);
         }
     }
@@ -342,6 +365,33 @@ impl NodeStore for Meta {
     }
     fn free(&mut self, block: u64) -> Result<()> {
         self.blocks.free(&mut self.journal, block, 1)
+    }
+}
+
+/// A point inside an operation that [`Meta::rollback_to`] returns every layer to.
+#[derive(Debug, Clone, Copy)]
+pub struct Savepoint {
+    journal: usize,
+    blocks: usize,
+    inode_alloc: usize,
+    inodes: usize,
+}
+
+impl Meta {
+    pub fn savepoint(&self) -> Savepoint {
+        Savepoint {
+            journal: self.journal.savepoint(),
+            blocks: self.blocks.savepoint(),
+            inode_alloc: self.inode_alloc.savepoint(),
+            inodes: self.inodes.savepoint(),
+        }
+    }
+
+    pub fn rollback_to(&mut self, savepoint: Savepoint) {
+        self.journal.rollback_to(savepoint.journal);
+        self.blocks.rollback_to(savepoint.blocks);
+        self.inode_alloc.rollback_to(savepoint.inode_alloc);
+        self.inodes.rollback_to(savepoint.inodes);
     }
 }
 

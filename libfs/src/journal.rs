@@ -28,7 +28,7 @@ use crate::format::{
     JournalHeader, BLOCK_SIZE, BLOCK_SIZE_U64, DESCRIPTOR_CAPACITY, MAGIC_JOURNAL_COMMIT,
     MAGIC_JOURNAL_DESCRIPTOR, MAGIC_JOURNAL_HEADER,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::FromZeros;
@@ -64,10 +64,9 @@ pub struct Journal {
     data_unsynced: bool,
     /// A commit failed part way: the device state is unknown, so refuse further writes.
     failed: bool,
-    /// Undo log of the current operation: each block's image before its first write in
-    /// the operation (None: it was not in the transaction).
+    /// Undo log of the current operation: for each write, the block's image before it
+    /// (None: it was not in the transaction). Rolling back pops it in reverse.
     op_undo: Vec<(u64, Option<Arc<Block>>)>,
-    op_touched: HashSet<u64>,
     stats: JournalStats,
 }
 
@@ -114,7 +113,6 @@ impl Journal {
             data_unsynced: false,
             failed: false,
             op_undo: Vec::new(),
-            op_touched: HashSet::new(),
             stats: JournalStats::default(),
         };
         let (tail_seq, tail_index, header_valid) = match read_header(&*journal.device, start) {
@@ -297,27 +295,36 @@ impl Journal {
         self.check_writable()?;
         self.cache.remove(block);
         let previous = self.dirty.insert(block, Arc::new(data));
-        if self.op_touched.insert(block) {
-            self.op_undo.push((block, previous));
-        }
+        self.op_undo.push((block, previous));
         Ok(())
     }
 
     /// Starts an operation: a point `rollback_op` can return the transaction to.
     pub fn begin_op(&mut self) {
         self.op_undo.clear();
-        self.op_touched.clear();
     }
 
     /// Undoes every block write since `begin_op` (or the last commit).
     pub fn rollback_op(&mut self) {
-        for (block, previous) in self.op_undo.drain(..).rev() {
+        self.rollback_to(0);
+    }
+
+    /// A point inside the current operation that `rollback_to` can return to.
+    pub fn savepoint(&self) -> usize {
+        self.op_undo.len()
+    }
+
+    /// Undoes the block writes made since `savepoint`.
+    pub fn rollback_to(&mut self, savepoint: usize) {
+        while self.op_undo.len() > savepoint {
+            let Some((block, previous)) = self.op_undo.pop() else {
+                break;
+            };
             match previous {
                 Some(image) => self.dirty.insert(block, image),
                 None => self.dirty.remove(&block),
             };
         }
-        self.op_touched.clear();
     }
 
     /// Reads file data straight from the device.
