@@ -307,7 +307,7 @@ impl Inner {
         }
         if mode.punch_hole {
             if !mode.keep_size {
-                return Err(Error::NotPermitted("punch hole without keep size".into()));
+                return Err(Error::Unsupported("punch hole without keep size".into()));
             }
             self.punch(&mut inode, offset, end)?;
         } else {

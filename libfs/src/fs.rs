@@ -1283,6 +1283,11 @@ impl Inner {
         }
         let (source_key, source) = self.lookup_entry(parent, name)?.ok_or(Error::NotFound)?;
         let target = self.lookup_entry(new_parent, new_name)?;
+        match (mode, &target) {
+            (RenameMode::Exchange, None) => return Err(Error::NotFound),
+            (RenameMode::NoReplace, Some(_)) => return Err(Error::Exists),
+            _ => {}
+        }
         let source_inode = self.get(source.ino)?;
         if source_inode.is_dir()
             && parent != new_parent
@@ -1294,8 +1299,6 @@ impl Inner {
         let (_, source_tree) = self.dir_tree(parent)?;
         let (_, target_tree) = self.dir_tree(new_parent)?;
         match (mode, target) {
-            (RenameMode::Exchange, None) => return Err(Error::NotFound),
-            (RenameMode::NoReplace, Some(_)) => return Err(Error::Exists),
             (RenameMode::Exchange, Some((target_key, target))) => {
                 let target_inode = self.get(target.ino)?;
                 if target_inode.is_dir()
@@ -1321,8 +1324,7 @@ impl Inner {
                     source.file_type,
                 )?;
                 if parent != new_parent {
-                    self.reparent(source.ino, parent, new_parent)?;
-                    self.reparent(target.ino, new_parent, parent)?;
+                    self.exchange_parents(&source_inode, &target_inode, parent, new_parent)?;
                 }
                 self.touch(&[source.ino, target.ino], &[parent, new_parent], now)?;
                 return Ok(());
@@ -1378,10 +1380,43 @@ impl Inner {
         if !inode.is_dir() {
             return Ok(());
         }
+        if self.get(to)?.nlink >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
         inode.parent = to;
         self.put(&inode)?;
         self.adjust_dir(from, 0, -1)?;
         self.adjust_dir(to, 0, 1)
+    }
+
+    /// After two entries in different directories swapped inodes: fix the ".." of the
+    /// directories among them and the parents' link counts (which change only when one
+    /// of the two is a directory and the other is not).
+    fn exchange_parents(
+        &mut self,
+        source: &Inode,
+        target: &Inode,
+        parent: u64,
+        new_parent: u64,
+    ) -> Result<()> {
+        for (inode, to) in [(source, new_parent), (target, parent)] {
+            if inode.is_dir() {
+                let mut moved = self.get(inode.ino)?;
+                moved.parent = to;
+                self.put(&moved)?;
+            }
+        }
+        let gained = i64::from(source.is_dir()) - i64::from(target.is_dir());
+        let (gains, loses) = if gained >= 0 {
+            (new_parent, parent)
+        } else {
+            (parent, new_parent)
+        };
+        if gained != 0 && self.get(gains)?.nlink >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
+        self.adjust_dir(gains, 0, gained.abs())?;
+        self.adjust_dir(loses, 0, -gained.abs())
     }
 
     fn adjust_dir(&mut self, ino: u64, entries: i64, links: i64) -> Result<()> {
