@@ -17,7 +17,7 @@ fn template() -> &'static Vec<u8> {
     static TEMPLATE: OnceLock<Vec<u8>> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let device = Arc::new(MemDevice::new(IMAGE_BYTES));
-        let options = FormatOptions { journal_blocks: Some(64), inodes: Some(128), ..Default::default() };
+        let options = FormatOptions { journal_blocks: Some(64), inodes: Some(512), ..Default::default() };
         format(device.clone(), &options).expect("format template");
         let fs = Fs::open_device(device.clone(), &OpenOptions::default()).expect("open template");
         let dir = fs.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).expect("mkdir");

@@ -42,8 +42,9 @@ use crate::format::{
     MAGIC_BITMAP, MAGIC_BTREE, ROOT_INO, SYMLINK_MAX, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK,
     S_IFMT, S_IFREG, S_IFSOCK,
 };
-use crate::fs::{check_superblock, MAX_FILE_SIZE};
+use crate::fs::MAX_FILE_SIZE;
 use crate::journal::Journal;
+use crate::superblock::check_superblock;
 use crate::xattr;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod alloc;
+mod attr;
 pub mod btree;
 pub mod cache;
 mod data;
@@ -43,6 +44,9 @@ pub mod handle;
 pub mod inode;
 pub mod journal;
 pub mod mkfs;
+mod namei;
+mod orphan;
+mod superblock;
 pub mod xattr;
 
 pub use alloc::EpochPin;

@@ -106,19 +106,27 @@ fn torn_superblock_or_journal_header_recovers() {
     // Half of block 0 lost (the open above logged a new superblock and wrote it home).
     let mut torn_super = image.clone();
     torn_super[2048..4096].fill(0);
-    let fs = Fs::open_device(Arc::new(MemDevice::from_bytes(torn_super)), &OpenOptions::default())
-        .expect("open with a torn superblock");
-    fs.lookup(ROOT_INO, b"synced").expect("synced file after torn superblock");
+    let fs = Fs::open_device(
+        Arc::new(MemDevice::from_bytes(torn_super)),
+        &OpenOptions::default(),
+    )
+    .expect("open with a torn superblock");
+    fs.lookup(ROOT_INO, b"synced")
+        .expect("synced file after torn superblock");
     fs.close().expect("close");
 
     // The journal header (block 1) torn.
     let mut torn_header = image;
     torn_header[4096 + 100..4096 + 200].fill(0xff);
     let torn = Arc::new(MemDevice::from_bytes(torn_header));
-    let fs = Fs::open_device(torn.clone(), &OpenOptions::default()).expect("open with a torn journal header");
-    fs.lookup(ROOT_INO, b"synced").expect("synced file after torn header");
-    fs.create(ROOT_INO, b"after", 0o644, 0, 0).expect("create after recovery");
+    let fs = Fs::open_device(torn.clone(), &OpenOptions::default())
+        .expect("open with a torn journal header");
+    fs.lookup(ROOT_INO, b"synced")
+        .expect("synced file after torn header");
+    fs.create(ROOT_INO, b"after", 0o644, 0, 0)
+        .expect("create after recovery");
     fs.close().expect("close");
     let fs = Fs::open_device(torn, &OpenOptions::default()).expect("reopen");
-    fs.lookup(ROOT_INO, b"after").expect("work after recovery persists");
+    fs.lookup(ROOT_INO, b"after")
+        .expect("work after recovery persists");
 }
