@@ -1,0 +1,157 @@
+//! The `exofs` command line on real image files and on a real block device (a loop
+//! device, which needs root: the test says so and skips when it is not root).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn exofs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_exofs"))
+        .args(args)
+        .output()
+        .expect("run exofs")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A scratch file removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        Scratch(std::env::temp_dir().join(format!("exofs-cli-{}-{name}", std::process::id())))
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn roundtrip(image: &str, source: &Path) {
+    let put = exofs(&["put", image, source.to_str().expect("path"), "/copy"]);
+    assert!(put.status.success(), "put: {}", text(&put));
+    let get = exofs(&["get", image, "/copy"]);
+    assert!(get.status.success(), "get: {}", text(&get));
+    assert_eq!(get.stdout, std::fs::read(source).expect("read source"));
+    let fsck = exofs(&["fsck", image]);
+    assert!(fsck.status.success(), "fsck: {}", text(&fsck));
+    assert!(text(&fsck).contains("clean"));
+}
+
+#[test]
+fn mkfs_put_get_fsck_on_an_image_file() {
+    let image = Scratch::new("image");
+    let made = exofs(&["mkfs", image.path(), "--size", "64M"]);
+    assert!(made.status.success(), "mkfs: {}", text(&made));
+    assert_eq!(std::fs::metadata(&image.0).expect("image").len(), 64 << 20);
+    let source = Scratch::new("source");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(&source.0, &data).expect("write source");
+    roundtrip(image.path(), &source.0);
+    let listing = exofs(&["ls", image.path()]);
+    assert!(text(&listing).contains("300000 copy"), "{}", text(&listing));
+    let extents = exofs(&["extents", image.path(), "/copy"]);
+    assert!(
+        text(&extents).lines().any(|l| l.starts_with("0 ")),
+        "{}",
+        text(&extents)
+    );
+}
+
+#[test]
+fn mkfs_refuses_bad_input_clearly() {
+    let missing = Scratch::new("missing");
+    let out = exofs(&["mkfs", missing.path()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("give --size"), "{}", text(&out));
+    let out = exofs(&["mkfs", missing.path(), "--size", "12Q"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("bad size suffix"), "{}", text(&out));
+    let out = exofs(&["mkfs", missing.path(), "--size", "1M"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("too small"), "{}", text(&out));
+    let garbage = Scratch::new("garbage");
+    std::fs::write(&garbage.0, vec![0x5au8; 1 << 20]).expect("garbage");
+    let out = exofs(&["fsck", garbage.path()]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("superblock"), "{}", text(&out));
+}
+
+#[test]
+fn fsck_reports_and_repairs_a_leaked_block() {
+    let image = Scratch::new("leak");
+    assert!(exofs(&["mkfs", image.path(), "--size", "16M"])
+        .status
+        .success());
+    // Mark a free data block used in the bitmap by hand, then reseal the block.
+    let mut bytes = std::fs::read(&image.0).expect("read image");
+    let bitmap_start = u64::from_le_bytes(bytes[80..88].try_into().expect("8 bytes")) as usize;
+    let block = &mut bytes[bitmap_start * 4096..(bitmap_start + 1) * 4096];
+    let bit = 4000usize;
+    block[16 + bit / 8] |= 1 << (bit % 8);
+    let block: &mut [u8; 4096] = block.try_into().expect("block");
+    libfs::format::seal_block(block, libfs::format::MAGIC_BITMAP, bitmap_start as u64);
+    std::fs::write(&image.0, &bytes).expect("write image");
+    let out = exofs(&["fsck", image.path()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("block 4000: leaked"), "{}", text(&out));
+    let out = exofs(&["fsck", image.path(), "--repair"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = exofs(&["fsck", image.path()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// A loop device detached on drop, even when the test fails.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn mkfs_and_fsck_on_a_block_device() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIPPED mkfs_and_fsck_on_a_block_device: loop devices need root (CI runs as root)"
+        );
+        return;
+    }
+    let backing = Scratch::new("backing");
+    std::fs::File::create(&backing.0)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("backing file");
+    let attach = Command::new("losetup")
+        .args(["--find", "--show", backing.path()])
+        .output();
+    let device = match attach {
+        Ok(out) if out.status.success() => {
+            Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+        Ok(out) => panic!("losetup failed as root: {}", text(&out)),
+        Err(e) => panic!("losetup is missing (util-linux): {e}"),
+    };
+    let made = exofs(&["mkfs", &device.0]);
+    assert!(
+        made.status.success(),
+        "mkfs on {}: {}",
+        device.0,
+        text(&made)
+    );
+    assert!(text(&made).contains("8192 blocks"), "{}", text(&made));
+    let source = Scratch::new("device-source");
+    std::fs::write(&source.0, vec![0xabu8; 1 << 20]).expect("source");
+    roundtrip(&device.0, &source.0);
+}
