@@ -213,6 +213,14 @@ pub struct Fs {
 }
 
 impl Fs {
+    /// Makes a new file system on all of `device` (see [`crate::mkfs`]).
+    pub fn format(
+        device: Arc<dyn BlockDevice>,
+        options: &crate::mkfs::FormatOptions,
+    ) -> Result<crate::mkfs::Geometry> {
+        crate::mkfs::format(device, options)
+    }
+
     /// Opens the image or block device at `path`.
     ///
     /// ```no_run
