@@ -6,8 +6,41 @@
 
 use crate::format::{Block, BLOCK_SIZE};
 use lru::LruCache;
-use std::num::NonZeroUsize;
+use std::hash::Hash;
 use std::sync::Arc;
+
+/// An LRU map holding at most `capacity` entries that allocates as it fills (an
+/// `LruCache` with a fixed capacity reserves its whole table up front, megabytes for
+/// every open of a file system).
+#[derive(Debug)]
+pub struct BoundedLru<K: Hash + Eq, V> {
+    entries: LruCache<K, V>,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq, V> BoundedLru<K, V> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: LruCache::unbounded(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn get(&mut self, key: &K) -> Option<&V> {
+        self.entries.get(key)
+    }
+
+    pub fn put(&mut self, key: K, value: V) {
+        self.entries.put(key, value);
+        while self.entries.len() > self.capacity {
+            self.entries.pop_lru();
+        }
+    }
+
+    pub fn pop(&mut self, key: &K) -> Option<V> {
+        self.entries.pop(key)
+    }
+}
 
 /// Counters, for statistics and tests.
 #[derive(Debug, Default, Clone, Copy)]
@@ -19,17 +52,15 @@ pub struct CacheStats {
 /// An LRU of clean blocks with a byte budget.
 #[derive(Debug)]
 pub struct BlockCache {
-    blocks: LruCache<u64, Arc<Block>>,
+    blocks: BoundedLru<u64, Arc<Block>>,
     stats: CacheStats,
 }
 
 impl BlockCache {
     /// A cache holding at most `budget_bytes` of blocks (at least 16 blocks).
     pub fn new(budget_bytes: usize) -> Self {
-        let capacity =
-            NonZeroUsize::new((budget_bytes / BLOCK_SIZE).max(16)).unwrap_or(NonZeroUsize::MIN);
         Self {
-            blocks: LruCache::new(capacity),
+            blocks: BoundedLru::new((budget_bytes / BLOCK_SIZE).max(16)),
             stats: CacheStats::default(),
         }
     }

@@ -11,14 +11,13 @@
 
 use crate::alloc::{BlockAllocator, InodeAllocator};
 use crate::btree::NodeStore;
+use crate::cache::BoundedLru;
 use crate::error::{Error, Result};
 use crate::format::{
     Block, DiskExtent, DiskInode, BLOCK_SIZE, EXTENT_FLAG_UNWRITTEN, INLINE_EXTENTS,
     INODES_PER_BLOCK, INODE_SIZE, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG,
 };
 use crate::journal::Journal;
-use lru::LruCache;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use zerocopy::little_endian::{I64, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
@@ -208,18 +207,17 @@ impl Inode {
 pub struct InodeTable {
     start: u64,
     count: u64,
-    cache: LruCache<u64, Inode>,
+    cache: BoundedLru<u64, Inode>,
     /// Inodes written by the current operation (dropped from the cache on rollback).
     touched: Vec<u64>,
 }
 
 impl InodeTable {
     pub fn new(start: u64, count: u64, cache_inodes: usize) -> Self {
-        let capacity = NonZeroUsize::new(cache_inodes.max(16)).unwrap_or(NonZeroUsize::MIN);
         Self {
             start,
             count,
-            cache: LruCache::new(capacity),
+            cache: BoundedLru::new(cache_inodes.max(16)),
             touched: Vec::new(),
         }
     }
