@@ -67,29 +67,61 @@ fn encode(extent: &Extent) -> ExtentValue {
     }
 }
 
+/// Files map at most this many blocks (MAX_FILE_SIZE / BLOCK_SIZE).
+const MAX_FILE_BLOCKS: u64 = crate::fs::MAX_FILE_SIZE / crate::format::BLOCK_SIZE_U64;
+
+/// Checks an extent read from the device before anyone computes offsets with it.
+fn checked(meta: &Meta, inode: &Inode, extent: Extent) -> Result<Extent> {
+    let inside_file = extent
+        .logical
+        .checked_add(extent.length)
+        .is_some_and(|end| end <= MAX_FILE_BLOCKS);
+    let inside_data = extent.physical >= meta.data_start
+        && extent
+            .physical
+            .checked_add(extent.length)
+            .is_some_and(|end| end <= meta.total_blocks);
+    if extent.length == 0 || !inside_file || !inside_data {
+        return Err(Error::corrupt(
+            if inode.tree_root != 0 {
+                inode.tree_root
+            } else {
+                0
+            },
+            format!(
+                "inode {}: extent {}+{} -> {} lies outside the file or the data area",
+                inode.ino, extent.logical, extent.length, extent.physical
+            ),
+        ));
+    }
+    Ok(extent)
+}
+
 /// The extent with the greatest start <= `block`.
 fn floor(meta: &mut Meta, inode: &Inode, block: u64) -> Result<Option<Extent>> {
-    match tree_of(inode) {
+    let found = match tree_of(inode) {
         Some(tree) => btree::floor(meta, &tree, block)?
             .map(|(key, value)| decode(key, &value, &tree))
-            .transpose(),
-        None => Ok(inode
+            .transpose()?,
+        None => inode
             .inline
             .iter()
             .rev()
             .find(|e| e.logical <= block)
-            .copied()),
-    }
+            .copied(),
+    };
+    found.map(|e| checked(meta, inode, e)).transpose()
 }
 
 /// The extent with the smallest start >= `block`.
 fn ceiling(meta: &mut Meta, inode: &Inode, block: u64) -> Result<Option<Extent>> {
-    match tree_of(inode) {
+    let found = match tree_of(inode) {
         Some(tree) => btree::ceiling(meta, &tree, block)?
             .map(|(key, value)| decode(key, &value, &tree))
-            .transpose(),
-        None => Ok(inode.inline.iter().find(|e| e.logical >= block).copied()),
-    }
+            .transpose()?,
+        None => inode.inline.iter().find(|e| e.logical >= block).copied(),
+    };
+    found.map(|e| checked(meta, inode, e)).transpose()
 }
 
 /// What file block `block` maps to.
@@ -100,18 +132,32 @@ pub fn lookup(meta: &mut Meta, inode: &Inode, block: u64) -> Result<Mapping> {
         }
     }
     let next = ceiling(meta, inode, block)?.map(|e| e.logical);
+    if next.is_some_and(|next| next <= block) {
+        // floor and ceiling disagree: the map is not sorted.
+        return Err(Error::corrupt(
+            inode.tree_root,
+            format!(
+                "inode {}: extent map out of order at block {block}",
+                inode.ino
+            ),
+        ));
+    }
     Ok(Mapping::Hole { next })
 }
 
 /// Every extent, in order.
 pub fn list(meta: &mut Meta, inode: &Inode) -> Result<Vec<Extent>> {
-    match tree_of(inode) {
+    let extents: Vec<Extent> = match tree_of(inode) {
         Some(tree) => btree::range(meta, &tree, 0, u64::MAX, usize::MAX)?
             .iter()
             .map(|(key, value)| decode(*key, value, &tree))
-            .collect(),
-        None => Ok(inode.inline.clone()),
-    }
+            .collect::<Result<_>>()?,
+        None => inode.inline.clone(),
+    };
+    extents
+        .into_iter()
+        .map(|e| checked(meta, inode, e))
+        .collect()
 }
 
 /// Adds an extent record (no merging; the range must be free in the map).

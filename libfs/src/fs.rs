@@ -240,7 +240,7 @@ impl Fs {
     /// Opens a file system on any device: replays the journal, loads the bitmaps, and
     /// (read-write) frees inodes left on the orphan list by a crash.
     pub fn open_device(device: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Fs> {
-        let (journal_start, journal_blocks) =
+        let (journal_start, journal_blocks, _note) =
             crate::superblock::locate_journal(&*device, options.read_only)?;
         let mut journal = Journal::open(
             device.clone(),
@@ -287,6 +287,7 @@ impl Fs {
             inode_alloc,
             inodes,
             total_blocks: sb.total_blocks.get(),
+            data_start: sb.data_start.get(),
         };
         let inner = Inner {
             meta,
@@ -308,7 +309,7 @@ impl Fs {
             let result = inner.recover_orphans().and_then(|_| {
                 inner.update_superblock(|sb| {
                     sb.state = STATE_DIRTY.into();
-                    sb.mount_count = U64::new(sb.mount_count.get() + 1);
+                    sb.mount_count = U64::new(sb.mount_count.get().saturating_add(1));
                 })
             });
             if let Err(e) = result {

@@ -44,7 +44,7 @@ use crate::format::{
 };
 use crate::fs::MAX_FILE_SIZE;
 use crate::journal::Journal;
-use crate::superblock::check_superblock;
+use crate::superblock::{check_superblock, locate_journal};
 use crate::xattr;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -205,6 +205,9 @@ pub struct Report {
     pub directories: u64,
     /// Metadata region plus every block referenced by an inode.
     pub used_blocks: u64,
+    /// Damage that journal recovery healed without loss (a torn superblock or journal
+    /// header): worth a line, not a problem.
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -333,17 +336,16 @@ impl Layout {
 /// Validates the superblock, opens the journal (replaying it in memory when
 /// `read_only`, home otherwise) and validates the superblock the journal may hold.
 fn open(device: Arc<dyn BlockDevice>, read_only: bool) -> Result<(Journal, Layout)> {
-    let mut raw = [0u8; BLOCK_SIZE];
-    device.read_at(&mut raw, 0)?;
     let size = device.size();
-    let sb = check_superblock(&raw, size, read_only)?;
+    let (journal_start, journal_blocks, note) = locate_journal(&*device, read_only)?;
     let mut journal = Journal::open(
         device,
-        sb.journal_start.get(),
-        sb.journal_blocks.get(),
+        journal_start,
+        journal_blocks,
         CACHE_BYTES,
         read_only,
     )?;
+    journal.add_notes(note);
     let sb = check_superblock(&*journal.read(0)?, size, read_only)?;
     Ok((journal, Layout::of(&sb)))
 }
@@ -806,6 +808,7 @@ impl<'j> Checker<'j> {
             files: checker.inodes.len() as u64 - directories,
             directories,
             used_blocks,
+            notes: checker.journal.recovery_notes().to_vec(),
         };
         Ok(Outcome {
             report,

@@ -342,11 +342,13 @@ pub struct Meta {
     pub inode_alloc: InodeAllocator,
     pub inodes: InodeTable,
     pub total_blocks: u64,
+    /// First block of the data area: extents and tree nodes lie in [data_start, total).
+    pub data_start: u64,
 }
 
 impl NodeStore for Meta {
     fn read(&mut self, block: u64) -> Result<Arc<Block>> {
-        if block == 0 || block >= self.total_blocks {
+        if block < self.data_start || block >= self.total_blocks {
             return Err(Error::corrupt(
                 block,
                 "tree node pointer outside the device",

@@ -67,6 +67,8 @@ pub struct Journal {
     /// Undo log of the current operation: for each write, the block's image before it
     /// (None: it was not in the transaction). Rolling back pops it in reverse.
     op_undo: Vec<(u64, Option<Arc<Block>>)>,
+    /// Damage that recovery healed (a torn header), for fsck to mention.
+    notes: Vec<String>,
     stats: JournalStats,
 }
 
@@ -113,6 +115,7 @@ impl Journal {
             data_unsynced: false,
             failed: false,
             op_undo: Vec::new(),
+            notes: Vec::new(),
             stats: JournalStats::default(),
         };
         let (tail_seq, tail_index, header_valid) = match read_header(&*journal.device, start) {
@@ -123,12 +126,25 @@ impl Journal {
                 // at index 0: a torn header loses nothing if we replay the chain that
                 // starts there (replaying applied transactions is idempotent).
                 log::warn!("{e}; replaying the log from its start");
+                journal
+                    .notes
+                    .push(format!("{e}; replayed the log from its start"));
                 (journal.recovery_seq()?, 0, false)
             }
         };
         journal.next_seq = tail_seq;
         journal.replay(tail_index, header_valid)?;
         Ok(journal)
+    }
+
+    /// Damage that recovery healed without loss.
+    pub fn recovery_notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Records more healed damage (found before the journal was opened).
+    pub fn add_notes(&mut self, notes: impl IntoIterator<Item = String>) {
+        self.notes.extend(notes);
     }
 
     /// The journal size recorded in the header at `start`.

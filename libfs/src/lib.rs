@@ -31,6 +31,7 @@ pub mod alloc;
 mod attr;
 pub mod btree;
 pub mod cache;
+pub mod crashsim;
 mod data;
 pub mod device;
 pub mod dir;

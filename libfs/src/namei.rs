@@ -206,11 +206,13 @@ impl Inner {
         } else {
             inode.nlink.saturating_sub(1)
         };
+        // Written before freeing: freeing may commit part way, and a crash then must
+        // find an orphan with no links, not a linked file.
+        self.put(&inode)?;
         if inode.nlink > 0 {
-            return self.put(&inode);
+            return Ok(());
         }
         if self.open_counts.contains_key(&ino) {
-            self.put(&inode)?;
             return self.orphan_add(ino);
         }
         self.free_inode(inode)

@@ -10,11 +10,14 @@ use crate::journal::Journal;
 /// Where the journal is: from the superblock, or, when block 0 fails its checks (a torn
 /// home write whose good image is still in the log), from the journal header that mkfs
 /// always puts at block JOURNAL_START.
-pub(crate) fn locate_journal(device: &dyn BlockDevice, read_only: bool) -> Result<(u64, u64)> {
+pub(crate) fn locate_journal(
+    device: &dyn BlockDevice,
+    read_only: bool,
+) -> Result<(u64, u64, Option<String>)> {
     let mut raw = [0u8; BLOCK_SIZE];
     device.read_at(&mut raw, 0)?;
     match check_superblock(&raw, device.size(), read_only) {
-        Ok(sb) => Ok((sb.journal_start.get(), sb.journal_blocks.get())),
+        Ok(sb) => Ok((sb.journal_start.get(), sb.journal_blocks.get(), None)),
         Err(e @ Error::Corrupt { .. }) => {
             let device_blocks = device.size() / BLOCK_SIZE_U64;
             match Journal::recorded_size(device, JOURNAL_START) {
@@ -23,7 +26,11 @@ pub(crate) fn locate_journal(device: &dyn BlockDevice, read_only: bool) -> Resul
                         && JOURNAL_START + blocks < device_blocks =>
                 {
                     log::warn!("{e}; looking for a good copy in the journal");
-                    Ok((JOURNAL_START, blocks))
+                    Ok((
+                        JOURNAL_START,
+                        blocks,
+                        Some(format!("{e}; a good copy came from the journal")),
+                    ))
                 }
                 _ => Err(e),
             }

@@ -58,6 +58,9 @@ pub fn fsck(image: &Path, repair: bool) -> ExitCode {
     };
     match run() {
         Ok(report) => {
+            for note in &report.notes {
+                println!("note: {note}");
+            }
             for problem in &report.problems {
                 println!("{problem}");
             }
