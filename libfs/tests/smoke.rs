@@ -130,3 +130,41 @@ fn torn_superblock_or_journal_header_recovers() {
     fs.lookup(ROOT_INO, b"after")
         .expect("work after recovery persists");
 }
+
+#[test]
+fn file_handles_read_write_seek_append() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let device = fresh(8 << 20);
+    let fs = Arc::new(Fs::open_device(device, &OpenOptions::default()).expect("open"));
+    let mut file = libfs::File::create(&fs, "/notes".as_ref()).expect("create");
+    file.write_all(b"hello world").expect("write");
+    assert_eq!(file.seek(SeekFrom::Start(6)).expect("seek"), 6);
+    file.write_all(b"WORLD").expect("overwrite");
+    assert_eq!(file.seek(SeekFrom::End(-5)).expect("seek from end"), 6);
+    let mut tail = String::new();
+    file.read_to_string(&mut tail).expect("read");
+    assert_eq!(tail, "WORLD");
+    assert!(
+        file.seek(SeekFrom::Current(-100)).is_err(),
+        "negative position"
+    );
+    file.set_append(true);
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    file.write_all(b"!").expect("append");
+    file.sync_all().expect("fsync");
+    drop(file);
+    let mut all = String::new();
+    libfs::File::open(&fs, "/notes".as_ref())
+        .expect("open")
+        .read_to_string(&mut all)
+        .expect("read");
+    assert_eq!(all, "hello WORLD!");
+    // An unlinked file stays usable through its handle, and is freed when it closes.
+    let mut open = libfs::File::open(&fs, "/notes".as_ref()).expect("open");
+    fs.unlink(ROOT_INO, b"notes").expect("unlink");
+    let ino = open.ino();
+    open.write_all(b"still here").expect("write after unlink");
+    assert_eq!(fs.getattr(ino).expect("alive while open").nlink, 0);
+    drop(open);
+    assert!(fs.getattr(ino).is_err(), "freed on last close");
+}
