@@ -146,30 +146,43 @@ impl Inner {
             Mapping::Hole { next } => {
                 let wanted = blocks_for(pos + data.len() as u64) - block;
                 let room = next.map_or(u64::MAX, |n| n - block);
-                let goal = self.allocation_goal(inode, block)?;
-                let max = wanted.min(room).min(ALLOCATION_STEP).min(MAX_EXTENT_BLOCKS);
-                let (physical, length) =
-                    self.meta
-                        .blocks
-                        .allocate(&mut self.meta.journal, goal, max)?;
-                let n = self.write_fresh(inode, pos, data, physical, length)?;
-                let extent = Extent {
-                    logical: block,
-                    physical,
-                    length,
-                    unwritten: false,
-                };
-                extent::insert(&mut self.meta, inode, extent)?;
-                inode.blocks += length;
-                let kind = if block >= old_blocks {
-                    ChangeKind::Extend
-                } else {
-                    ChangeKind::Allocate
-                };
-                self.emit(inode.ino, inode.generation, kind, vec![extent]);
-                Ok(n)
+                let extent = self.map_new_run(inode, block, wanted.min(room), false, old_blocks)?;
+                self.write_fresh(inode, pos, data, extent.physical, extent.length)
             }
         }
+    }
+
+    /// Allocates up to `max` blocks (at most one step) for the hole at file block
+    /// `block`, next to the previous extent when possible, maps them and reports it.
+    fn map_new_run(
+        &mut self,
+        inode: &mut Inode,
+        block: u64,
+        max: u64,
+        unwritten: bool,
+        old_blocks: u64,
+    ) -> Result<Extent> {
+        let goal = self.allocation_goal(inode, block)?;
+        let max = max.min(ALLOCATION_STEP).min(MAX_EXTENT_BLOCKS);
+        let (physical, length) = self
+            .meta
+            .blocks
+            .allocate(&mut self.meta.journal, goal, max)?;
+        let extent = Extent {
+            logical: block,
+            physical,
+            length,
+            unwritten,
+        };
+        extent::insert(&mut self.meta, inode, extent)?;
+        inode.blocks += length;
+        let kind = if block >= old_blocks {
+            ChangeKind::Extend
+        } else {
+            ChangeKind::Allocate
+        };
+        self.emit(inode.ino, inode.generation, kind, vec![extent]);
+        Ok(extent)
     }
 
     /// Writes into `blocks` blocks at device block `physical` that hold nothing yet,
@@ -375,29 +388,9 @@ impl Inner {
                 Mapping::Mapped(e) => block = e.logical_end(),
                 Mapping::Hole { next } => {
                     let hole_end = next.map_or(last, |n| n.min(last));
-                    let goal = self.allocation_goal(inode, block)?;
-                    let max = (hole_end - block)
-                        .min(ALLOCATION_STEP)
-                        .min(MAX_EXTENT_BLOCKS);
-                    let (physical, length) =
-                        self.meta
-                            .blocks
-                            .allocate(&mut self.meta.journal, goal, max)?;
-                    let extent = Extent {
-                        logical: block,
-                        physical,
-                        length,
-                        unwritten: true,
-                    };
-                    extent::insert(&mut self.meta, inode, extent)?;
-                    inode.blocks += length;
-                    let kind = if block >= old_blocks {
-                        ChangeKind::Extend
-                    } else {
-                        ChangeKind::Allocate
-                    };
-                    self.emit(inode.ino, inode.generation, kind, vec![extent]);
-                    block += length;
+                    block += self
+                        .map_new_run(inode, block, hole_end - block, true, old_blocks)?
+                        .length;
                 }
             }
         }
