@@ -6,7 +6,7 @@
 //!
 //! Layers, bottom up (calls go downward only): [`device`] -> [`cache`] -> [`journal`] ->
 //! [`alloc`] -> [`inode`] / [`extent`] / [`btree`] -> [`dir`] / [`xattr`] -> `data` ->
-//! [`fs`] (the API) and [`handle`] (std::io). [`format`] holds every on-disk structure;
+//! [`fs`] (the API) and [`handle`] (std::io). [`mod@format`] holds every on-disk structure;
 //! [`fsck`] checks an image independently of the write path.
 //!
 //! ```no_run

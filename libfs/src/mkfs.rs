@@ -20,7 +20,7 @@ pub const MIN_JOURNAL_BLOCKS: u64 = 16;
 /// Longest volume label in bytes.
 pub const LABEL_MAX: usize = 32;
 
-/// Choices for [`format`]; `None` picks a default from the size.
+/// Choices for [`format()`]; `None` picks a default from the size.
 #[derive(Debug, Clone, Default)]
 pub struct FormatOptions {
     /// Inodes (default: one per 16 KiB).
