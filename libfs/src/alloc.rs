@@ -401,11 +401,6 @@ impl BlockAllocator {
     pub fn allocatable_blocks(&self) -> u64 {
         self.bitmap.bits - self.bitmap.set_count
     }
-
-    /// Whether a block is allocated or held (for fsck and tests).
-    pub fn is_in_use(&self, block: u64) -> bool {
-        block >= self.bitmap.bits || self.bitmap.is_set(block)
-    }
 }
 
 /// Inode allocator. Freed inodes are reusable at once: inode slots are metadata, so
@@ -480,9 +475,5 @@ impl InodeAllocator {
 
     pub fn free_inodes(&self) -> u64 {
         self.bitmap.bits - self.bitmap.set_count
-    }
-
-    pub fn is_in_use(&self, ino: u64) -> bool {
-        ino < self.bitmap.bits && self.bitmap.is_set(ino)
     }
 }

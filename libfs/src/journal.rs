@@ -369,11 +369,6 @@ impl Journal {
         Ok(())
     }
 
-    /// Blocks in the running transaction.
-    pub fn dirty_blocks(&self) -> usize {
-        self.dirty.len()
-    }
-
     /// True when the running transaction should be committed at the next operation
     /// boundary, to keep it well inside the log.
     pub fn should_commit(&self) -> bool {
@@ -384,12 +379,6 @@ impl Journal {
     /// must checkpoint before committing.
     pub fn needs_checkpoint(&self) -> bool {
         self.head + log_blocks_for(self.dirty.len() as u64) > self.capacity
-    }
-
-    /// Largest number of blocks one transaction may hold.
-    pub fn max_transaction_blocks(&self) -> u64 {
-        self.capacity
-            .saturating_sub(self.capacity.div_ceil(DESCRIPTOR_CAPACITY as u64) + 1)
     }
 
     /// Makes the running transaction (and all data written before it) durable.
@@ -496,11 +485,6 @@ impl Journal {
         self.head = 0;
         self.stats.checkpoints += 1;
         Ok(true)
-    }
-
-    /// True when the log holds committed transactions not yet checkpointed.
-    pub fn has_log(&self) -> bool {
-        self.head > 0
     }
 
     pub fn is_read_only(&self) -> bool {
