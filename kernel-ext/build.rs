@@ -1,0 +1,181 @@
+//! Builds the trusted BPF driver (`bpf/driver`, its own cargo workspace) with
+//! `cargo +nightly build --release` and exports the ELF's path as `EXOFS_DRIVER_ELF`, which
+//! the crate embeds with `include_bytes!`.
+//!
+//! Incremental: this script reruns only when the driver's or the ABI's sources or manifests
+//! change (rerun-if-changed), and the nested cargo, with its own target directory
+//! (`bpf/driver/target`), rebuilds only what changed.
+//!
+//! Requires nightly with rust-src and bpf-linker (built against LLVM 22); if either is
+//! missing the build fails with the command that installs it.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{exit, Command, Stdio},
+};
+
+/// Installs what the driver build needs (kept in step with `.ci/run`).
+const INSTALL_HELP: &str = "\
+The BPF driver (bpf/driver) needs, once per machine:
+  apt-get install -y llvm-22-dev clang-22 libzstd-dev zlib1g-dev
+  rustup toolchain install nightly --profile minimal
+  rustup component add rust-src --toolchain nightly
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo +nightly install bpf-linker --version 0.13.0 \\
+      --no-default-features --features llvm-22
+(.ci/run does this.)";
+
+/// Environment variables a build script inherits from the outer cargo that would leak into
+/// the nested build: they name the outer toolchain, target, flags, wrappers (clippy sets
+/// RUSTC_WORKSPACE_WRAPPER), target directory and jobserver.
+const CLEARED: &[&str] = &[
+    "CARGO",
+    "CARGO_BUILD_RUSTC",
+    "CARGO_BUILD_RUSTC_WRAPPER",
+    "CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_BUILD_RUSTFLAGS",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_TARGET_DIR",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_MAKEFLAGS",
+    "CARGO_TARGET_DIR",
+    "CLIPPY_ARGS",
+    "CLIPPY_CONF_DIR",
+    "DEBUG",
+    "HOST",
+    "MAKEFLAGS",
+    "MFLAGS",
+    "NUM_JOBS",
+    "OPT_LEVEL",
+    "OUT_DIR",
+    "PROFILE",
+    "RUSTC",
+    "RUSTC_LINKER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "RUSTC_WRAPPER",
+    "RUSTDOC",
+    "RUSTDOCFLAGS",
+    "RUSTFLAGS",
+    "RUSTUP_TOOLCHAIN",
+    "TARGET",
+];
+
+/// Prefixes of further per-build variables cargo sets for build scripts.
+const CLEARED_PREFIXES: &[&str] = &[
+    "CARGO_CFG_",
+    "CARGO_FEATURE_",
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_",
+    "DEP_",
+];
+
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    exit(1);
+}
+
+fn cargo_home() -> Option<PathBuf> {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+}
+
+/// The rustup `cargo` proxy, which understands `+nightly` (the `CARGO` variable of a build
+/// script names the toolchain's own cargo, which does not).
+fn cargo_proxy() -> PathBuf {
+    if let Some(proxy) = cargo_home().map(|home| home.join("bin/cargo")) {
+        if proxy.is_file() {
+            return proxy;
+        }
+    }
+    PathBuf::from("cargo")
+}
+
+fn find_on_path(program: &str, path: &OsString) -> bool {
+    env::split_paths(path).any(|dir| dir.join(program).is_file())
+}
+
+fn nested_cargo(proxy: &Path, dir: &Path, path: &OsString) -> Command {
+    let mut command = Command::new(proxy);
+    command.arg("+nightly").current_dir(dir).env("PATH", path);
+    for name in CLEARED {
+        command.env_remove(name);
+    }
+    for (name, _) in env::vars_os() {
+        let name = name.to_string_lossy();
+        if CLEARED_PREFIXES
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
+}
+
+fn main() {
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| fail("no manifest dir")));
+    let bpf = manifest_dir.join("../bpf");
+    let driver = bpf.join("driver");
+    for watched in [
+        driver.join("src"),
+        driver.join("Cargo.toml"),
+        driver.join("Cargo.lock"),
+        driver.join(".cargo/config.toml"),
+        bpf.join("abi/src"),
+        bpf.join("abi/Cargo.toml"),
+    ] {
+        println!("cargo:rerun-if-changed={}", watched.display());
+    }
+
+    // bpf-linker is usually in ~/.cargo/bin; make sure rustc finds it there even if the
+    // outer PATH lacks that directory.
+    let mut path = env::var_os("PATH").unwrap_or_default();
+    if let Some(bin) = cargo_home().map(|home| home.join("bin")) {
+        let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
+        if !dirs.contains(&bin) {
+            dirs.push(bin);
+            path = env::join_paths(dirs).unwrap_or_else(|_| fail("cannot extend PATH"));
+        }
+    }
+    let proxy = cargo_proxy();
+
+    let nightly = nested_cargo(&proxy, &driver, &path)
+        .arg("--version")
+        .output();
+    if !matches!(&nightly, Ok(output) if output.status.success()) {
+        fail(&format!(
+            "`cargo +nightly` does not run (is the nightly toolchain installed?)\n{INSTALL_HELP}"
+        ));
+    }
+    if !find_on_path("bpf-linker", &path) {
+        fail(&format!("bpf-linker is not installed\n{INSTALL_HELP}"));
+    }
+
+    let target_dir = driver.join("target");
+    let status = nested_cargo(&proxy, &driver, &path)
+        .args(["build", "--release"])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // The nested cargo's stdout must not reach ours: cargo parses it for directives.
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .unwrap_or_else(|err| fail(&format!("cannot run {}: {err}", proxy.display())));
+    if !status.success() {
+        fail(&format!(
+            "building the BPF driver failed ({status}); run `cd bpf/driver && cargo +nightly \
+             build --release` to see why. If the failure is about rust-src or the linker:\n\
+             {INSTALL_HELP}"
+        ));
+    }
+
+    let elf = target_dir.join("bpfel-unknown-none/release/exofs-driver");
+    if !elf.is_file() {
+        fail(&format!("the driver build produced no {}", elf.display()));
+    }
+    let elf = elf.canonicalize().unwrap_or(elf);
+    println!("cargo:rustc-env=EXOFS_DRIVER_ELF={}", elf.display());
+}

@@ -1,0 +1,37 @@
+//! kernel-ext: the exofs kernel binding — BPF maps for registered extents, the program
+//! binder, and the chain runner.
+//!
+//! Layer: between mount-tool/linked apps (above) and the kernel's BPF subsystem (below);
+//! libfs notifies it of extent changes. Today it holds the BPF toolchain path the rest
+//! stands on:
+//! - [`sys`]: the one module of raw bpf(2) calls (map create/lookup/update, prog load with
+//!   the verifier log, test run, pin/get);
+//! - [`loader`]: parse a BPF ELF with aya-obj, create and relocate its maps, load its
+//!   `syscall` programs as sleepable BPF_PROG_TYPE_SYSCALL programs, run them;
+//! - [`extent_map`]: a file's extents cut into the chunks of the `extents` map, and the
+//!   driver's translation done in user space (reference and fallback);
+//! - [`DRIVER_ELF`]: the trusted driver (`bpf/driver`), built by build.rs with nightly and
+//!   bpf-linker and embedded in this crate.
+//!
+//! Interface: [`loader::Object::load`] `->` [`loader::SyscallProgram::test_run`]. Loading
+//! needs CAP_BPF + CAP_PERFMON (in practice root); callers check
+//! [`sys::SysError::is_permission_denied`].
+//!
+//! Invariants: every kernel object is owned by an `OwnedFd` in a handle; nothing is
+//! pinned unless asked; all `unsafe` lives in `sys` and in the byte views of `loader`.
+
+pub mod extent_map;
+pub mod loader;
+pub mod sys;
+
+pub use loader::{LoadError, MapHandle, Object, SyscallProgram};
+pub use sys::SysError;
+
+/// The trusted driver: the ELF object built from `bpf/driver` by build.rs.
+pub static DRIVER_ELF: &[u8] = include_bytes!(env!("EXOFS_DRIVER_ELF"));
+
+/// Name of the toolchain probe program in [`DRIVER_ELF`] (context
+/// [`exofs_abi::probe::ProbeCtx`]).
+pub const PROBE_PROGRAM: &str = "exofs_probe";
+/// Name of the probe's statistics map in [`DRIVER_ELF`]: ARRAY, key u32 0, value u64 runs.
+pub const PROBE_STATS_MAP: &str = "EXOFS_PROBE_STATS";
