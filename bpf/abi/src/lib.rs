@@ -1,8 +1,10 @@
 //! The exofs chain ABI, shared by user space and BPF: `#[repr(C)]` types with asserted
 //! sizes, map names and limits. `no_std`; the `user` feature adds `aya::Pod` impls.
-//! (Issue 3 is under way: the chain context, return codes and policy come next.)
+//! `include/exofs.h` is the same ABI for C authors (a test compares every size and
+//! offset). Policy types come with the policy work.
 #![no_std]
 
+pub mod chain;
 pub mod extents;
 
 /// The toolchain probe's context (`exofs_probe` in bpf/driver): the smallest program that

@@ -1,0 +1,107 @@
+/* exofs chain ABI for C authors of application functions.
+ *
+ * Kept identical to the Rust crate exofs-abi (bpf/abi/src): the test
+ * bpf/abi/tests/c_header.rs compiles this header and compares every size and
+ * offset with the Rust definitions. Little-endian, no implicit padding.
+ */
+#ifndef EXOFS_H
+#define EXOFS_H
+
+#include <linux/types.h>
+
+/* Limits. */
+#define EXOFS_BLOCK_SIZE 4096
+#define EXOFS_MAX_HOPS 64
+#define EXOFS_MAX_FANOUT 4
+#define EXOFS_SCRATCH_SIZE 256
+#define EXOFS_MAX_CHAIN_FILES 4
+#define EXOFS_MAX_BATCH 32
+#define EXOFS_EXTENTS_PER_CHUNK 32
+
+/* What next() returns. */
+#define EXOFS_NEXT_DONE 0
+#define EXOFS_NEXT_CONTINUE 1
+#define EXOFS_NEXT_ABORT 2
+
+/* Chain statuses (struct exofs_chain_ctx.status). */
+#define EXOFS_STATUS_DONE 0
+#define EXOFS_STATUS_ABORTED 1
+#define EXOFS_STATUS_HOP_LIMIT 2
+#define EXOFS_STATUS_STALE 3
+#define EXOFS_STATUS_OUT_OF_FILE 4
+#define EXOFS_STATUS_HOLE 5
+#define EXOFS_STATUS_NOT_REGISTERED 6
+#define EXOFS_STATUS_DENIED 7
+#define EXOFS_STATUS_FAULT 8
+#define EXOFS_STATUS_INVALID 9
+
+/* Extent flag: allocated, never written (reads as zeros; chains refuse it). */
+#define EXOFS_EXTENT_UNWRITTEN 1
+
+struct exofs_chain_file {
+	__u64 ino;
+	__u64 generation;
+};
+
+/* Arguments and results of one chain (the BPF_PROG_TEST_RUN context). */
+struct exofs_chain_ctx {
+	struct exofs_chain_file files[EXOFS_MAX_CHAIN_FILES];
+	__u32 file_count;
+	__u32 hop_limit;
+	__u32 start_file;
+	__u32 read_len;
+	__u64 start_offset;
+	__u64 map_addr;
+	__u64 map_len;
+	__u32 subject_uid;
+	__u32 subject_gid;
+	__s32 status;
+	__u32 hops;
+	__u8 scratch[EXOFS_SCRATCH_SIZE];
+};
+
+/* What next() reads and writes at each hop. */
+struct exofs_hop_state {
+	__u32 hop;
+	__u32 file;
+	__u64 offset;
+	__u32 data_len;
+	__u32 next_count;
+	__u32 next_file[EXOFS_MAX_FANOUT];
+	__u64 next_offset[EXOFS_MAX_FANOUT];
+	__u8 scratch[EXOFS_SCRATCH_SIZE];
+	__u8 data[EXOFS_BLOCK_SIZE];
+};
+
+/* The files map (key -> value). */
+struct exofs_file_key {
+	__u64 ino;
+};
+
+struct exofs_file_info {
+	__u64 generation;
+	__u64 size;
+	__u32 chunk_shift;
+	__u32 flags;
+};
+
+/* The extents map (key -> value). */
+struct exofs_extent_key {
+	__u64 ino;
+	__u64 chunk;
+};
+
+struct exofs_extent_entry {
+	__u64 logical;
+	__u64 physical;
+	__u32 length;
+	__u32 flags;
+};
+
+struct exofs_extent_chunk {
+	__u32 count;
+	__u32 reserved;
+	struct exofs_extent_entry extents[EXOFS_EXTENTS_PER_CHUNK];
+};
+
+#endif /* EXOFS_H */

@@ -1,0 +1,155 @@
+//! One chain: its arguments and results (the BPF_PROG_TEST_RUN context), the state an
+//! application's `next` function sees at each hop, its return codes, and the limits.
+//!
+//! The context is kept small on purpose: the kernel copies it in and back out on every
+//! call, and that copy is most of a call's fixed cost (0.65 µs at 0 bytes, 0.96 µs at
+//! 4 KiB, 4.0 µs at 64 KiB, measured here). Block data never travels in it: the driver
+//! copies each block into a per-CPU map value ([`HopState`]) and calls `next` on that.
+//!
+//! `include/exofs.h` declares the same types for C authors; a test compiles it and
+//! compares every size and offset with these.
+
+/// Bytes of one block: the unit a hop reads.
+pub const BLOCK_SIZE: usize = 4096;
+/// Hops one chain may take at most, whatever the caller asks.
+pub const MAX_HOPS: u32 = 64;
+/// Next offsets one hop may return.
+pub const MAX_FANOUT: usize = 4;
+/// Bytes of application scratch carried from hop to hop and back to the caller.
+pub const SCRATCH_SIZE: usize = 256;
+/// Registered files one chain may read.
+pub const MAX_CHAIN_FILES: usize = 4;
+/// Lookups one batched call may carry.
+pub const MAX_BATCH: usize = 32;
+
+/// `next` returns: the lookup is complete; the result is in the scratch.
+pub const NEXT_DONE: i32 = 0;
+/// `next` returns: read the `next_count` offsets it wrote, then call it again.
+pub const NEXT_CONTINUE: i32 = 1;
+/// `next` returns: give up (the status says aborted).
+pub const NEXT_ABORT: i32 = 2;
+
+/// Chain statuses ([`ChainCtx::status`]).
+pub mod status {
+    /// `next` returned NEXT_DONE.
+    pub const DONE: i32 = 0;
+    /// `next` returned NEXT_ABORT (or an unknown code).
+    pub const ABORTED: i32 = 1;
+    /// The hop limit was reached before `next` was done.
+    pub const HOP_LIMIT: i32 = 2;
+    /// A file's generation changed during the chain: the result is withheld; retry.
+    pub const STALE: i32 = 3;
+    /// An offset lies at or past the end of its file.
+    pub const OUT_OF_FILE: i32 = 4;
+    /// An offset lies in a hole or an unwritten extent.
+    pub const HOLE: i32 = 5;
+    /// A file of the chain is not registered (or has another generation already).
+    pub const NOT_REGISTERED: i32 = 6;
+    /// The policy does not let the subject run this chain.
+    pub const DENIED: i32 = 7;
+    /// Copying a block from the caller's mapping failed.
+    pub const FAULT: i32 = 8;
+    /// The arguments are malformed (counts, lengths, file indexes).
+    pub const INVALID: i32 = 9;
+}
+
+/// One file a chain may read.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChainFile {
+    /// libfs inode number.
+    pub ino: u64,
+    /// The generation the caller saw when it decided to run the chain.
+    pub generation: u64,
+}
+
+/// Arguments and results of one chain: the context of a BPF_PROG_TEST_RUN call, copied
+/// in and written back.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainCtx {
+    /// In: the files the chain may read (`file_count` of them).
+    pub files: [ChainFile; MAX_CHAIN_FILES],
+    /// In: number of valid entries in `files` (1..=MAX_CHAIN_FILES).
+    pub file_count: u32,
+    /// In: hops at most (clamped to MAX_HOPS).
+    pub hop_limit: u32,
+    /// In: index in `files` of the first hop's file.
+    pub start_file: u32,
+    /// In: bytes to copy per hop from the block holding the offset (1..=BLOCK_SIZE;
+    /// the copy starts at the offset and stays inside its block).
+    pub read_len: u32,
+    /// In: byte offset of the first hop in its file.
+    pub start_offset: u64,
+    /// In: address of the caller's read-only mapping of the whole device.
+    pub map_addr: u64,
+    /// In: length of that mapping in bytes.
+    pub map_len: u64,
+    /// In: the subject the policy is checked for, when the caller is the trusted daemon
+    /// speaking for a FUSE caller; ignored for other callers (their own ids count).
+    pub subject_uid: u32,
+    pub subject_gid: u32,
+    /// Out: a `status::*` value.
+    pub status: i32,
+    /// Out: hops taken.
+    pub hops: u32,
+    /// In and out: the application's scratch (keys in, results out).
+    pub scratch: [u8; SCRATCH_SIZE],
+}
+
+impl Default for ChainCtx {
+    fn default() -> Self {
+        Self {
+            files: [ChainFile::default(); MAX_CHAIN_FILES],
+            file_count: 0,
+            hop_limit: 0,
+            start_file: 0,
+            read_len: 0,
+            start_offset: 0,
+            map_addr: 0,
+            map_len: 0,
+            subject_uid: 0,
+            subject_gid: 0,
+            status: 0,
+            hops: 0,
+            scratch: [0; SCRATCH_SIZE],
+        }
+    }
+}
+
+/// What `next` reads and writes at each hop: a per-CPU map value the driver fills.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct HopState {
+    /// In: hop number, from 0.
+    pub hop: u32,
+    /// In: index in the chain's files of the block's file.
+    pub file: u32,
+    /// In: byte offset the data was read from.
+    pub offset: u64,
+    /// In: bytes valid in `data`.
+    pub data_len: u32,
+    /// Out (NEXT_CONTINUE): offsets written to `next_offset` (1..=MAX_FANOUT).
+    pub next_count: u32,
+    /// Out: file index of each next offset.
+    pub next_file: [u32; MAX_FANOUT],
+    /// Out: the next offsets.
+    pub next_offset: [u64; MAX_FANOUT],
+    /// In and out: the application's scratch.
+    pub scratch: [u8; SCRATCH_SIZE],
+    /// In: the bytes read at `offset`.
+    pub data: [u8; BLOCK_SIZE],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] integers and byte arrays with no implicit padding (sizes are
+    // asserted below and in the C header test).
+    unsafe impl aya::Pod for super::ChainCtx {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ChainFile {}
+}
+
+const _: () = assert!(size_of::<ChainFile>() == 16);
+const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + SCRATCH_SIZE);
+const _: () = assert!(size_of::<HopState>() == 24 + 16 + 32 + SCRATCH_SIZE + BLOCK_SIZE);
