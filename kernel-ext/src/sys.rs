@@ -488,8 +488,9 @@ pub fn prog_load(
 ) -> Result<OwnedFd, SysError> {
     match prog_load_once(prog_type, name, insns, license, prog_flags, None) {
         Ok(ret) => owned_fd(Cmd::ProgLoad, ret),
-        Err(source) if matches!(source.raw_os_error(), Some(libc::EPERM | libc::E2BIG)) => {
-            // No privilege or too many instructions: the verifier never ran.
+        Err(source) if source.raw_os_error() == Some(libc::EPERM) => {
+            // No privilege: the verifier never ran. (E2BIG is retried with the log: the
+            // verifier returns it too, when it gives up after 1M processed instructions.)
             Err(SysError::Call {
                 cmd: Cmd::ProgLoad,
                 source,
