@@ -306,8 +306,7 @@ impl Inner {
     ) -> Result<()> {
         if !mode.punch_hole {
             // Before anything changes: making room may commit.
-            let first = offset / BLOCK_SIZE_U64;
-            self.make_room(blocks_for(offset.saturating_add(len)).saturating_sub(first))?;
+            self.make_room(offset, len)?;
         }
         let mut inode = self.get(ino)?;
         inode.check_regular()?;

@@ -516,9 +516,7 @@ impl Fs {
     pub fn write_at(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
         self.modify(|inner| {
             // Before anything changes: making room may commit.
-            let first = offset / BLOCK_SIZE_U64;
-            let last = crate::inode::blocks_for(offset.saturating_add(data.len() as u64));
-            inner.make_room(last.saturating_sub(first))?;
+            inner.make_room(offset, data.len() as u64)?;
             let mut inode = inner.get(ino)?;
             inode.check_regular()?;
             let written = inner.write_data(&mut inode, offset, data)?;
@@ -772,10 +770,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Before an allocation of about `blocks`: if free space is short and freed blocks
-    /// are held back by the log, commit and checkpoint so they can be reused. Call it
-    /// only before the operation changes anything: it may commit.
-    pub(crate) fn make_room(&mut self, blocks: u64) -> Result<()> {
+    /// Before allocating for the bytes `[offset, offset + len)`: if free space is short
+    /// and freed blocks are held back by the log, commit and checkpoint so they can be
+    /// reused. Call it only before the operation changes anything: it may commit.
+    pub(crate) fn make_room(&mut self, offset: u64, len: u64) -> Result<()> {
+        let first = offset / BLOCK_SIZE_U64;
+        let blocks = crate::inode::blocks_for(offset.saturating_add(len)).saturating_sub(first);
         let meta = &mut self.meta;
         if meta.blocks.allocatable_blocks() < blocks + 64 && meta.blocks.has_held() {
             self.commit()?;
