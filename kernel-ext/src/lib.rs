@@ -20,6 +20,8 @@
 //! Invariants: every kernel object is owned by an `OwnedFd` in a handle; nothing is
 //! pinned unless asked; all `unsafe` lives in `sys` and in the byte views of `loader`.
 
+pub mod btf;
+pub mod chain;
 pub mod extent_map;
 pub mod loader;
 pub mod sys;

@@ -19,7 +19,8 @@
 //!   sections are renamed to [`ALIAS_SECTION`] (a name aya-obj accepts; the bytes of the
 //!   program are untouched) and loads exactly the programs of those sections as syscall
 //!   programs. Consequence: BTF func/line info of those sections is not matched (aya-obj
-//!   keys it by section name); it is not loaded today anyway (no BPF_BTF_LOAD yet).
+//!   keys it by section name). The loader does not use the object's BTF: each program is
+//!   loaded with the BTF [`crate::btf`] synthesizes for its subprograms.
 //! - Programs of any other program section are refused: this loader loads syscall
 //!   programs only.
 
@@ -34,7 +35,10 @@ use std::{
 use aya::Pod;
 use aya_obj::{generated::bpf_insn, maps::PinningType};
 
-use crate::sys::{self, MapSpec, SysError};
+use crate::{
+    btf::FuncBtf,
+    sys::{self, MapSpec, SysError},
+};
 
 /// The libbpf section name of BPF_PROG_TYPE_SYSCALL programs.
 pub const SYSCALL_SECTION: &str = "syscall";
@@ -48,6 +52,10 @@ pub const ALIAS_SECTION: &str = "kprobe/exofs.syscall";
 /// `BPF_MAP_TYPE_*` values of the per-CPU maps, whose values the kernel copies out once per
 /// possible CPU; [`MapHandle`]'s accessors refuse them.
 const PER_CPU_MAP_TYPES: [u32; 4] = [5, 6, 10, 21];
+
+/// `BPF_MAP_TYPE_*` values of the local-storage maps (sk, inode, task, cgroup storage),
+/// which the kernel creates only with BTF for their key and value.
+const LOCAL_STORAGE_MAP_TYPES: [u32; 4] = [24, 28, 29, 32];
 
 /// Why an object could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -166,13 +174,16 @@ impl SyscallProgram {
     /// Loads raw instructions (host-endian `struct bpf_insn` as u64, see [`crate::sys`]) as a
     /// sleepable syscall program. A verifier refusal is a [`SysError::Verifier`] with the log.
     pub fn load_insns(name: &str, insns: &[u64], license: &CStr) -> Result<Self, SysError> {
-        let fd = sys::prog_load(
-            sys::BPF_PROG_TYPE_SYSCALL,
+        let func_btf = FuncBtf::for_program(name, insns);
+        let btf_fd = sys::btf_load(&func_btf.btf)?;
+        let fd = sys::prog_load(&sys::ProgLoad {
+            prog_type: sys::BPF_PROG_TYPE_SYSCALL,
             name,
             insns,
             license,
-            sys::BPF_F_SLEEPABLE,
-        )?;
+            prog_flags: sys::BPF_F_SLEEPABLE,
+            btf: Some((btf_fd.as_fd(), &func_btf.func_info)),
+        })?;
         Ok(Self {
             name: name.to_owned(),
             fd,
@@ -251,9 +262,21 @@ impl MapHandle {
         if map.pinning() != PinningType::None {
             log::warn!("map `{name}` asks to be pinned; loading it unpinned (pin explicitly)");
         }
+        let fd = if LOCAL_STORAGE_MAP_TYPES.contains(&spec.map_type) {
+            let (btf, key_type_id, value_type_id) = crate::btf::map_btf(spec.value_size);
+            let btf = sys::btf_load(&btf)?;
+            let map_btf = sys::MapBtf {
+                btf: btf.as_fd(),
+                key_type_id,
+                value_type_id,
+            };
+            sys::map_create(&spec, name, Some(map_btf))?
+        } else {
+            sys::map_create(&spec, name, None)?
+        };
         let handle = Self {
             name: name.to_owned(),
-            fd: sys::map_create(&spec, name)?,
+            fd,
             spec,
         };
         let data = map.data();
@@ -286,6 +309,9 @@ impl MapHandle {
     fn check_sizes(&self, key: usize, value: usize) -> Result<(), LoadError> {
         if PER_CPU_MAP_TYPES.contains(&self.spec.map_type) {
             return Err(self.access_error("per-CPU maps have no accessor yet".to_owned()));
+        }
+        if LOCAL_STORAGE_MAP_TYPES.contains(&self.spec.map_type) {
+            return Err(self.access_error("local-storage maps have no accessor".to_owned()));
         }
         if key != self.spec.key_size as usize || value != self.spec.value_size as usize {
             return Err(self.access_error(format!(

@@ -4,7 +4,8 @@
 //! these functions; nothing else in the crate calls `SYS_bpf`.
 //!
 //! Interface: one function per command used — BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM,
-//! BPF_MAP_UPDATE_ELEM, BPF_PROG_LOAD, BPF_PROG_TEST_RUN, BPF_OBJ_PIN, BPF_OBJ_GET — each with
+//! BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_PROG_LOAD,
+//! BPF_PROG_TEST_RUN, BPF_OBJ_PIN, BPF_OBJ_GET, BPF_BTF_LOAD — each with
 //! its own `#[repr(C)]` attribute struct laid out as the kernel's `union bpf_attr` member
 //! (a prefix of it: the kernel zero-extends a shorter attr, and we pass our struct's size).
 //! File descriptors come back as [`OwnedFd`], so every fd is closed on drop.
@@ -66,6 +67,10 @@ pub enum Cmd {
     MapLookupElem,
     /// BPF_MAP_UPDATE_ELEM
     MapUpdateElem,
+    /// BPF_MAP_DELETE_ELEM
+    MapDeleteElem,
+    /// BPF_MAP_GET_NEXT_KEY
+    MapGetNextKey,
     /// BPF_PROG_LOAD
     ProgLoad,
     /// BPF_OBJ_PIN
@@ -74,6 +79,8 @@ pub enum Cmd {
     ObjGet,
     /// BPF_PROG_TEST_RUN
     ProgTestRun,
+    /// BPF_BTF_LOAD
+    BtfLoad,
 }
 
 impl Cmd {
@@ -83,10 +90,13 @@ impl Cmd {
             Self::MapCreate => 0,
             Self::MapLookupElem => 1,
             Self::MapUpdateElem => 2,
+            Self::MapDeleteElem => 3,
+            Self::MapGetNextKey => 4,
             Self::ProgLoad => 5,
             Self::ObjPin => 6,
             Self::ObjGet => 7,
             Self::ProgTestRun => 10,
+            Self::BtfLoad => 18,
         }
     }
 
@@ -96,10 +106,13 @@ impl Cmd {
             Self::MapCreate => "BPF_MAP_CREATE",
             Self::MapLookupElem => "BPF_MAP_LOOKUP_ELEM",
             Self::MapUpdateElem => "BPF_MAP_UPDATE_ELEM",
+            Self::MapDeleteElem => "BPF_MAP_DELETE_ELEM",
+            Self::MapGetNextKey => "BPF_MAP_GET_NEXT_KEY",
             Self::ProgLoad => "BPF_PROG_LOAD",
             Self::ObjPin => "BPF_OBJ_PIN",
             Self::ObjGet => "BPF_OBJ_GET",
             Self::ProgTestRun => "BPF_PROG_TEST_RUN",
+            Self::BtfLoad => "BPF_BTF_LOAD",
         }
     }
 }
@@ -236,7 +249,7 @@ pub fn obj_name(name: &str) -> [u8; BPF_OBJ_NAME_LEN] {
     out
 }
 
-/// `union bpf_attr` for BPF_MAP_CREATE (prefix up to `map_name`).
+/// `union bpf_attr` for BPF_MAP_CREATE (prefix up to `btf_value_type_id`).
 #[repr(C)]
 #[derive(Debug, Default)]
 struct MapCreateAttr {
@@ -248,6 +261,10 @@ struct MapCreateAttr {
     inner_map_fd: u32,
     numa_node: u32,
     map_name: [u8; BPF_OBJ_NAME_LEN],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
 }
 
 /// `union bpf_attr` for BPF_MAP_*_ELEM.
@@ -327,7 +344,7 @@ struct TestRunAttr {
 
 // The layouts above must match the kernel's (include/uapi/linux/bpf.h).
 const _: () = {
-    assert!(size_of::<MapCreateAttr>() == 44);
+    assert!(size_of::<MapCreateAttr>() == 60);
     assert!(size_of::<MapElemAttr>() == 32);
     assert!(std::mem::offset_of!(ProgLoadAttr, prog_name) == 48);
     assert!(std::mem::offset_of!(ProgLoadAttr, fd_array) == 120);
@@ -335,6 +352,8 @@ const _: () = {
     assert!(size_of::<ObjAttr>() == 16);
     assert!(std::mem::offset_of!(TestRunAttr, ctx_in) == 48);
     assert!(size_of::<TestRunAttr>() == 80);
+    assert!(size_of::<BtfLoadAttr>() == 32);
+    assert!(size_of::<FuncInfo>() == 8);
 };
 
 fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
@@ -357,9 +376,30 @@ pub struct MapSpec {
     pub map_flags: u32,
 }
 
+/// The BTF of a map's key and value: required for some map types (task storage).
+#[derive(Debug, Clone, Copy)]
+pub struct MapBtf<'a> {
+    /// The loaded BTF (BPF_BTF_LOAD).
+    pub btf: BorrowedFd<'a>,
+    /// Type id of the key.
+    pub key_type_id: u32,
+    /// Type id of the value.
+    pub value_type_id: u32,
+}
+
 /// BPF_MAP_CREATE. `name` is shortened and sanitized with [`obj_name`].
-pub fn map_create(spec: &MapSpec, name: &str) -> Result<OwnedFd, SysError> {
+pub fn map_create(
+    spec: &MapSpec,
+    name: &str,
+    btf: Option<MapBtf<'_>>,
+) -> Result<OwnedFd, SysError> {
+    let (btf_fd, btf_key_type_id, btf_value_type_id) = btf.map_or((0, 0, 0), |b| {
+        (fd_u32(b.btf), b.key_type_id, b.value_type_id)
+    });
     let mut attr = MapCreateAttr {
+        btf_fd,
+        btf_key_type_id,
+        btf_value_type_id,
         map_type: spec.map_type,
         key_size: spec.key_size,
         value_size: spec.value_size,
@@ -436,26 +476,52 @@ pub unsafe fn map_update_elem(
     Ok(())
 }
 
-/// One BPF_PROG_LOAD attempt. `log` is `Some((level, buffer))` to collect the verifier log.
-fn prog_load_once(
-    prog_type: u32,
-    name: &str,
-    insns: &[u64],
-    license: &CStr,
-    prog_flags: u32,
-    log: Option<&mut [u8]>,
-) -> Result<libc::c_long, io::Error> {
-    let insn_cnt =
-        u32::try_from(insns.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+/// `struct bpf_func_info`: the BTF `FUNC` type of the subprogram starting at `insn_off`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FuncInfo {
+    /// First instruction of the subprogram.
+    pub insn_off: u32,
+    /// Its `BTF_KIND_FUNC` type id in the program's BTF.
+    pub type_id: u32,
+}
+
+/// A program to load with BPF_PROG_LOAD.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgLoad<'a> {
+    /// `enum bpf_prog_type`.
+    pub prog_type: u32,
+    /// Name (shortened and sanitized with [`obj_name`]).
+    pub name: &'a str,
+    /// Host-endian `struct bpf_insn`s (see the note at the top of this module).
+    pub insns: &'a [u64],
+    /// License string (GPL-compatible for GPL-only helpers).
+    pub license: &'a CStr,
+    /// `BPF_F_*` program flags.
+    pub prog_flags: u32,
+    /// The program's BTF and one [`FuncInfo`] per subprogram, in instruction order. The
+    /// kernel requires them when the program passes a function to a helper (`bpf_loop`).
+    pub btf: Option<(BorrowedFd<'a>, &'a [FuncInfo])>,
+}
+
+/// One BPF_PROG_LOAD attempt. `log` is a buffer to collect the verifier log in.
+fn prog_load_once(prog: &ProgLoad<'_>, log: Option<&mut [u8]>) -> Result<libc::c_long, io::Error> {
+    let too_big = |_| io::Error::from_raw_os_error(libc::E2BIG);
     let mut attr = ProgLoadAttr {
-        prog_type,
-        insn_cnt,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_flags,
-        prog_name: obj_name(name),
+        prog_type: prog.prog_type,
+        insn_cnt: u32::try_from(prog.insns.len()).map_err(too_big)?,
+        insns: prog.insns.as_ptr() as u64,
+        license: prog.license.as_ptr() as u64,
+        prog_flags: prog.prog_flags,
+        prog_name: obj_name(prog.name),
         ..ProgLoadAttr::default()
     };
+    if let Some((btf_fd, func_info)) = prog.btf {
+        attr.prog_btf_fd = fd_u32(btf_fd);
+        attr.func_info_rec_size = size_of::<FuncInfo>() as u32;
+        attr.func_info = func_info.as_ptr() as u64;
+        attr.func_info_cnt = u32::try_from(func_info.len()).map_err(too_big)?;
+    }
     if let Some(buf) = log {
         attr.log_level = LOG_LEVEL_VERBOSE;
         attr.log_size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
@@ -463,8 +529,9 @@ fn prog_load_once(
     }
     let mut ret = Err(io::Error::from_raw_os_error(libc::EAGAIN));
     for _ in 0..PROG_LOAD_ATTEMPTS {
-        // SAFETY: ProgLoadAttr is BPF_PROG_LOAD's attr; `insns` (insn_cnt * 8 bytes) and
-        // the NUL-terminated `license` are live for the call and only read; the log buffer,
+        // SAFETY: ProgLoadAttr is BPF_PROG_LOAD's attr; `insns` (insn_cnt * 8 bytes), the
+        // NUL-terminated `license` and the `func_info` records (func_info_cnt of
+        // func_info_rec_size bytes) are live for the call and only read; the log buffer,
         // if any, is live, exclusive and `log_size` bytes long, and the kernel writes at
         // most that many bytes into it. All other pointers are null.
         ret = unsafe { bpf(Cmd::ProgLoad, &mut attr) };
@@ -476,17 +543,16 @@ fn prog_load_once(
     ret
 }
 
-/// BPF_PROG_LOAD of `insns` (host-endian `struct bpf_insn`s, see the note at the top of
-/// this module). If the kernel refuses the program, the load is repeated with the verifier
-/// log on, and the error carries the log.
-pub fn prog_load(
-    prog_type: u32,
-    name: &str,
-    insns: &[u64],
-    license: &CStr,
-    prog_flags: u32,
-) -> Result<OwnedFd, SysError> {
-    match prog_load_once(prog_type, name, insns, license, prog_flags, None) {
+/// The NUL-terminated text the kernel wrote into a log buffer.
+fn log_text(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// BPF_PROG_LOAD. If the kernel refuses the program, the load is repeated with the
+/// verifier log on, and the error carries the log.
+pub fn prog_load(prog: &ProgLoad<'_>) -> Result<OwnedFd, SysError> {
+    match prog_load_once(prog, None) {
         Ok(ret) => owned_fd(Cmd::ProgLoad, ret),
         Err(source) if source.raw_os_error() == Some(libc::EPERM) => {
             // No privilege: the verifier never ran. (E2BIG is retried with the log: the
@@ -498,19 +564,120 @@ pub fn prog_load(
         }
         Err(source) => {
             let mut buf = vec![0u8; VERIFIER_LOG_SIZE];
-            match prog_load_once(prog_type, name, insns, license, prog_flags, Some(&mut buf)) {
+            match prog_load_once(prog, Some(&mut buf)) {
                 // Loaded on the second attempt (a transient failure): keep the program.
                 Ok(ret) => owned_fd(Cmd::ProgLoad, ret),
-                Err(_) => {
-                    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-                    Err(SysError::Verifier {
-                        name: name.to_owned(),
-                        source,
-                        log: String::from_utf8_lossy(&buf[..end]).into_owned(),
-                    })
-                }
+                Err(_) => Err(SysError::Verifier {
+                    name: prog.name.to_owned(),
+                    source,
+                    log: log_text(&buf),
+                }),
             }
         }
+    }
+}
+
+/// `union bpf_attr` for BPF_BTF_LOAD (prefix up to `btf_log_true_size`).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct BtfLoadAttr {
+    btf: u64,
+    btf_log_buf: u64,
+    btf_size: u32,
+    btf_log_size: u32,
+    btf_log_level: u32,
+    btf_log_true_size: u32,
+}
+
+fn btf_load_once(btf: &[u8], log: Option<&mut [u8]>) -> Result<libc::c_long, io::Error> {
+    let mut attr = BtfLoadAttr {
+        btf: btf.as_ptr() as u64,
+        btf_size: u32::try_from(btf.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        ..BtfLoadAttr::default()
+    };
+    if let Some(buf) = log {
+        attr.btf_log_level = LOG_LEVEL_VERBOSE;
+        attr.btf_log_size = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        attr.btf_log_buf = buf.as_mut_ptr() as u64;
+    }
+    // SAFETY: BtfLoadAttr is BPF_BTF_LOAD's attr; `btf` (btf_size bytes) is live and only
+    // read; the log buffer, if any, is live, exclusive and btf_log_size bytes long.
+    unsafe { bpf(Cmd::BtfLoad, &mut attr) }
+}
+
+/// BPF_BTF_LOAD of a raw BTF blob (header, types, strings). A refusal is retried with the
+/// log on, and the error carries the kernel's BTF log as [`SysError::Verifier`].
+pub fn btf_load(btf: &[u8]) -> Result<OwnedFd, SysError> {
+    match btf_load_once(btf, None) {
+        Ok(ret) => owned_fd(Cmd::BtfLoad, ret),
+        Err(source) if source.raw_os_error() == Some(libc::EPERM) => Err(SysError::Call {
+            cmd: Cmd::BtfLoad,
+            source,
+        }),
+        Err(source) => {
+            let mut buf = vec![0u8; VERIFIER_LOG_SIZE];
+            match btf_load_once(btf, Some(&mut buf)) {
+                Ok(ret) => owned_fd(Cmd::BtfLoad, ret),
+                Err(_) => Err(SysError::Verifier {
+                    name: "BTF".to_owned(),
+                    source,
+                    log: log_text(&buf),
+                }),
+            }
+        }
+    }
+}
+
+/// BPF_MAP_DELETE_ELEM: removes `key`. `Ok(false)` if there was no such key (ENOENT).
+///
+/// # Safety
+///
+/// `key.len()` must be the map's key size: the kernel reads exactly that many bytes.
+pub unsafe fn map_delete_elem(map: BorrowedFd<'_>, key: &[u8]) -> Result<bool, SysError> {
+    let mut attr = MapElemAttr {
+        map_fd: fd_u32(map),
+        key: key.as_ptr() as u64,
+        ..MapElemAttr::default()
+    };
+    // SAFETY: the kernel only reads the key, which is live and of the map's key size.
+    match unsafe { bpf(Cmd::MapDeleteElem, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(source) => Err(SysError::Call {
+            cmd: Cmd::MapDeleteElem,
+            source,
+        }),
+    }
+}
+
+/// BPF_MAP_GET_NEXT_KEY: writes the key after `key` (the first key if `key` is `None` or
+/// not in the map) into `next`. `Ok(false)` at the end of the map.
+///
+/// # Safety
+///
+/// `key` (if any) and `next` must be the map's key size.
+pub unsafe fn map_get_next_key(
+    map: BorrowedFd<'_>,
+    key: Option<&[u8]>,
+    next: &mut [u8],
+) -> Result<bool, SysError> {
+    let mut attr = MapElemAttr {
+        map_fd: fd_u32(map),
+        key: key.map_or(0, |key| key.as_ptr() as u64),
+        // `next_key` shares the slot of `value` in the kernel's union member.
+        value: next.as_mut_ptr() as u64,
+        ..MapElemAttr::default()
+    };
+    // SAFETY: the kernel reads the key (if given) and writes one key into `next`; both are
+    // live and of the map's key size (the caller's contract).
+    match unsafe { bpf(Cmd::MapGetNextKey, &mut attr) } {
+        Ok(_) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(source) => Err(SysError::Call {
+            cmd: Cmd::MapGetNextKey,
+            source,
+        }),
     }
 }
 

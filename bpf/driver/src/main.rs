@@ -7,11 +7,14 @@
 //! definitions (aya-ebpf `#[map]`) relocated by kernel-ext's loader; nothing here may
 //! panic (the panic handler is unreachable by construction, the verifier proves it).
 //!
-//! Currently one program, `exofs_probe`: the toolchain probe that proves the path
+//! Programs: `exofs_chain` (see `chain`), and `exofs_probe`, the toolchain probe that proves the path
 //! Rust -> bpf-linker -> aya-obj -> raw BPF_PROG_LOAD -> BPF_PROG_TEST_RUN, reading the
 //! CALLER's memory with `bpf_copy_from_user` and exercising a map relocation.
 #![no_std]
 #![no_main]
+
+mod chain;
+mod task_storage;
 
 use core::ffi::c_void;
 
