@@ -734,19 +734,29 @@ impl Inner {
     /// Ends a successful operation: delivers its events, commits if the transaction grew
     /// large, and starts a new savepoint.
     fn finish_op(&mut self) -> Result<()> {
-        for change in std::mem::take(&mut self.pending_events) {
-            for listener in &self.listeners {
-                listener.extents_changed(&change);
-            }
-        }
+        self.deliver_events();
         if self.meta.journal.should_commit() {
             self.commit()?;
         }
         Ok(())
     }
 
+    /// Hands the operation's extent changes so far to the listeners. Called wherever the
+    /// operation may commit: a commit (and the checkpoint it may bring) is what lets freed
+    /// blocks be reused, and listeners must see a generation bump before that can happen.
+    /// (Dropping the changes at a mid-operation commit, as `begin_op` would, lost the
+    /// first steps of a multi-step truncate.)
+    fn deliver_events(&mut self) {
+        for change in std::mem::take(&mut self.pending_events) {
+            for listener in &self.listeners {
+                listener.extents_changed(&change);
+            }
+        }
+    }
+
     /// A point inside a long operation where the state is consistent: commit if needed.
     pub(crate) fn consistent_point(&mut self) -> Result<()> {
+        self.deliver_events();
         if self.meta.journal.should_commit() {
             self.commit()?;
             self.begin_op();
@@ -778,6 +788,7 @@ impl Inner {
         let blocks = crate::inode::blocks_for(offset.saturating_add(len)).saturating_sub(first);
         let meta = &mut self.meta;
         if meta.blocks.allocatable_blocks() < blocks + 64 && meta.blocks.has_held() {
+            self.deliver_events();
             self.commit()?;
             self.checkpoint()?;
             self.meta.blocks.reclaim();

@@ -230,3 +230,39 @@ fn epoch_pins_hold_freed_blocks_back() {
     let filler_blocks = blocks_of(&fs.extents(filler).expect("extents"));
     assert!(!filler_blocks.is_disjoint(&victim_blocks));
 }
+
+/// A truncate of more extents than one step removes commits between steps; every step's
+/// change must still reach the listener (they were dropped at the mid-operation commit).
+#[test]
+fn multi_step_truncate_reports_every_step() {
+    let device = Arc::new(MemDevice::new(128 << 20));
+    let options = FormatOptions {
+        journal_blocks: Some(64),
+        ..FormatOptions::default()
+    };
+    format(device.clone(), &options).expect("format");
+    let fs = Fs::open_device(device, &OpenOptions::default()).expect("open");
+    let ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).expect("create").ino;
+    // Every other block: 5,000 one-block extents, more than two truncate steps.
+    for block in 0..5_000u64 {
+        fs.write_at(ino, block * 2 * BS, &[7u8; 16]).expect("write");
+    }
+    let before = fs.extents(ino).expect("extents");
+    assert_eq!(before.len(), 5_000);
+    let recorder = Arc::new(Recorder::default());
+    fs.subscribe(recorder.clone());
+    fs.setattr(
+        ino,
+        &SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        },
+    )
+    .expect("truncate");
+    let changes = recorder.take();
+    assert!(changes.len() >= 3, "one change per step: {}", changes.len());
+    let reported: Vec<Extent> = changes.iter().flat_map(|c| c.extents.clone()).collect();
+    assert_eq!(blocks_of(&reported), blocks_of(&before));
+    let generations: Vec<u64> = changes.iter().map(|c| c.generation).collect();
+    assert!(generations.windows(2).all(|w| w[0] < w[1]), "{generations:?}");
+}
