@@ -116,20 +116,61 @@ fn nested_cargo(proxy: &Path, dir: &Path, path: &OsString) -> Command {
     command
 }
 
+/// Builds the cargo workspace in `dir` for BPF into `target_dir`; `what` names it in errors.
+fn build_bpf_workspace(proxy: &Path, dir: &Path, target_dir: &Path, path: &OsString, what: &str) {
+    let status = nested_cargo(proxy, dir, path)
+        .args(["build", "--release"])
+        .env("CARGO_TARGET_DIR", target_dir)
+        // The nested cargo's stdout must not reach ours: cargo parses it for directives.
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .unwrap_or_else(|err| fail(&format!("cannot run {}: {err}", proxy.display())));
+    if !status.success() {
+        fail(&format!(
+            "building {what} failed ({status}); run `cd {} && cargo +nightly build --release` \
+             to see why. If the failure is about rust-src or the linker:\n{INSTALL_HELP}",
+            dir.display()
+        ));
+    }
+}
+
+/// Exports the ELF at `elf` to the crate as the compile-time variable `variable`.
+fn export_elf(variable: &str, elf: PathBuf) {
+    if !elf.is_file() {
+        fail(&format!("the BPF build produced no {}", elf.display()));
+    }
+    let elf = elf.canonicalize().unwrap_or(elf);
+    println!("cargo:rustc-env={variable}={}", elf.display());
+}
+
+/// The clang that compiles the C examples: clang-22 (installed with LLVM 22), else clang.
+fn clang(path: &OsString) -> &'static str {
+    if find_on_path("clang-22", path) {
+        "clang-22"
+    } else if find_on_path("clang", path) {
+        "clang"
+    } else {
+        fail(&format!("clang is not installed\n{INSTALL_HELP}"))
+    }
+}
+
 fn main() {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| fail("no manifest dir")));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap_or_else(|| fail("no OUT_DIR")));
     let bpf = manifest_dir.join("../bpf");
     let driver = bpf.join("driver");
-    for watched in [
-        driver.join("src"),
-        driver.join("Cargo.toml"),
-        driver.join("Cargo.lock"),
-        driver.join(".cargo/config.toml"),
-        bpf.join("abi/src"),
-        bpf.join("abi/Cargo.toml"),
-    ] {
-        println!("cargo:rerun-if-changed={}", watched.display());
+    let examples = bpf.join("examples");
+    for crate_dir in [&driver, &examples] {
+        for watched in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
+            println!(
+                "cargo:rerun-if-changed={}",
+                crate_dir.join(watched).display()
+            );
+        }
+    }
+    for watched in ["abi/src", "abi/Cargo.toml", "abi/include", "examples/c"] {
+        println!("cargo:rerun-if-changed={}", bpf.join(watched).display());
     }
 
     // bpf-linker is usually in ~/.cargo/bin; make sure rustc finds it there even if the
@@ -156,26 +197,35 @@ fn main() {
         fail(&format!("bpf-linker is not installed\n{INSTALL_HELP}"));
     }
 
-    let target_dir = driver.join("target");
-    let status = nested_cargo(&proxy, &driver, &path)
-        .args(["build", "--release"])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        // The nested cargo's stdout must not reach ours: cargo parses it for directives.
+    // One target directory for both workspaces: the second build reuses core and the ABI.
+    let target_dir = bpf.join("target");
+    build_bpf_workspace(&proxy, &driver, &target_dir, &path, "the BPF driver");
+    build_bpf_workspace(&proxy, &examples, &target_dir, &path, "the BPF examples");
+    let release = target_dir.join("bpfel-unknown-none/release");
+    export_elf("EXOFS_DRIVER_ELF", release.join("exofs-driver"));
+    export_elf("EXOFS_EXAMPLE_BTREE_ELF", release.join("btree"));
+    export_elf("EXOFS_EXAMPLE_HASH_CHAIN_ELF", release.join("hash_chain"));
+    export_elf("EXOFS_EXAMPLE_LINKED_LIST_ELF", release.join("linked_list"));
+
+    let c_object = out_dir.join("btree_c.o");
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_owned());
+    let status = Command::new(clang(&path))
+        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror", "-I"])
+        .arg(bpf.join("abi/include"))
+        .arg("-I")
+        .arg(format!("/usr/include/{arch}-linux-gnu"))
+        .arg("-c")
+        .arg(bpf.join("examples/c/btree.c"))
+        .arg("-o")
+        .arg(&c_object)
+        .env("PATH", &path)
         .stdout(Stdio::from(std::io::stderr()))
         .status()
-        .unwrap_or_else(|err| fail(&format!("cannot run {}: {err}", proxy.display())));
+        .unwrap_or_else(|err| fail(&format!("cannot run clang: {err}")));
     if !status.success() {
         fail(&format!(
-            "building the BPF driver failed ({status}); run `cd bpf/driver && cargo +nightly \
-             build --release` to see why. If the failure is about rust-src or the linker:\n\
-             {INSTALL_HELP}"
+            "compiling bpf/examples/c/btree.c failed ({status})"
         ));
     }
-
-    let elf = target_dir.join("bpfel-unknown-none/release/exofs-driver");
-    if !elf.is_file() {
-        fail(&format!("the driver build produced no {}", elf.display()));
-    }
-    let elf = elf.canonicalize().unwrap_or(elf);
-    println!("cargo:rustc-env=EXOFS_DRIVER_ELF={}", elf.display());
+    export_elf("EXOFS_EXAMPLE_BTREE_C_ELF", c_object);
 }

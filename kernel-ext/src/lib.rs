@@ -20,10 +20,24 @@
 //! Invariants: every kernel object is owned by an `OwnedFd` in a handle; nothing is
 //! pinned unless asked; all `unsafe` lives in `sys` and in the byte views of `loader`.
 
+pub mod binder;
+pub mod binding;
 pub mod btf;
-pub mod chain;
 pub mod extent_map;
+pub mod index;
 pub mod loader;
+
+/// The example application objects (bpf/examples), built by build.rs.
+pub mod examples {
+    /// B-tree search (Rust), `exofs_abi::formats::btree`.
+    pub static BTREE: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_BTREE_ELF"));
+    /// The same B-tree search in C (clang).
+    pub static BTREE_C: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_BTREE_C_ELF"));
+    /// Hash-chain walk (Rust), `exofs_abi::formats::hash`.
+    pub static HASH_CHAIN: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_HASH_CHAIN_ELF"));
+    /// Linked-list walk (Rust), `exofs_abi::formats::list`.
+    pub static LINKED_LIST: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_LINKED_LIST_ELF"));
+}
 pub mod sys;
 
 pub use loader::{LoadError, MapHandle, Object, SyscallProgram};

@@ -100,40 +100,23 @@ impl Object {
     /// Parses `elf`, creates its maps, relocates and loads every program of its `syscall`
     /// sections as a sleepable BPF_PROG_TYPE_SYSCALL program.
     pub fn load(elf: &[u8]) -> Result<Self, LoadError> {
-        let (aliased, syscall_sections) = alias_syscall_sections(elf)?;
-        let mut obj = aya_obj::Object::parse(aliased.bytes())?;
-
-        for (name, program) in &obj.programs {
-            if !syscall_sections.contains(&program.section_index) {
-                return Err(LoadError::UnsupportedProgram { name: name.clone() });
-            }
-        }
-
+        let mut linker = Linker::parse(elf, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
         let mut created: Vec<(String, MapHandle, aya_obj::Map)> = Vec::new();
-        for (name, map) in obj.maps.drain() {
+        for (name, map) in linker.take_maps() {
             let handle = MapHandle::create(&name, &map)?;
             created.push((name, handle, map));
         }
-
-        let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
-        obj.relocate_maps(
+        linker.relocate(
             created
                 .iter()
                 .map(|(name, handle, map)| (name.as_str(), handle.fd.as_raw_fd(), map)),
-            &text_sections,
         )?;
-        obj.relocate_calls(&text_sections)?;
-
         let mut programs = BTreeMap::new();
-        for (name, program) in &obj.programs {
-            let function = obj.functions.get(&program.function_key()).ok_or_else(|| {
-                LoadError::Elf(format!("program `{name}` has no function after linking"))
-            })?;
-            let insns: Vec<u64> = function.instructions.iter().map(encode_insn).collect();
-            let loaded = SyscallProgram::load_insns(name, &insns, &program.license)?;
-            programs.insert(name.clone(), loaded);
+        for name in linker.program_names() {
+            let linked = linker.linked(&name)?;
+            let loaded = SyscallProgram::load_insns(&name, &linked.insns, &linked.license)?;
+            programs.insert(name, loaded);
         }
-
         let maps = created
             .into_iter()
             .map(|(name, handle, _)| (name, handle))
@@ -159,6 +142,133 @@ impl Object {
     /// Names of the created maps.
     pub fn map_names(&self) -> impl Iterator<Item = &str> {
         self.maps.keys().map(String::as_str)
+    }
+}
+
+/// One program after linking: its callees appended, map references resolved.
+#[derive(Debug, Clone)]
+pub struct Linked {
+    /// Instructions, host-endian `struct bpf_insn` as u64 (see [`crate::sys`]).
+    pub insns: Vec<u64>,
+    /// The object's license.
+    pub license: CString,
+}
+
+/// An object parsed by aya-obj, whose programs can be linked and relocated against maps
+/// the caller chooses (created for it, or shared with other programs).
+///
+/// Program sections: sections named in `aliases` are renamed for aya-obj (see
+/// [`alias_sections`]); every program must come from one of them.
+pub(crate) struct Linker {
+    obj: aya_obj::Object,
+    text_sections: HashSet<usize>,
+}
+
+impl Linker {
+    /// Parses `elf`, with the program sections in `aliases` (name, alias for aya-obj).
+    pub(crate) fn parse(elf: &[u8], aliases: &[(&str, &str)]) -> Result<Self, LoadError> {
+        let (aliased, program_sections) = alias_sections(elf, aliases)?;
+        let obj = aya_obj::Object::parse(aliased.bytes())?;
+        for (name, program) in &obj.programs {
+            if !program_sections.contains(&program.section_index) {
+                return Err(LoadError::UnsupportedProgram { name: name.clone() });
+            }
+        }
+        let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
+        Ok(Self { obj, text_sections })
+    }
+
+    /// The object's map definitions (legacy, BTF and data sections), by name. Taken once.
+    pub(crate) fn take_maps(&mut self) -> Vec<(String, aya_obj::Map)> {
+        self.obj.maps.drain().collect()
+    }
+
+    /// Names of the object's programs.
+    pub(crate) fn program_names(&self) -> Vec<String> {
+        self.obj.programs.keys().cloned().collect()
+    }
+
+    /// Makes the function called `name` (a global function of a text section) a program of
+    /// its own, so that [`Self::relocate`] links it with its callees. False if there is no
+    /// such function.
+    pub(crate) fn adopt_function(&mut self, name: &str) -> bool {
+        let Some(key) = self
+            .obj
+            .functions
+            .iter()
+            .find(|(_, function)| function.name == name)
+            .map(|(key, _)| *key)
+        else {
+            return false;
+        };
+        self.obj.programs.insert(
+            name.to_owned(),
+            aya_obj::Program {
+                license: CString::default(),
+                kernel_version: None,
+                section: aya_obj::ProgramSection::KProbe,
+                section_index: key.0,
+                address: key.1,
+            },
+        );
+        true
+    }
+
+    /// Resolves every map reference against `maps` (name, fd, definition) and links each
+    /// program with its callees.
+    pub(crate) fn relocate<'a>(
+        &mut self,
+        maps: impl Iterator<Item = (&'a str, std::os::fd::RawFd, &'a aya_obj::Map)>,
+    ) -> Result<(), LoadError> {
+        self.obj.relocate_maps(maps, &self.text_sections)?;
+        self.obj.relocate_calls(&self.text_sections)?;
+        Ok(())
+    }
+
+    /// The linked program `name` (after [`Self::relocate`]).
+    pub(crate) fn linked(&self, name: &str) -> Result<Linked, LoadError> {
+        let (function, program) = self.function(name)?;
+        Ok(Linked {
+            insns: function.instructions.iter().map(encode_insn).collect(),
+            license: program.license.clone(),
+        })
+    }
+
+    fn function(&self, name: &str) -> Result<(&aya_obj::Function, &aya_obj::Program), LoadError> {
+        let program = self
+            .obj
+            .programs
+            .get(name)
+            .ok_or_else(|| LoadError::Elf(format!("no program `{name}`")))?;
+        let function = self
+            .obj
+            .functions
+            .get(&program.function_key())
+            .ok_or_else(|| {
+                LoadError::Elf(format!("program `{name}` has no function after linking"))
+            })?;
+        Ok((function, program))
+    }
+
+    /// Where, in the linked program `program`, the callee named `callee` starts: found
+    /// through the object's BTF (its FUNC type) and the func_info records aya-obj carries
+    /// along when it appends callees.
+    pub(crate) fn callee_start(&self, program: &str, callee: &str) -> Result<u32, LoadError> {
+        let (function, _) = self.function(program)?;
+        let btf =
+            self.obj.btf.as_ref().ok_or_else(|| {
+                LoadError::Elf("the object has no BTF (build it with --btf)".into())
+            })?;
+        let type_id = btf
+            .id_by_type_name_kind(callee, aya_obj::btf::BtfKind::Func)
+            .map_err(|_| LoadError::Elf(format!("no BTF FUNC `{callee}` in the object")))?;
+        function
+            .func_info
+            .func_info
+            .iter()
+            .find(|info| info.type_id == type_id)
+            .map(|info| info.insn_off)
+            .ok_or_else(|| LoadError::Elf(format!("`{program}` does not call `{callee}`")))
     }
 }
 
@@ -249,16 +359,32 @@ pub struct MapHandle {
 }
 
 impl MapHandle {
-    /// Creates the map `map` of an object and writes its initial data (data sections).
-    fn create(name: &str, map: &aya_obj::Map) -> Result<Self, LoadError> {
+    /// The geometry an object's map definition asks for.
+    fn spec_of(map: &aya_obj::Map) -> MapSpec {
         // aya-obj already gives `.rodata` maps BPF_F_RDONLY_PROG.
-        let spec = MapSpec {
+        MapSpec {
             map_type: map.map_type(),
             key_size: map.key_size(),
             value_size: map.value_size(),
             max_entries: map.max_entries(),
             map_flags: map.map_flags(),
-        };
+        }
+    }
+
+    /// Opens the map pinned at `path` for the object's map `name` defined by `map`; its
+    /// geometry must be the definition's (the kernel's BPF_OBJ_GET_INFO_BY_FD is not
+    /// consulted: a pin of another map of the same type and sizes is not told apart).
+    pub(crate) fn open_pinned(
+        path: &Path,
+        name: &str,
+        map: &aya_obj::Map,
+    ) -> Result<Self, LoadError> {
+        Ok(Self::from_pin(path, name, Self::spec_of(map))?)
+    }
+
+    /// Creates the map `map` of an object and writes its initial data (data sections).
+    pub(crate) fn create(name: &str, map: &aya_obj::Map) -> Result<Self, LoadError> {
+        let spec = Self::spec_of(map);
         if map.pinning() != PinningType::None {
             log::warn!("map `{name}` asks to be pinned; loading it unpinned (pin explicitly)");
         }
@@ -344,6 +470,39 @@ impl MapHandle {
         Ok(unsafe { sys::map_update_elem(self.fd.as_fd(), key, value, flags) }?)
     }
 
+    /// Removes `key`; `Ok(false)` if there was none.
+    pub fn delete_bytes(&self, key: &[u8]) -> Result<bool, LoadError> {
+        self.check_sizes(key.len(), self.spec.value_size as usize)?;
+        // SAFETY: check_sizes proved the key has the map's key size.
+        Ok(unsafe { sys::map_delete_elem(self.fd.as_fd(), key) }?)
+    }
+
+    /// Typed [`Self::delete_bytes`].
+    pub fn delete<K: Pod>(&self, key: &K) -> Result<bool, LoadError> {
+        self.delete_bytes(pod_bytes(key))
+    }
+
+    /// The sum over every possible CPU of the u64 at `index` of a PERCPU_ARRAY of u64.
+    pub fn sum_percpu_u64(&self, index: u32) -> Result<u64, LoadError> {
+        const PERCPU_ARRAY: u32 = 6;
+        if self.spec.map_type != PERCPU_ARRAY || self.spec.value_size != 8 {
+            return Err(self.access_error("not a per-CPU array of u64".to_owned()));
+        }
+        let cpus = possible_cpus().map_err(|err| self.access_error(err))?;
+        let mut values = vec![0u8; 8 * cpus];
+        // SAFETY: a per-CPU array's lookup copies value_size (8, rounded to 8) bytes per
+        // possible CPU: exactly `values`; the key is a u32 index, the array's key size.
+        let found =
+            unsafe { sys::map_lookup_elem(self.fd.as_fd(), &index.to_ne_bytes(), &mut values) }?;
+        if !found {
+            return Err(self.access_error(format!("no index {index}")));
+        }
+        Ok(values
+            .chunks_exact(8)
+            .map(|chunk| u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8])))
+            .fold(0u64, u64::wrapping_add))
+    }
+
     /// Typed [`Self::lookup`].
     pub fn get<K: Pod, V: Pod>(&self, key: &K) -> Result<Option<V>, LoadError> {
         let mut value = MaybeUninit::<V>::zeroed();
@@ -376,6 +535,24 @@ impl AsFd for MapHandle {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Number of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-1`): how many
+/// values a per-CPU map lookup returns.
+fn possible_cpus() -> Result<usize, String> {
+    const PATH: &str = "/sys/devices/system/cpu/possible";
+    let text = std::fs::read_to_string(PATH).map_err(|err| format!("{PATH}: {err}"))?;
+    let mut highest = None;
+    for range in text.trim().split(',') {
+        let last = range.rsplit('-').next().unwrap_or(range);
+        let last: usize = last
+            .parse()
+            .map_err(|_| format!("{PATH}: unexpected `{}`", text.trim()))?;
+        highest = Some(highest.map_or(last, |h: usize| h.max(last)));
+    }
+    highest
+        .map(|h| h + 1)
+        .ok_or_else(|| format!("{PATH} is empty"))
 }
 
 fn pod_bytes<T: Pod>(value: &T) -> &[u8] {
@@ -446,14 +623,17 @@ fn to_usize(value: u64) -> Result<usize, LoadError> {
     usize::try_from(value).map_err(|_| LoadError::Elf(format!("offset {value} too large")))
 }
 
-/// Returns an aligned copy of `elf` in which every section named [`SYSCALL_SECTION`] is
-/// named [`ALIAS_SECTION`], and the indices of those sections.
+/// Returns an aligned copy of `elf` in which every section named like the first of a pair
+/// of `aliases` is given the second name, and the indices of those sections.
 ///
 /// The section-name string table is copied to the end of the file with the alias appended,
 /// and only section headers change (the table's offset and size, the renamed sections'
 /// `sh_name`): every other offset in the file, and every other name (symbols share the
 /// table in LLVM's output), stays as it was.
-fn alias_syscall_sections(elf: &[u8]) -> Result<(AlignedBytes, HashSet<usize>), LoadError> {
+fn alias_sections(
+    elf: &[u8],
+    aliases: &[(&str, &str)],
+) -> Result<(AlignedBytes, HashSet<usize>), LoadError> {
     const EHDR_SIZE: usize = 64;
     const SHDR_SIZE: usize = 64;
     const EM_BPF: u16 = 247;
@@ -481,37 +661,46 @@ fn alias_syscall_sections(elf: &[u8]) -> Result<(AlignedBytes, HashSet<usize>), 
         .get(strtab_off..strtab_off + strtab_size)
         .ok_or_else(|| LoadError::Elf("section name table out of bounds".to_owned()))?;
 
-    let mut renamed = HashSet::new();
+    // Section index -> index of its alias in `aliases`.
+    let mut renamed: BTreeMap<usize, usize> = BTreeMap::new();
     for index in 0..shnum {
         let name_off = le_u32(elf, header(index))? as usize;
         let name = strtab
             .get(name_off..)
             .and_then(|rest| CStr::from_bytes_until_nul(rest).ok())
             .ok_or_else(|| LoadError::Elf(format!("section {index} has no name")))?;
-        if name.to_bytes() == SYSCALL_SECTION.as_bytes() {
-            renamed.insert(index);
+        if let Some(alias) = aliases
+            .iter()
+            .position(|(from, _)| name.to_bytes() == from.as_bytes())
+        {
+            renamed.insert(index, alias);
         }
     }
+    let sections: HashSet<usize> = renamed.keys().copied().collect();
     if renamed.is_empty() {
-        return Ok((AlignedBytes::new(elf), renamed));
+        return Ok((AlignedBytes::new(elf), sections));
     }
 
     let mut out = elf.to_vec();
     let new_strtab_off = out.len();
-    let alias_off = u32::try_from(strtab_size)
-        .map_err(|_| LoadError::Elf("section name table too large".to_owned()))?;
     out.extend_from_slice(strtab);
-    let alias = CString::new(ALIAS_SECTION).map_err(|_| LoadError::Elf("alias".to_owned()))?;
-    out.extend_from_slice(alias.as_bytes_with_nul());
+    let mut alias_offsets = Vec::with_capacity(aliases.len());
+    for (_, alias) in aliases {
+        let offset = u32::try_from(out.len() - new_strtab_off)
+            .map_err(|_| LoadError::Elf("section name table too large".to_owned()))?;
+        let alias = CString::new(*alias).map_err(|_| LoadError::Elf("alias".to_owned()))?;
+        out.extend_from_slice(alias.as_bytes_with_nul());
+        alias_offsets.push(offset);
+    }
     let new_strtab_size = out.len() - new_strtab_off;
     out[header(shstrndx) + 24..header(shstrndx) + 32]
         .copy_from_slice(&(new_strtab_off as u64).to_le_bytes());
     out[header(shstrndx) + 32..header(shstrndx) + 40]
         .copy_from_slice(&(new_strtab_size as u64).to_le_bytes());
-    for &index in &renamed {
-        out[header(index)..header(index) + 4].copy_from_slice(&alias_off.to_le_bytes());
+    for (&index, &alias) in &renamed {
+        out[header(index)..header(index) + 4].copy_from_slice(&alias_offsets[alias].to_le_bytes());
     }
-    Ok((AlignedBytes::new(&out), renamed))
+    Ok((AlignedBytes::new(&out), sections))
 }
 
 #[cfg(test)]
@@ -521,7 +710,8 @@ mod tests {
     #[test]
     fn aliasing_renames_only_the_syscall_section() {
         let elf = crate::DRIVER_ELF;
-        let (aliased, renamed) = alias_syscall_sections(elf).expect("alias");
+        let (aliased, renamed) =
+            alias_sections(elf, &[(SYSCALL_SECTION, ALIAS_SECTION)]).expect("alias");
         assert_eq!(renamed.len(), 1);
         let obj = aya_obj::Object::parse(aliased.bytes()).expect("aya-obj parses the alias");
         assert!(obj.programs.contains_key("exofs_probe"));

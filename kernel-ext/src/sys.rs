@@ -42,6 +42,8 @@ pub const BPF_PROG_TYPE_SYSCALL: u32 = 31;
 pub const BPF_F_SLEEPABLE: u32 = 1 << 4;
 /// `BPF_ANY` (map update flags): create or replace.
 pub const BPF_ANY: u64 = 0;
+/// `BPF_EXIST` (map update flags): replace only.
+pub const BPF_EXIST: u64 = 2;
 /// Largest context BPF_PROG_TEST_RUN accepts for a syscall program (`U16_MAX`).
 pub const MAX_SYSCALL_CTX: usize = u16::MAX as usize;
 /// `BPF_OBJ_NAME_LEN`: object names are at most 15 bytes plus NUL.

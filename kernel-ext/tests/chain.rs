@@ -1,17 +1,18 @@
-//! In-kernel chains over a real libfs image: the driver's linked-list walk must return
-//! exactly what a user-space walk of the same file returns, over fragmented extents.
+//! In-kernel chains over real libfs images, through the binding: every example program
+//! (B-tree in Rust and C, hash chain, linked list) must return exactly what the user-space
+//! reference walk returns, over files whose extents are fragmented across chunk
+//! boundaries; bad offsets read nothing.
 //!
 //! Needs root (CAP_BPF + CAP_PERFMON); without it each test prints a SKIPPED line.
 
-use exofs_abi::chain::{status, ChainFile, SCRATCH_SIZE};
-use kernel_ext::chain::{ChainError, ChainRequest, Chains, DeviceMapping};
-use kernel_ext::LoadError;
+use exofs_abi::chain::{status, SCRATCH_SIZE};
+use exofs_abi::formats::Lookup;
+use kernel_ext::binding::{Binding, BindingError, BindingOptions, BoundProgram, ChainRequest};
+use kernel_ext::index::{self, Answer};
+use kernel_ext::{examples, LoadError};
 use libfs::{FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::path::PathBuf;
 use std::sync::Arc;
-
-const NODE: u64 = 4096;
-const END: u64 = u64::MAX;
 
 /// An image file removed on drop.
 struct Image(PathBuf);
@@ -22,190 +23,246 @@ impl Drop for Image {
     }
 }
 
-fn load_or_skip(test: &str) -> Option<Chains> {
-    match Chains::load() {
-        Ok(chains) => Some(chains),
-        Err(ChainError::Load(LoadError::Sys(err))) if err.is_permission_denied() => {
+fn permission_denied(err: &BindingError) -> bool {
+    match err {
+        BindingError::Sys(err) | BindingError::Load(LoadError::Sys(err)) => {
+            err.is_permission_denied()
+        }
+        BindingError::Io { source, .. } => source.raw_os_error() == Some(libc::EPERM),
+        _ => false,
+    }
+}
+
+/// A fresh image of `size` bytes and an unpinned binding on it; None (after a SKIPPED
+/// line) without the privilege to load BPF.
+fn setup(test: &str, size: u64) -> Option<(Image, Arc<Fs>, Binding)> {
+    let image =
+        Image(std::env::temp_dir().join(format!("exofs-chain-{}-{test}.img", std::process::id())));
+    let device = FileDevice::create(&image.0, size).expect("image");
+    libfs::format(Arc::new(device), &FormatOptions::default()).expect("format");
+    let fs = Arc::new(Fs::open(&image.0, &OpenOptions::default()).expect("open"));
+    let options = BindingOptions {
+        pin: false,
+        ..BindingOptions::default()
+    };
+    match Binding::open(fs.clone(), &options) {
+        Ok(binding) => Some((image, fs, binding)),
+        Err(err) if permission_denied(&err) => {
             eprintln!("SKIPPED {test}: {err} (loading BPF needs root: CAP_BPF + CAP_PERFMON)");
             None
         }
-        Err(err) => panic!("loading the driver failed: {err}"),
+        Err(err) => panic!("opening the binding failed: {err}"),
     }
 }
 
-/// One node of the test list, where it lives in the file and what it holds.
-#[derive(Debug, Clone, Copy)]
-struct Node {
-    offset: u64,
-    key: u64,
-    value: u64,
-    next: u64,
-}
-
-/// A linked list of `count` nodes, one per block, linked in a shuffled order; written
-/// interleaved with another file so the list's extents are fragmented. Returns the image,
-/// the open file system, the list's inode and its nodes in list order.
-fn build_list(name: &str, count: u64) -> (Image, Fs, u64, Vec<Node>) {
-    let image =
-        Image(std::env::temp_dir().join(format!("exofs-chain-{}-{name}.img", std::process::id())));
-    let device = FileDevice::create(&image.0, 64 << 20).expect("image");
-    libfs::format(Arc::new(device), &FormatOptions::default()).expect("format");
-    let fs = Fs::open(&image.0, &OpenOptions::default()).expect("open");
-    let list = fs
-        .create(ROOT_INO, b"list", 0o644, 0, 0)
+/// Writes `bytes` as file `name`, block by block, writing a block of another file after
+/// every `every` blocks so that the file's extents are short and scattered.
+fn write_fragmented(fs: &Fs, name: &str, bytes: &[u8], every: usize) -> u64 {
+    let ino = fs
+        .create(ROOT_INO, name.as_bytes(), 0o644, 0, 0)
         .expect("create")
         .ino;
     let filler = fs
-        .create(ROOT_INO, b"filler", 0o644, 0, 0)
-        .expect("create")
+        .create(ROOT_INO, format!("{name}.filler").as_bytes(), 0o644, 0, 0)
+        .expect("create filler")
         .ino;
-    // Slot i of the file holds node order[i]; the list visits slots in a shuffled order.
-    let mut order: Vec<u64> = (0..count).collect();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for i in (1..order.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        order.swap(i, (seed % (i as u64 + 1)) as usize);
-    }
-    let mut nodes = Vec::new();
-    for (position, slot) in order.iter().enumerate() {
-        let next = order.get(position + 1).map_or(END, |s| s * NODE);
-        nodes.push(Node {
-            offset: slot * NODE,
-            key: 1000 + position as u64,
-            value: 7 * position as u64 + 3,
-            next,
-        });
-    }
-    for slot in 0..count {
-        let node = *nodes
-            .iter()
-            .find(|n| n.offset == slot * NODE)
-            .expect("node");
-        let mut block = vec![0u8; NODE as usize];
-        block[0..8].copy_from_slice(&node.next.to_le_bytes());
-        block[8..16].copy_from_slice(&node.key.to_le_bytes());
-        block[16..24].copy_from_slice(&node.value.to_le_bytes());
-        fs.write_at(list, node.offset, &block).expect("write node");
-        // Break contiguity every few blocks.
-        if slot % 3 == 0 {
-            fs.write_at(filler, slot * NODE, &[1u8; NODE as usize])
+    for (index, block) in bytes.chunks(4096).enumerate() {
+        fs.write_at(ino, index as u64 * 4096, block).expect("write");
+        if index % every == every - 1 {
+            fs.write_at(filler, index as u64 * 4096, &[0xEE; 4096])
                 .expect("write filler");
         }
     }
-    (image, fs, list, nodes)
+    ino
 }
 
-fn request(file: ChainFile, key: u64, start_offset: u64, hop_limit: u32) -> ChainRequest {
-    let mut scratch = [0u8; SCRATCH_SIZE];
-    scratch[0..8].copy_from_slice(&key.to_le_bytes());
-    ChainRequest {
-        files: vec![file],
-        start_file: 0,
-        start_offset,
-        read_len: 24,
-        hop_limit,
-        scratch,
-    }
+fn reader(fs: &Fs, ino: u64) -> impl FnMut(u64, &mut [u8]) -> Result<usize, String> + '_ {
+    move |offset, buf| fs.read_at(ino, offset, buf).map_err(|err| err.to_string())
 }
 
-fn word(scratch: &[u8], index: usize) -> u64 {
-    u64::from_le_bytes(
-        scratch[index * 8..index * 8 + 8]
-            .try_into()
-            .expect("8 bytes"),
+fn lookup_scratch(key: u64) -> [u8; 24] {
+    let mut scratch = [0u8; 24];
+    scratch[..8].copy_from_slice(&key.to_le_bytes());
+    scratch
+}
+
+/// Runs a lookup of `key` and returns (status, answer).
+fn chain_lookup(
+    binding: &Binding,
+    program: &BoundProgram,
+    ino: u64,
+    key: u64,
+    read_len: u32,
+) -> (i32, Answer) {
+    let mut request = ChainRequest::new(ino, 0, &lookup_scratch(key));
+    request.read_len = read_len;
+    let outcome = binding.run(program, &request).expect("run");
+    let mut lookup = Lookup::default();
+    let words: Vec<u64> = outcome.scratch[..24]
+        .chunks(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .collect();
+    (lookup.key, lookup.found, lookup.value) = (words[0], words[1], words[2]);
+    assert_eq!(lookup.key, key, "the key survives in the scratch");
+    let value = (lookup.found == 1).then_some(lookup.value);
+    (
+        outcome.status,
+        Answer {
+            value,
+            hops: outcome.hops,
+        },
     )
 }
 
-#[test]
-fn chained_lookups_match_the_user_space_walk() {
-    let Some(chains) = load_or_skip("chained_lookups_match_the_user_space_walk") else {
-        return;
-    };
-    let (_image, fs, list, nodes) = build_list("walk", 40);
-    let extents = fs.extents(list).expect("extents");
-    assert!(
-        extents.len() > 5,
-        "the list file is fragmented ({} extents)",
-        extents.len()
-    );
-    let file = chains.register(&fs, list).expect("register");
-    let mapping = DeviceMapping::map(&fs).expect("map the device");
-    let head = nodes[0].offset;
-    // Every key in the list: found after (position + 1) hops with the right value.
-    for (position, node) in nodes.iter().enumerate() {
-        let (key, value) = (node.key, node.value);
-        let ctx = chains
-            .run(&mapping, &request(file, key, head, 64))
-            .expect("run");
-        assert_eq!(ctx.status, status::DONE, "key {key}");
-        assert_eq!(ctx.hops as usize, position + 1, "key {key}");
-        assert_eq!(
-            (word(&ctx.scratch, 1), word(&ctx.scratch, 2)),
-            (1, value),
-            "key {key}"
-        );
-    }
-    // A missing key walks the whole list and reports not found.
-    let ctx = chains
-        .run(&mapping, &request(file, 5, head, 64))
-        .expect("run");
-    assert_eq!(
-        (ctx.status, ctx.hops, word(&ctx.scratch, 1)),
-        (status::DONE, 40, 0)
-    );
-    // The hop limit stops a walk.
-    let ctx = chains
-        .run(&mapping, &request(file, nodes[30].key, head, 10))
-        .expect("run");
-    assert_eq!((ctx.status, ctx.hops), (status::HOP_LIMIT, 10));
+/// A small deterministic generator for keys.
+fn keys(seed: u64, count: usize) -> Vec<u64> {
+    let mut state = seed | 1;
+    let mut keys: Vec<u64> = (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state >> 1
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 #[test]
-fn bad_offsets_and_stale_generations_read_nothing() {
-    let Some(chains) = load_or_skip("bad_offsets_and_stale_generations_read_nothing") else {
+fn btree_chains_match_the_reference_walk() {
+    let Some((_image, fs, binding)) = setup("btree", 256 << 20) else {
         return;
     };
-    let (_image, fs, list, nodes) = build_list("errors", 8);
-    let file = chains.register(&fs, list).expect("register");
-    let mapping = DeviceMapping::map(&fs).expect("map the device");
-    let size = fs.getattr(list).expect("attr").size;
-    let mut past_end = request(file, nodes[0].key, 0, 8);
-    past_end.start_offset = size;
-    let ctx = chains.run(&mapping, &past_end).expect("run");
-    assert_eq!((ctx.status, ctx.hops), (status::OUT_OF_FILE, 0));
-    // A hole: punch the first node's block, re-register.
+    let rust = binding
+        .bind("btree", examples::BTREE)
+        .expect("bind the Rust B-tree");
+    let c = binding
+        .bind("btree_c", examples::BTREE_C)
+        .expect("bind the C B-tree");
+    for node_size in [512usize, 4096] {
+        for depth in 1..=8u32 {
+            let fanout = 3usize;
+            let count = fanout.pow(depth - 1) * fanout;
+            let all = keys(u64::from(depth) * 1000 + node_size as u64, count * 2);
+            let present: Vec<u64> = all.iter().copied().step_by(2).collect();
+            let absent: Vec<u64> = all.iter().copied().skip(1).step_by(2).collect();
+            let pairs: Vec<(u64, u64)> = present.iter().map(|k| (*k, k.wrapping_mul(3))).collect();
+            let tree = index::build_btree(&pairs, node_size, fanout).expect("build");
+            assert_eq!(tree.depth, depth);
+            let name = format!("tree-{node_size}-{depth}");
+            let ino = write_fragmented(&fs, &name, &tree.bytes, 2);
+            let probes = present.iter().step_by(7).chain(absent.iter().step_by(7));
+            for key in probes.take(60) {
+                let expected =
+                    index::btree_lookup(&mut reader(&fs, ino), node_size, *key).expect("walk");
+                for (program, read_len) in [(&rust, node_size as u32), (&c, 4096)] {
+                    let (status, answer) = chain_lookup(&binding, program, ino, *key, read_len);
+                    assert_eq!(status, status::DONE, "{name} key {key} {}", program.name());
+                    assert_eq!(answer, expected, "{name} key {key} {}", program.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn hash_and_list_chains_match_the_reference_walk() {
+    let Some((_image, fs, binding)) = setup("hashlist", 128 << 20) else {
+        return;
+    };
+    let hash = binding
+        .bind("hash", examples::HASH_CHAIN)
+        .expect("bind hash");
+    let list = binding
+        .bind("list", examples::LINKED_LIST)
+        .expect("bind list");
+    let all = keys(99, 4000);
+    let pairs: Vec<(u64, u64)> = all.iter().step_by(2).map(|k| (*k, k ^ 0xabc)).collect();
+    let hash_ino = write_fragmented(&fs, "hash", &index::build_hash(&pairs, 97), 3);
+    for key in all.iter().step_by(13) {
+        let expected = index::hash_lookup(&mut reader(&fs, hash_ino), *key).expect("walk");
+        let (status, answer) = chain_lookup(&binding, &hash, hash_ino, *key, 24);
+        assert_eq!((status, answer), (status::DONE, expected), "hash key {key}");
+    }
+    let list_pairs = &pairs[..50];
+    let list_ino = write_fragmented(&fs, "list", &index::build_list(list_pairs, 5), 3);
+    for (position, (key, value)) in list_pairs.iter().enumerate() {
+        let (status, answer) = chain_lookup(&binding, &list, list_ino, *key, 24);
+        assert_eq!(status, status::DONE);
+        assert_eq!(
+            answer,
+            Answer {
+                value: Some(*value),
+                hops: position as u32 + 1
+            }
+        );
+    }
+    // A missing key walks the whole list; a hop limit stops a walk.
+    let (status, answer) = chain_lookup(&binding, &list, list_ino, 1, 24);
+    assert_eq!(
+        (status, answer.value, answer.hops),
+        (status::DONE, None, 50)
+    );
+    let mut request = ChainRequest::new(list_ino, 0, &lookup_scratch(list_pairs[40].0));
+    request.hop_limit = 10;
+    let outcome = binding.run(&list, &request).expect("run");
+    assert_eq!((outcome.status, outcome.hops), (status::HOP_LIMIT, 10));
+    let stats = binding.stats().expect("stats");
+    assert!(stats.chains > 0 && stats.hops >= stats.chains, "{stats:?}");
+}
+
+#[test]
+fn offsets_outside_the_file_or_in_holes_read_nothing() {
+    let Some((_image, fs, binding)) = setup("errors", 64 << 20) else {
+        return;
+    };
+    let list = binding
+        .bind("list", examples::LINKED_LIST)
+        .expect("bind list");
+    let pairs: Vec<(u64, u64)> = (1..=8).map(|k| (k, k * 100)).collect();
+    let ino = write_fragmented(&fs, "list", &index::build_list(&pairs, 3), 2);
+    let size = fs.getattr(ino).expect("attr").size;
+    for start in [size, size + 4096, u64::MAX - 10] {
+        let request = ChainRequest::new(ino, start, &lookup_scratch(1));
+        let outcome = binding.run(&list, &request).expect("run");
+        assert_eq!(
+            (outcome.status, outcome.hops),
+            (status::OUT_OF_FILE, 0),
+            "start {start}"
+        );
+        assert_eq!(outcome.scratch, request.scratch, "nothing comes back");
+    }
+    // A hole inside the file: punch the head's block.
     fs.fallocate(
-        list,
+        ino,
         0,
-        NODE,
+        4096,
         libfs::FallocateMode {
             keep_size: true,
             punch_hole: true,
         },
     )
     .expect("punch");
-    // Re-registering after the change bumps the generation the driver checks.
-    let fresh = chains.register(&fs, list).expect("re-register");
-    assert!(fresh.generation > file.generation);
-    let ctx = chains
-        .run(&mapping, &request(file, nodes[0].key, 0, 8))
+    let outcome = binding
+        .run(&list, &ChainRequest::new(ino, 0, &lookup_scratch(1)))
         .expect("run");
-    assert_eq!(
-        ctx.status,
-        status::STALE,
-        "a chain naming the old generation is refused"
-    );
-    let ctx = chains
-        .run(&mapping, &request(fresh, nodes[0].key, 0, 8))
+    assert_eq!((outcome.status, outcome.hops), (status::HOLE, 0));
+    // A node pointing past the end: the chain stops there, reading nothing more.
+    let mut bad = [0u8; 4096];
+    bad[..8].copy_from_slice(&(size * 2).to_le_bytes());
+    bad[8..16].copy_from_slice(&77u64.to_le_bytes());
+    fs.write_at(ino, 4096, &bad).expect("write");
+    let outcome = binding
+        .run(&list, &ChainRequest::new(ino, 4096, &lookup_scratch(1)))
         .expect("run");
-    assert_eq!((ctx.status, ctx.hops), (status::HOLE, 0));
-    // An unregistered file.
-    let other = ChainFile {
-        ino: list + 1000,
-        generation: 1,
-    };
-    let ctx = chains.run(&mapping, &request(other, 1, 0, 8)).expect("run");
-    assert_eq!(ctx.status, status::NOT_REGISTERED);
+    assert_eq!((outcome.status, outcome.hops), (status::OUT_OF_FILE, 1));
+    // Too many files is refused before anything runs.
+    let mut request = ChainRequest::new(ino, 0, &[0u8; SCRATCH_SIZE]);
+    request.files = vec![ino; 5];
+    assert!(matches!(
+        binding.run(&list, &request),
+        Err(BindingError::Invalid(_))
+    ));
 }

@@ -637,6 +637,16 @@ impl Fs {
         })
     }
 
+    /// A file's extents and attributes read together, under one lock: what the kernel
+    /// binding publishes (the generation must belong to exactly these extents).
+    pub fn extent_snapshot(&self, ino: u64) -> Result<(Vec<Extent>, Attr)> {
+        self.query(|inner| {
+            let inode = inner.get(ino)?;
+            let extents = extent::list(&mut inner.meta, &inode)?;
+            Ok((extents, Attr::of(&inode)))
+        })
+    }
+
     /// Subscribes to extent changes (see `events`).
     pub fn subscribe(&self, listener: Arc<dyn ExtentListener>) {
         self.lock().listeners.push(listener);

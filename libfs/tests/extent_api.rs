@@ -264,5 +264,8 @@ fn multi_step_truncate_reports_every_step() {
     let reported: Vec<Extent> = changes.iter().flat_map(|c| c.extents.clone()).collect();
     assert_eq!(blocks_of(&reported), blocks_of(&before));
     let generations: Vec<u64> = changes.iter().map(|c| c.generation).collect();
-    assert!(generations.windows(2).all(|w| w[0] < w[1]), "{generations:?}");
+    assert!(
+        generations.windows(2).all(|w| w[0] < w[1]),
+        "{generations:?}"
+    );
 }

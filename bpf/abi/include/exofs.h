@@ -104,4 +104,58 @@ struct exofs_extent_chunk {
 	struct exofs_extent_entry extents[EXOFS_EXTENTS_PER_CHUNK];
 };
 
+/*
+ * Layouts of the example application functions (Rust: exofs_abi::formats). All integers
+ * little-endian. Every example's scratch is a struct exofs_lookup.
+ */
+struct exofs_lookup {
+	__u64 key;   /* in */
+	__u64 found; /* out: 0 or 1 */
+	__u64 value; /* out */
+};
+
+/* B-tree node: header, then `count` (key, value) entries sorted by key. Leaf (level 0):
+ * value = the key's value; inner: value = byte offset of the child whose smallest key is
+ * `key`. A node is 512 or 4096 bytes, aligned to its size; the root is at byte 0. A hop
+ * may read more than the node (to the end of its block), never less. */
+#define EXOFS_BTREE_MAGIC 0x42545845u
+#define EXOFS_BTREE_HEADER_SIZE 16
+#define EXOFS_BTREE_ENTRY_SIZE 16
+struct exofs_btree_header {
+	__u32 magic;
+	__u16 level;
+	__u16 count;
+	__u32 node_size;
+	__u32 reserved;
+};
+struct exofs_btree_entry {
+	__u64 key;
+	__u64 value;
+};
+
+/* Hash chains: a header at byte 0, u64 bucket slots from EXOFS_HASH_BUCKETS_OFFSET
+ * (0 = empty), entries anywhere, each inside one block. Hop 0 reads the header, hop 1 the
+ * key's bucket slot (FNV-1a of the key's 8 bytes, modulo buckets), later hops entries. */
+#define EXOFS_HASH_MAGIC 0x4853414858465845ull
+#define EXOFS_HASH_BUCKETS_OFFSET 4096
+#define EXOFS_HASH_END 0
+struct exofs_hash_header {
+	__u64 magic;
+	__u64 buckets;
+};
+struct exofs_hash_entry {
+	__u64 next;
+	__u64 key;
+	__u64 value;
+};
+
+/* Linked list nodes, each inside one block, the head at byte 0; next = EXOFS_LIST_END
+ * ends the list. */
+#define EXOFS_LIST_END 0xffffffffffffffffull
+struct exofs_list_node {
+	__u64 next;
+	__u64 key;
+	__u64 value;
+};
+
 #endif /* EXOFS_H */

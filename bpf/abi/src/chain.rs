@@ -53,6 +53,32 @@ pub mod status {
     pub const INVALID: i32 = 9;
 }
 
+/// Chain statistics: the `stats` map (PERCPU_ARRAY of u64, indexed by these constants;
+/// user space sums the CPUs). Counted by the driver at the end of each chain. The counts
+/// are per CPU without atomics; a chain preempted in the middle of an increment by another
+/// on the same CPU can lose one count (statistics, not accounting).
+pub mod stats {
+    /// Name of the map.
+    pub const MAP_STATS: &str = "EXOFS_STATS";
+    /// Chains run.
+    pub const CHAINS: u32 = 0;
+    /// Hops taken (blocks handed to `next`).
+    pub const HOPS: u32 = 1;
+    /// Chains that ended with status DONE.
+    pub const DONE: u32 = 2;
+    /// Chains that ended STALE (the caller retries).
+    pub const STALE: u32 = 3;
+    /// Chains refused: offset out of file, hole, file not registered, invalid arguments,
+    /// fault.
+    pub const REJECTED: u32 = 4;
+    /// Chains the policy denied.
+    pub const DENIED: u32 = 5;
+    /// Chains `next` aborted or that hit the hop limit.
+    pub const ABORTED: u32 = 6;
+    /// Entries in the map.
+    pub const COUNT: u32 = 7;
+}
+
 /// One file a chain may read.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

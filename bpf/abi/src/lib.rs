@@ -6,6 +6,7 @@
 
 pub mod chain;
 pub mod extents;
+pub mod formats;
 
 /// The toolchain probe's context (`exofs_probe` in bpf/driver): the smallest program that
 /// exercises the whole load path (map relocation, sleepable syscall program,

@@ -3,6 +3,7 @@
 
 use exofs_abi::chain::{self, ChainCtx, ChainFile, HopState};
 use exofs_abi::extents::{self, ExtentChunk, ExtentEntry, ExtentKey, FileInfo, FileKey};
+use exofs_abi::formats::{self, btree::BtreeHeader, hash, list, Lookup};
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::process::Command;
@@ -34,6 +35,29 @@ fn rust_layout() -> BTreeMap<String, i64> {
         logical => "logical", physical => "physical", length => "length", flags => "flags");
     layout!(map, "exofs_extent_chunk", ExtentChunk;
         count => "count", reserved => "reserved", extents => "extents");
+    layout!(map, "exofs_lookup", Lookup; key => "key", found => "found", value => "value");
+    layout!(map, "exofs_btree_header", BtreeHeader;
+        magic => "magic", level => "level", count => "count", node_size => "node_size",
+        reserved => "reserved");
+    layout!(map, "exofs_hash_entry", hash::Entry; next => "next", key => "key", value => "value");
+    layout!(map, "exofs_list_node", list::Node; next => "next", key => "key", value => "value");
+    map.insert("EXOFS_BTREE_MAGIC".into(), i64::from(formats::btree::MAGIC));
+    map.insert(
+        "EXOFS_BTREE_HEADER_SIZE".into(),
+        formats::btree::HEADER_SIZE as i64,
+    );
+    map.insert(
+        "EXOFS_BTREE_ENTRY_SIZE".into(),
+        formats::btree::ENTRY_SIZE as i64,
+    );
+    map.insert(
+        "EXOFS_HASH_BUCKETS_OFFSET".into(),
+        hash::BUCKETS_OFFSET as i64,
+    );
+    map.insert("EXOFS_HASH_END".into(), hash::END as i64);
+    map.insert("EXOFS_HASH_MAGIC".into(), hash::MAGIC as i64);
+    layout!(map, "exofs_hash_header", hash::Header; magic => "magic", buckets => "buckets");
+    map.insert("EXOFS_LIST_END".into(), list::END as i64);
     let constants: [(&str, i64); 23] = [
         ("EXOFS_BLOCK_SIZE", chain::BLOCK_SIZE as i64),
         ("EXOFS_MAX_HOPS", i64::from(chain::MAX_HOPS)),

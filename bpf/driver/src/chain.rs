@@ -17,11 +17,11 @@ use core::ffi::c_void;
 use aya_ebpf::{
     helpers::generated::{bpf_copy_from_user, bpf_loop},
     macros::map,
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray},
 };
 use exofs_abi::chain::{
-    status, ChainCtx, ChainFile, HopState, BLOCK_SIZE, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS,
-    NEXT_CONTINUE, NEXT_DONE, SCRATCH_SIZE,
+    stats, status, ChainCtx, ChainFile, HopState, BLOCK_SIZE, MAX_CHAIN_FILES, MAX_FANOUT,
+    MAX_HOPS, NEXT_ABORT, NEXT_CONTINUE, NEXT_DONE, SCRATCH_SIZE,
 };
 use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
@@ -36,6 +36,19 @@ static EXOFS_FILES: HashMap<FileKey, FileInfo> = HashMap::with_max_entries(16384
 /// Registered extents, chunked (see exofs_abi::extents).
 #[map]
 static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entries(262144, 0);
+
+/// Counters, see exofs_abi::chain::stats.
+#[map]
+static EXOFS_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+/// Adds `amount` to this CPU's counter `index`.
+#[inline(always)]
+fn count(index: u32, amount: u64) {
+    if let Some(counter) = EXOFS_STATS.get_ptr_mut(index) {
+        // SAFETY: a live, aligned u64 map value of this CPU.
+        unsafe { *counter += amount };
+    }
+}
 
 /// The hop state `next` works on, one per task (see `task_storage` for why not per CPU).
 /// `next` is handed a pointer to this value alone: the verifier bounds its accesses to
@@ -82,35 +95,20 @@ struct Values {
     walk: *mut Walk,
 }
 
-/// The application function. Until the binder links one in, the driver carries the
-/// linked-list walk: node = { next offset u64 (u64::MAX ends), key u64, value u64 };
-/// scratch = { key u64, found u64, value u64 }.
+/// Where the application's `next` goes. The binder (kernel-ext `binder`) cuts this
+/// function out of the linked driver and puts the application's `next` and its callees in
+/// its place; the driver as built never runs a chain on its own. The body reads the state
+/// through a volatile load so that the compiler can neither inline the call nor fold its
+/// result into the caller.
+#[no_mangle]
 #[inline(never)]
-fn next(state: &mut HopState) -> i32 {
-    let word = |i: usize| {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&state.data[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(bytes)
-    };
-    if state.data_len < 24 {
-        return exofs_abi::chain::NEXT_ABORT;
+pub extern "C" fn exofs_next(state: *mut HopState) -> i32 {
+    // SAFETY: the driver passes its live hop state.
+    if unsafe { core::ptr::read_volatile(&(*state).data_len) } == u32::MAX {
+        NEXT_DONE
+    } else {
+        NEXT_ABORT
     }
-    let (next_offset, key, value) = (word(0), word(1), word(2));
-    let mut wanted = [0u8; 8];
-    wanted.copy_from_slice(&state.scratch[0..8]);
-    if key == u64::from_le_bytes(wanted) {
-        state.scratch[8..16].copy_from_slice(&1u64.to_le_bytes());
-        state.scratch[16..24].copy_from_slice(&value.to_le_bytes());
-        return NEXT_DONE;
-    }
-    if next_offset == u64::MAX {
-        state.scratch[8..16].copy_from_slice(&0u64.to_le_bytes());
-        return NEXT_DONE;
-    }
-    state.next_count = 1;
-    state.next_file[0] = state.file;
-    state.next_offset[0] = next_offset;
-    NEXT_CONTINUE
 }
 
 /// What `step` returns to go on to the next hop.
@@ -133,6 +131,16 @@ pub extern "C" fn exofs_chain(ctx: *mut c_void) -> i32 {
         (*ctx).status = result;
         (*ctx).hops = hops;
     }
+    count(stats::CHAINS, 1);
+    count(stats::HOPS, hops as u64);
+    let outcome = match result {
+        status::DONE => stats::DONE,
+        status::STALE => stats::STALE,
+        status::DENIED => stats::DENIED,
+        status::ABORTED | status::HOP_LIMIT => stats::ABORTED,
+        _ => stats::REJECTED,
+    };
+    count(outcome, 1);
     result
 }
 
@@ -257,7 +265,7 @@ unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
     state.offset = offset;
     state.next_count = 0;
     walk.hops = hop as u64 + 1;
-    match next(state) {
+    match exofs_next(state) {
         NEXT_DONE => status::DONE,
         NEXT_CONTINUE => {
             let count = state.next_count as u64;
