@@ -714,6 +714,21 @@ impl Binding {
     /// Runs one chain of `program`, re-publishing and retrying (up to 8 attempts) when a
     /// file changed under it.
     pub fn run(&self, program: &BoundProgram, request: &ChainRequest) -> Result<ChainOutcome> {
+        self.run_attempts(program, request, MAX_ATTEMPTS)
+    }
+
+    /// Runs one chain once: a STALE status comes back to the caller (who may run it again;
+    /// the binding re-publishes the file first).
+    pub fn run_once(&self, program: &BoundProgram, request: &ChainRequest) -> Result<ChainOutcome> {
+        self.run_attempts(program, request, 1)
+    }
+
+    fn run_attempts(
+        &self,
+        program: &BoundProgram,
+        request: &ChainRequest,
+        attempts: u32,
+    ) -> Result<ChainOutcome> {
         if request.files.is_empty() || request.files.len() > MAX_CHAIN_FILES {
             return Err(BindingError::Invalid(format!(
                 "a chain names 1..={MAX_CHAIN_FILES} files, not {}",
@@ -743,7 +758,17 @@ impl Binding {
                 program.program.test_run_pod(&mut ctx)?;
             }
             let again = matches!(ctx.status, status::STALE | status::NOT_REGISTERED);
-            if !again || retries + 1 >= MAX_ATTEMPTS {
+            if again {
+                // Whatever changed was reported (marking the file); a file removed from the
+                // map behind our back is published again.
+                let mut registry = self.maps.registry();
+                for ino in &request.files {
+                    if let Some(entry) = registry.get_mut(ino) {
+                        entry.published_changes = None;
+                    }
+                }
+            }
+            if !again || retries + 1 >= attempts {
                 return Ok(ChainOutcome {
                     status: ctx.status,
                     hops: ctx.hops,
@@ -752,14 +777,6 @@ impl Binding {
                 });
             }
             retries += 1;
-            // Whatever changed was reported (marking the file); a file removed from the
-            // map behind our back is published again.
-            let mut registry = self.maps.registry();
-            for ino in &request.files {
-                if let Some(entry) = registry.get_mut(ino) {
-                    entry.published_changes = None;
-                }
-            }
         }
     }
 

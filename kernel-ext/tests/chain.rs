@@ -5,86 +5,14 @@
 //!
 //! Needs root (CAP_BPF + CAP_PERFMON); without it each test prints a SKIPPED line.
 
+mod common;
+
+use common::{lookup_scratch, reader, setup, write_fragmented};
 use exofs_abi::chain::{status, SCRATCH_SIZE};
 use exofs_abi::formats::Lookup;
-use kernel_ext::binding::{Binding, BindingError, BindingOptions, BoundProgram, ChainRequest};
+use kernel_ext::binding::{Binding, BindingError, BoundProgram, ChainRequest};
+use kernel_ext::examples;
 use kernel_ext::index::{self, Answer};
-use kernel_ext::{examples, LoadError};
-use libfs::{FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
-use std::path::PathBuf;
-use std::sync::Arc;
-
-/// An image file removed on drop.
-struct Image(PathBuf);
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn permission_denied(err: &BindingError) -> bool {
-    match err {
-        BindingError::Sys(err) | BindingError::Load(LoadError::Sys(err)) => {
-            err.is_permission_denied()
-        }
-        BindingError::Io { source, .. } => source.raw_os_error() == Some(libc::EPERM),
-        _ => false,
-    }
-}
-
-/// A fresh image of `size` bytes and an unpinned binding on it; None (after a SKIPPED
-/// line) without the privilege to load BPF.
-fn setup(test: &str, size: u64) -> Option<(Image, Arc<Fs>, Binding)> {
-    let image =
-        Image(std::env::temp_dir().join(format!("exofs-chain-{}-{test}.img", std::process::id())));
-    let device = FileDevice::create(&image.0, size).expect("image");
-    libfs::format(Arc::new(device), &FormatOptions::default()).expect("format");
-    let fs = Arc::new(Fs::open(&image.0, &OpenOptions::default()).expect("open"));
-    let options = BindingOptions {
-        pin: false,
-        ..BindingOptions::default()
-    };
-    match Binding::open(fs.clone(), &options) {
-        Ok(binding) => Some((image, fs, binding)),
-        Err(err) if permission_denied(&err) => {
-            eprintln!("SKIPPED {test}: {err} (loading BPF needs root: CAP_BPF + CAP_PERFMON)");
-            None
-        }
-        Err(err) => panic!("opening the binding failed: {err}"),
-    }
-}
-
-/// Writes `bytes` as file `name`, block by block, writing a block of another file after
-/// every `every` blocks so that the file's extents are short and scattered.
-fn write_fragmented(fs: &Fs, name: &str, bytes: &[u8], every: usize) -> u64 {
-    let ino = fs
-        .create(ROOT_INO, name.as_bytes(), 0o644, 0, 0)
-        .expect("create")
-        .ino;
-    let filler = fs
-        .create(ROOT_INO, format!("{name}.filler").as_bytes(), 0o644, 0, 0)
-        .expect("create filler")
-        .ino;
-    for (index, block) in bytes.chunks(4096).enumerate() {
-        fs.write_at(ino, index as u64 * 4096, block).expect("write");
-        if index % every == every - 1 {
-            fs.write_at(filler, index as u64 * 4096, &[0xEE; 4096])
-                .expect("write filler");
-        }
-    }
-    ino
-}
-
-fn reader(fs: &Fs, ino: u64) -> impl FnMut(u64, &mut [u8]) -> Result<usize, String> + '_ {
-    move |offset, buf| fs.read_at(ino, offset, buf).map_err(|err| err.to_string())
-}
-
-fn lookup_scratch(key: u64) -> [u8; 24] {
-    let mut scratch = [0u8; 24];
-    scratch[..8].copy_from_slice(&key.to_le_bytes());
-    scratch
-}
 
 /// Runs a lookup of `key` and returns (status, answer).
 fn chain_lookup(

@@ -6,12 +6,14 @@
 //! Needs root (CAP_BPF + CAP_PERFMON). Without it every test prints a SKIPPED line and
 //! passes; CI runs as root.
 
+mod common;
+
 use std::{
     ffi::CString,
     fs::{self, File},
     io::Write,
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     ptr::NonNull,
     sync::atomic::{AtomicUsize, Ordering},
     time::Instant,
@@ -264,12 +266,10 @@ fn pin_and_reopen() {
     let Some(obj) = load_driver("pin_and_reopen") else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("exofs-bpffs-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("mkdir");
-    let Some(_mount) = BpfFs::mount(&dir) else {
-        let _ = fs::remove_dir(&dir);
+    let Some(mount) = common::BpfFs::mount("pin_and_reopen") else {
         return;
     };
+    let dir = mount.dir.clone();
     let prog = obj.program(PROBE_PROGRAM).expect("probe program");
     let map = obj.map(PROBE_STATS_MAP).expect("stats map");
     prog.pin(&dir.join("probe")).expect("pin program");
@@ -283,47 +283,6 @@ fn pin_and_reopen() {
     assert_eq!(&ctx.out[..5], &(1..6).map(pattern).collect::<Vec<_>>()[..]);
     assert_eq!(stats_again.get::<u32, u64>(&0).expect("lookup"), Some(1));
     assert_eq!(stats(&obj), 1, "the same map through both handles");
-}
-
-/// A private bpffs mount, unmounted (and its directory removed) on drop.
-struct BpfFs {
-    dir: PathBuf,
-}
-
-impl BpfFs {
-    fn mount(dir: &Path) -> Option<Self> {
-        let target = CString::new(dir.as_os_str().as_encoded_bytes()).expect("path");
-        let fstype = CString::new("bpf").expect("fstype");
-        // SAFETY: all pointers are live NUL-terminated strings; data is null.
-        let ret = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if ret != 0 {
-            skip(
-                "pin_and_reopen",
-                &format!("cannot mount bpffs: {}", std::io::Error::last_os_error()),
-            );
-            return None;
-        }
-        Some(Self {
-            dir: dir.to_owned(),
-        })
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.dir.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: unmounts the bpffs instance this value mounted; the path is a live C string.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = fs::remove_dir(&self.dir);
-    }
 }
 
 /// Median of `runs` timings of `f`, with p10/p90/p99, in ns (after 1,000 warm-up calls).
