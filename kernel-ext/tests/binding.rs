@@ -1,0 +1,331 @@
+//! The binding's guarantees under change: pins live exactly as long as programs, a file
+//! that changes during a walk makes the chain STALE, and (the leak test) no chain ever
+//! returns bytes of a block that was given to another file.
+//!
+//! Needs root (BPF, bpffs mounts); without it each test prints a SKIPPED line.
+
+mod common;
+
+use common::{compile_c, lookup_scratch, write_fragmented, BpfFs};
+use exofs_abi::chain::status;
+use kernel_ext::binding::{BindingError, BindingOptions, ChainRequest};
+use kernel_ext::{examples, index};
+use libfs::{FallocateMode, SetAttr, ROOT_INO};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[test]
+fn pins_live_as_long_as_programs() {
+    let Some(bpffs) = BpfFs::mount("pins") else {
+        return;
+    };
+    let (_image, fs) = common::image("pins", 32 << 20);
+    let options = BindingOptions {
+        pin: true,
+        bpffs: bpffs.dir.clone(),
+    };
+    let Some(binding) = common::binding("pins", &fs, &options) else {
+        return;
+    };
+    let dir = binding.pin_dir().expect("pinning").to_owned();
+    binding.bind("list", examples::LINKED_LIST).expect("bind");
+    for pin in ["maps/files", "maps/extents", "maps/stats", "progs/list"] {
+        assert!(dir.join(pin).exists(), "{pin} is pinned");
+    }
+    assert!(matches!(
+        binding.bind("list", examples::LINKED_LIST),
+        Err(BindingError::Exists(_))
+    ));
+    assert!(matches!(
+        binding.bind("../x", examples::LINKED_LIST),
+        Err(BindingError::BadName(_))
+    ));
+    let pairs: Vec<(u64, u64)> = (1..=5).map(|k| (k, k * 11)).collect();
+    let ino = write_fragmented(&fs, "list", &index::build_list(&pairs, 1), 2);
+    drop(binding);
+    assert!(
+        dir.join("progs/list").exists(),
+        "a pinned program outlives its binding"
+    );
+
+    // Another binding (as another process would) finds the program and the maps.
+    let binding = common::binding("pins", &fs, &options).expect("reopen");
+    assert_eq!(
+        binding.program_names().expect("list"),
+        vec!["list".to_owned()]
+    );
+    let program = binding.program("list").expect("pinned program");
+    let outcome = binding
+        .run(&program, &ChainRequest::new(ino, 0, &lookup_scratch(4)))
+        .expect("run");
+    assert_eq!((outcome.status, outcome.hops), (status::DONE, 4));
+    assert!(binding.stats().expect("stats").chains >= 1);
+    binding.unload("list").expect("unload");
+    assert!(
+        !dir.exists(),
+        "the last unload removes every pin: {}",
+        dir.display()
+    );
+    assert!(matches!(
+        binding.unload("list"),
+        Err(BindingError::NoProgram(_))
+    ));
+    drop(binding);
+    assert!(!dir.exists());
+}
+
+#[test]
+fn a_change_during_the_walk_is_stale() {
+    let Some((_image, fs, binding)) = common::setup("stale", 64 << 20) else {
+        return;
+    };
+    let list = binding.bind("list", examples::LINKED_LIST).expect("bind");
+    let pairs: Vec<(u64, u64)> = (1..=60).map(|k| (k, k * 7)).collect();
+    let mut bytes = index::build_list(&pairs, 9);
+    bytes.resize(200 * 4096, 0);
+    let ino = write_fragmented(&fs, "list", &bytes, 4);
+    let stop = AtomicBool::new(false);
+    let (mut stale_mid_walk, mut done) = (0u64, 0u64);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Blocks 150..160 are not part of the list: every punch bumps the generation.
+            let punch = FallocateMode {
+                keep_size: true,
+                punch_hole: true,
+            };
+            while !stop.load(Ordering::Relaxed) {
+                fs.write_at(ino, 150 * 4096, &[1u8; 10 * 4096])
+                    .expect("write");
+                fs.fallocate(ino, 150 * 4096, 10 * 4096, punch)
+                    .expect("punch");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let request = ChainRequest::new(ino, 0, &lookup_scratch(60));
+        while Instant::now() < deadline && stale_mid_walk < 10 {
+            let outcome = binding.run_once(&list, &request).expect("run");
+            match outcome.status {
+                status::STALE => {
+                    assert_eq!(
+                        outcome.scratch, request.scratch,
+                        "a stale chain returns nothing"
+                    );
+                    if outcome.hops > 0 {
+                        stale_mid_walk += 1;
+                    }
+                }
+                status::DONE => {
+                    assert_eq!(outcome.hops, 60);
+                    assert_eq!(
+                        &outcome.scratch[8..24],
+                        &[&1u64.to_le_bytes()[..], &420u64.to_le_bytes()[..]].concat()[..]
+                    );
+                    done += 1;
+                }
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    println!("stale mid-walk: {stale_mid_walk}, done: {done}");
+    assert!(
+        stale_mid_walk >= 10,
+        "changes during walks were seen as stale ({stale_mid_walk})"
+    );
+    assert!(done > 0, "chains between changes complete");
+}
+
+/// First word of every block of the leak test's data files.
+const DATA_MAGIC: u64 = 0x4154_4144_5846_5845; // "EXFXDATA"
+/// Every byte of the marker files' blocks.
+const MARKER: u8 = 0x4d;
+const DATA_FILES: usize = 6;
+const DATA_BLOCKS: u64 = 48;
+
+/// A block of data file `tag`: magic, tag, version, block number, then filler.
+fn data_block(tag: u64, version: u64, block: u64) -> Vec<u8> {
+    let mut bytes = vec![0x11u8; 4096];
+    for (i, word) in [DATA_MAGIC, tag, version, block].iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&word.to_le_bytes());
+    }
+    bytes
+}
+
+fn physical_blocks(fs: &libfs::Fs, ino: u64) -> BTreeSet<u64> {
+    fs.extents(ino)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|e| e.physical..e.physical + e.length)
+        .collect()
+}
+
+/// Threads run chains over data files while another truncates, deletes and rewrites them
+/// and fills the freed blocks with marker files. A chain's result (the first 32 bytes of
+/// the block it read) must always be a block of the file it named: a marker, or another
+/// file's tag, is a leak. Runs EXOFS_LEAK_SECONDS (default 60) seconds.
+#[test]
+fn no_chain_ever_returns_another_files_block() {
+    let seconds: u64 = std::env::var("EXOFS_LEAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let Some((_image, fs, binding)) = common::setup("leak", 24 << 20) else {
+        return;
+    };
+    let peek = compile_c(
+        "peek",
+        "int next(struct exofs_hop_state *s) {
+             __u64 *out = (__u64 *)s->scratch;
+             if (s->data_len < 32)
+                 return EXOFS_NEXT_ABORT;
+             for (int i = 0; i < 4; i++)
+                 out[i] = *(__u64 *)&s->data[i * 8];
+             return EXOFS_NEXT_DONE;
+         }",
+    );
+    let peek = binding.bind("peek", &peek).expect("bind peek");
+    let write_file = |name: &str, tag: u64, version: u64| {
+        let ino = fs
+            .create(ROOT_INO, name.as_bytes(), 0o644, 0, 0)
+            .or_else(|_| fs.lookup(ROOT_INO, name.as_bytes()))
+            .expect("create")
+            .ino;
+        for block in 0..DATA_BLOCKS {
+            fs.write_at(ino, block * 4096, &data_block(tag, version, block))
+                .expect("write data");
+        }
+        ino
+    };
+    let inos: Mutex<Vec<u64>> = Mutex::new(
+        (0..DATA_FILES)
+            .map(|tag| write_file(&format!("data{tag}"), tag as u64, 0))
+            .collect(),
+    );
+    let stop = AtomicBool::new(false);
+    let (chains, done, leaks, reused, churns) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    std::thread::scope(|scope| {
+        for thread in 0..2u64 {
+            let (binding, peek, inos, stop) = (&binding, &peek, &inos, &stop);
+            let (chains, done, leaks) = (&chains, &done, &leaks);
+            scope.spawn(move || {
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ thread;
+                while !stop.load(Ordering::Relaxed) {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let tag = (state % DATA_FILES as u64) as usize;
+                    let block = (state >> 20) % DATA_BLOCKS;
+                    let ino = inos.lock().expect("inos")[tag];
+                    let mut request = ChainRequest::new(ino, block * 4096, &[]);
+                    request.read_len = 32;
+                    chains.fetch_add(1, Ordering::Relaxed);
+                    let Ok(outcome) = binding.run(peek, &request) else {
+                        continue; // deleted under us: nothing was read
+                    };
+                    if outcome.status != status::DONE {
+                        continue;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    let word = |i: usize| {
+                        u64::from_le_bytes(outcome.scratch[i * 8..i * 8 + 8].try_into().expect("8"))
+                    };
+                    let own = word(0) == DATA_MAGIC && word(1) == tag as u64;
+                    if !own {
+                        leaks.fetch_add(1, Ordering::Relaxed);
+                        eprintln!(
+                            "LEAK: data{tag} (inode {ino}) block {block} returned {:x?}",
+                            &outcome.scratch[..32]
+                        );
+                    }
+                }
+            });
+        }
+        let (fs, inos, stop, reused, churns) = (&fs, &inos, &stop, &reused, &churns);
+        scope.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut version = 1u64;
+            // Every block a data file ever had: a marker file getting one shows reuse.
+            let mut ever_data: BTreeSet<u64> = BTreeSet::new();
+            while Instant::now() < deadline {
+                let tag = (version % DATA_FILES as u64) as usize;
+                let name = format!("data{tag}");
+                let ino = inos.lock().expect("inos")[tag];
+                ever_data.extend(physical_blocks(fs, ino));
+                match version % 3 {
+                    0 => {
+                        fs.setattr(
+                            ino,
+                            &SetAttr {
+                                size: Some(0),
+                                ..SetAttr::default()
+                            },
+                        )
+                        .expect("truncate");
+                        write_file(&name, tag as u64, version);
+                    }
+                    1 => {
+                        fs.unlink(ROOT_INO, name.as_bytes()).expect("unlink");
+                        let ino = write_file(&name, tag as u64, version);
+                        inos.lock().expect("inos")[tag] = ino;
+                    }
+                    _ => {
+                        let punch = FallocateMode {
+                            keep_size: true,
+                            punch_hole: true,
+                        };
+                        fs.fallocate(ino, 0, DATA_BLOCKS * 4096, punch)
+                            .expect("punch");
+                        write_file(&name, tag as u64, version);
+                    }
+                }
+                fs.checkpoint().expect("checkpoint");
+                fs.reclaim();
+                // Fill what was freed with marker files, then delete them.
+                let marker = format!("marker{}", version % 4);
+                let _ = fs.unlink(ROOT_INO, marker.as_bytes());
+                let mino = fs
+                    .create(ROOT_INO, marker.as_bytes(), 0o644, 0, 0)
+                    .expect("marker")
+                    .ino;
+                for block in 0..DATA_BLOCKS {
+                    if fs.write_at(mino, block * 4096, &[MARKER; 4096]).is_err() {
+                        break; // full: the marker has what it could get
+                    }
+                }
+                if !physical_blocks(fs, mino).is_disjoint(&ever_data) {
+                    reused.fetch_add(1, Ordering::Relaxed);
+                }
+                churns.fetch_add(1, Ordering::Relaxed);
+                version += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+    });
+    let (chains, done, leaks, reused, churns) = (
+        chains.into_inner(),
+        done.into_inner(),
+        leaks.into_inner(),
+        reused.into_inner(),
+        churns.into_inner(),
+    );
+    let stats = binding.stats().expect("stats");
+    println!(
+        "leak test, {seconds} s: {chains} chains, {done} done, {} stale in the kernel, \
+         {churns} rewrites, {reused} with blocks reused by marker files; leaks: {leaks}",
+        stats.stale
+    );
+    assert!(done > 1000, "chains ran ({done} done)");
+    assert!(
+        reused > 0,
+        "freed blocks were reused by marker files ({reused})"
+    );
+    assert_eq!(leaks, 0, "chains returned blocks of other files");
+}
