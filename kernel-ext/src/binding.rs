@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use exofs_abi::chain::{
-    stats, status, ChainCtx, ChainFile, BLOCK_SIZE, MAX_CHAIN_FILES, MAX_HOPS, SCRATCH_SIZE,
+    stats, status, BatchCtx, ChainCtx, ChainFile, BATCH_NO_FAULT, BATCH_SCRATCH_SIZE, BLOCK_SIZE,
+    MAX_BATCH, MAX_CHAIN_FILES, MAX_HOPS, SCRATCH_SIZE,
 };
 use exofs_abi::extents::{ExtentKey, FileInfo, FileKey, MAP_EXTENTS, MAP_FILES};
 use libfs::{ChangeKind, ExtentChange, ExtentListener, Fs};
@@ -47,6 +48,10 @@ use crate::sys::{self, SysError};
 
 /// The driver's single-chain program.
 pub const CHAIN_PROGRAM: &str = "exofs_chain";
+/// The driver's batch program.
+pub const BATCH_PROGRAM: &str = "exofs_chain_batch";
+/// Suffix of the pin of a program's batch variant (`progs/<name>.batch`).
+const BATCH_PIN_SUFFIX: &str = ".batch";
 /// Where bpffs is mounted.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs mount).
@@ -88,7 +93,7 @@ pub enum BindingError {
     NoProgram(String),
     #[error("a program called `{0}` is already bound")]
     Exists(String),
-    #[error("invalid program name `{0}`: use 1-64 characters of [A-Za-z0-9_.-]")]
+    #[error("invalid program name `{0}`: use 1-64 characters of [A-Za-z0-9_-]")]
     BadName(String),
     #[error("invalid chain: {0}")]
     Invalid(String),
@@ -166,6 +171,41 @@ impl DeviceMapping {
     /// The mapping's address and length.
     pub fn range(&self) -> (u64, u64) {
         (self.addr as u64, self.len as u64)
+    }
+
+    /// Brings the blocks at device offsets `blocks` into memory and into this mapping's
+    /// page tables, reading them concurrently: readahead is started for every block
+    /// first (posix_fadvise WILLNEED returns at once), then each is mapped in
+    /// (MADV_POPULATE_READ waits for its own read only).
+    pub fn bring_in(&self, fs: &Fs, blocks: &[u64]) -> Result<()> {
+        let Some(fd) = fs.device().raw_fd() else {
+            return Ok(());
+        };
+        let block = BLOCK_SIZE as u64;
+        for offset in blocks.iter().filter(|o| **o + block <= self.len as u64) {
+            // SAFETY: advice on a descriptor the Fs keeps open; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(fd, *offset as i64, block as i64, libc::POSIX_FADV_WILLNEED)
+            };
+        }
+        for offset in blocks.iter().filter(|o| **o + block <= self.len as u64) {
+            // SAFETY: the range lies inside this mapping (checked above); populating only
+            // reads the file into the mapping's page tables.
+            let ret = unsafe {
+                libc::madvise(
+                    self.addr.cast::<u8>().add(*offset as usize).cast(),
+                    block as usize,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+            if ret != 0 {
+                return Err(BindingError::Invalid(format!(
+                    "cannot read device block at byte {offset}: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -272,11 +312,13 @@ impl ExtentListener for Listener {
     }
 }
 
-/// A program bound into the driver, loaded, ready to run chains.
+/// A program bound into the driver, loaded, ready to run chains: the driver's single-chain
+/// and batch programs, each linked with the application's `next`.
 #[derive(Debug)]
 pub struct BoundProgram {
     name: String,
     program: SyscallProgram,
+    batch: SyscallProgram,
 }
 
 impl BoundProgram {
@@ -285,9 +327,14 @@ impl BoundProgram {
         &self.name
     }
 
-    /// Instructions after linking, if this process loaded it.
+    /// Instructions of the single-chain program after linking, if this process loaded it.
     pub fn insn_count(&self) -> Option<usize> {
         self.program.insn_count()
+    }
+
+    /// The single-chain program.
+    pub fn chain_program(&self) -> &SyscallProgram {
+        &self.program
     }
 }
 
@@ -335,6 +382,78 @@ pub struct ChainOutcome {
     /// The scratch as `next` left it (only when `status` is DONE; else the request's).
     pub scratch: [u8; SCRATCH_SIZE],
     /// Attempts repeated because a file changed (STALE) or was not yet published.
+    pub retries: u32,
+}
+
+/// One lookup of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchItem {
+    /// Index in the batch's files of the first hop's file.
+    pub start_file: u32,
+    /// Byte offset of the first hop.
+    pub start: u64,
+    /// The first BATCH_SCRATCH_SIZE bytes of the lookup's scratch.
+    pub scratch: [u8; BATCH_SCRATCH_SIZE],
+}
+
+impl BatchItem {
+    /// A lookup from `start` in the first file with `scratch` (at most 32 bytes).
+    pub fn new(start: u64, scratch: &[u8]) -> Self {
+        let mut item = Self {
+            start_file: 0,
+            start,
+            scratch: [0; BATCH_SCRATCH_SIZE],
+        };
+        let len = scratch.len().min(BATCH_SCRATCH_SIZE);
+        item.scratch[..len].copy_from_slice(&scratch[..len]);
+        item
+    }
+}
+
+/// How to run a batch.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    /// Inodes of the files the lookups may read.
+    pub files: Vec<u64>,
+    /// Bytes copied per hop.
+    pub read_len: u32,
+    /// Hops at most per lookup.
+    pub hop_limit: u32,
+    /// Never wait for the disk inside the kernel: lookups that need a block not in memory
+    /// stop; the binding reads all such blocks of the batch concurrently, then runs those
+    /// lookups again (DESIGN "Batches"). Pays off on cold data.
+    pub overlap_misses: bool,
+}
+
+impl BatchRequest {
+    /// Whole-block reads over one file, the hop limit at its maximum, faults waited for.
+    pub fn new(ino: u64) -> Self {
+        Self {
+            files: vec![ino],
+            read_len: BLOCK_SIZE as u32,
+            hop_limit: MAX_HOPS,
+            overlap_misses: false,
+        }
+    }
+}
+
+/// What one lookup of a batch returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub status: i32,
+    pub hops: u32,
+    /// The scratch as `next` left it (DONE), else as given.
+    pub scratch: [u8; BATCH_SCRATCH_SIZE],
+}
+
+/// Counters of a batch run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounters {
+    /// Calls into the kernel.
+    pub calls: u32,
+    /// Blocks read in by user space between calls (overlapped mode).
+    pub prefetched: u32,
+    /// Lookups repeated because a file changed.
     pub retries: u32,
 }
 
@@ -397,13 +516,19 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
     })
 }
 
+/// The pin of a program's batch variant, beside the program's pin.
+fn batch_pin(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(BATCH_PIN_SUFFIX);
+    path.with_file_name(name)
+}
+
 fn check_name(name: &str) -> Result<()> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        && !name.starts_with('.');
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
     if valid {
         Ok(())
     } else {
@@ -534,16 +659,24 @@ impl Binding {
             relocations.push((map_name.as_str(), handle.as_fd().as_raw_fd(), definition));
         }
         driver.relocate(relocations.into_iter())?;
-        let insns = binder::link_into_driver(&driver, CHAIN_PROGRAM, &app)?;
         let license = driver.linked(CHAIN_PROGRAM)?.license;
+        let insns = binder::link_into_driver(&driver, CHAIN_PROGRAM, &app)?;
         let program = SyscallProgram::load_insns(name, &insns, &license)?;
+        let insns = binder::link_into_driver(&driver, BATCH_PROGRAM, &app)?;
+        let batch = SyscallProgram::load_insns(name, &insns, &license)?;
         if let Some(path) = &pin {
             self.ensure_map_pins()?;
             program.pin(path)?;
+            let batch_path = batch_pin(path);
+            if let Err(err) = batch.pin(&batch_path) {
+                let _ = fs::remove_file(path);
+                return Err(err.into());
+            }
         }
         let bound = Arc::new(BoundProgram {
             name: name.to_owned(),
             program,
+            batch,
         });
         self.programs().insert(name.to_owned(), bound.clone());
         Ok(bound)
@@ -561,6 +694,7 @@ impl Binding {
         let bound = Arc::new(BoundProgram {
             name: name.to_owned(),
             program: SyscallProgram::from_pin(&path, name)?,
+            batch: SyscallProgram::from_pin(&batch_pin(&path), name)?,
         });
         self.programs().insert(name.to_owned(), bound.clone());
         Ok(bound)
@@ -573,7 +707,10 @@ impl Binding {
             if dir.exists() {
                 for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
                     let entry = entry.map_err(io_error(&dir))?;
-                    names.insert(entry.file_name().to_string_lossy().into_owned());
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !name.ends_with(BATCH_PIN_SUFFIX) {
+                        names.insert(name);
+                    }
                 }
             }
         }
@@ -588,6 +725,10 @@ impl Binding {
         let pinned = match self.prog_pin(name) {
             Some(path) if path.exists() => {
                 fs::remove_file(&path).map_err(io_error(&path))?;
+                let batch = batch_pin(&path);
+                if batch.exists() {
+                    fs::remove_file(&batch).map_err(io_error(&batch))?;
+                }
                 true
             }
             _ => false,
@@ -778,6 +919,117 @@ impl Binding {
             }
             retries += 1;
         }
+    }
+
+    /// Runs `items` as batches of up to MAX_BATCH lookups per call. Lookups that find a
+    /// file changed are run again (up to 8 times); with `overlap_misses`, lookups stopped
+    /// by a block not in memory are run again once all such blocks are read in.
+    pub fn run_batch(
+        &self,
+        program: &BoundProgram,
+        request: &BatchRequest,
+        items: &[BatchItem],
+    ) -> Result<(Vec<BatchOutcome>, BatchCounters)> {
+        if request.files.is_empty() || request.files.len() > MAX_CHAIN_FILES {
+            return Err(BindingError::Invalid(format!(
+                "a batch names 1..={MAX_CHAIN_FILES} files, not {}",
+                request.files.len()
+            )));
+        }
+        let mut outcomes: Vec<BatchOutcome> = items
+            .iter()
+            .map(|item| BatchOutcome {
+                status: status::INVALID,
+                hops: 0,
+                scratch: item.scratch,
+            })
+            .collect();
+        let mut counters = BatchCounters::default();
+        let mut pending: Vec<usize> = (0..items.len()).collect();
+        let mut stale_rounds = 0;
+        let (map_addr, map_len) = self.mapping.range();
+        while !pending.is_empty() {
+            let mut files = [ChainFile::default(); MAX_CHAIN_FILES];
+            for (slot, ino) in request.files.iter().enumerate() {
+                self.maps.registry().entry(*ino).or_default();
+                files[slot] = self.publish(*ino)?;
+            }
+            let mut missing: Vec<u64> = Vec::new();
+            let mut again: Vec<usize> = Vec::new();
+            let mut stale = false;
+            for group in pending.chunks(MAX_BATCH) {
+                let mut ctx = BatchCtx {
+                    files,
+                    file_count: request.files.len() as u32,
+                    hop_limit: request.hop_limit,
+                    read_len: request.read_len,
+                    count: group.len() as u32,
+                    map_addr,
+                    map_len,
+                    flags: if request.overlap_misses {
+                        BATCH_NO_FAULT
+                    } else {
+                        0
+                    },
+                    ..BatchCtx::default()
+                };
+                for (slot, index) in group.iter().enumerate() {
+                    let item = &items[*index];
+                    ctx.lookups[slot].start_file = item.start_file;
+                    ctx.lookups[slot].start_offset = item.start;
+                    ctx.lookups[slot].scratch = item.scratch;
+                }
+                {
+                    let _pin = self.fs.pin_epoch();
+                    let ret = program.batch.test_run_pod(&mut ctx)?;
+                    if ret as i32 != status::DONE {
+                        return Err(BindingError::Invalid(format!(
+                            "the batch program refused the batch (status {})",
+                            ret as i32
+                        )));
+                    }
+                }
+                counters.calls += 1;
+                for (slot, index) in group.iter().enumerate() {
+                    let lookup = &ctx.lookups[slot];
+                    outcomes[*index] = BatchOutcome {
+                        status: lookup.status,
+                        hops: lookup.hops,
+                        scratch: lookup.scratch,
+                    };
+                    match lookup.status {
+                        status::MISSING => {
+                            missing.push(lookup.missing);
+                            again.push(*index);
+                        }
+                        status::STALE | status::NOT_REGISTERED => {
+                            stale = true;
+                            again.push(*index);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if stale {
+                stale_rounds += 1;
+                counters.retries += again.len() as u32;
+                if stale_rounds >= MAX_ATTEMPTS {
+                    break;
+                }
+                let mut registry = self.maps.registry();
+                for ino in &request.files {
+                    if let Some(entry) = registry.get_mut(ino) {
+                        entry.published_changes = None;
+                    }
+                }
+            }
+            missing.sort_unstable();
+            missing.dedup();
+            counters.prefetched += missing.len() as u32;
+            self.mapping.bring_in(&self.fs, &missing)?;
+            pending = again;
+        }
+        Ok((outcomes, counters))
     }
 
     /// The statistics map, summed over CPUs.

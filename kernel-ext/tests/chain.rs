@@ -10,7 +10,9 @@ mod common;
 use common::{lookup_scratch, reader, setup, write_fragmented};
 use exofs_abi::chain::{status, SCRATCH_SIZE};
 use exofs_abi::formats::Lookup;
-use kernel_ext::binding::{Binding, BindingError, BoundProgram, ChainRequest};
+use kernel_ext::binding::{
+    BatchItem, BatchRequest, Binding, BindingError, BoundProgram, ChainRequest,
+};
 use kernel_ext::examples;
 use kernel_ext::index::{self, Answer};
 
@@ -193,4 +195,48 @@ fn offsets_outside_the_file_or_in_holes_read_nothing() {
         binding.run(&list, &request),
         Err(BindingError::Invalid(_))
     ));
+}
+
+#[test]
+fn batches_match_the_reference_walk() {
+    let Some((_image, fs, binding)) = setup("batch", 128 << 20) else {
+        return;
+    };
+    let btree = binding.bind("btree", examples::BTREE).expect("bind");
+    let all = keys(4242, 4000);
+    let present: Vec<u64> = all.iter().copied().step_by(2).collect();
+    let pairs: Vec<(u64, u64)> = present.iter().map(|k| (*k, k / 3)).collect();
+    let fanout = index::fanout_for_depth(pairs.len() as u64, 4, 512).expect("fanout");
+    let tree = index::build_btree(&pairs, 512, fanout).expect("build");
+    let ino = write_fragmented(&fs, "tree", &tree.bytes, 3);
+    let probes: Vec<u64> = all.iter().copied().step_by(9).take(150).collect();
+    let items: Vec<BatchItem> = probes
+        .iter()
+        .map(|key| BatchItem::new(0, &lookup_scratch(*key)))
+        .collect();
+    for overlap_misses in [true, false] {
+        let mut request = BatchRequest::new(ino);
+        request.read_len = 512;
+        request.overlap_misses = overlap_misses;
+        let (outcomes, counters) = binding.run_batch(&btree, &request, &items).expect("batch");
+        assert!(counters.calls as usize >= items.len().div_ceil(32), "{counters:?}");
+        if overlap_misses {
+            // This binding's mapping has no page mapped yet: the first round misses.
+            assert!(counters.prefetched > 0, "{counters:?}");
+        }
+        for (key, outcome) in probes.iter().zip(&outcomes) {
+            let expected = index::btree_lookup(&mut reader(&fs, ino), 512, *key).expect("walk");
+            let found = u64::from_le_bytes(outcome.scratch[8..16].try_into().expect("8"));
+            let value = u64::from_le_bytes(outcome.scratch[16..24].try_into().expect("8"));
+            assert_eq!(outcome.status, status::DONE, "key {key}");
+            assert_eq!(
+                Answer {
+                    value: (found == 1).then_some(value),
+                    hops: outcome.hops
+                },
+                expected,
+                "key {key} (overlap_misses: {overlap_misses})"
+            );
+        }
+    }
 }

@@ -73,6 +73,36 @@ struct exofs_hop_state {
 	__u8 data[EXOFS_BLOCK_SIZE];
 };
 
+#define EXOFS_STATUS_MISSING 10
+#define EXOFS_BATCH_SCRATCH_SIZE 32
+#define EXOFS_BATCH_NO_FAULT 1
+
+/* One lookup of a batch (the batch program's context is struct exofs_batch_ctx). */
+struct exofs_batch_lookup {
+	__u32 start_file;
+	__s32 status;
+	__u64 start_offset;
+	__u32 hops;
+	__u32 _pad;
+	__u64 missing;
+	__u8 scratch[EXOFS_BATCH_SCRATCH_SIZE];
+};
+
+struct exofs_batch_ctx {
+	struct exofs_chain_file files[EXOFS_MAX_CHAIN_FILES];
+	__u32 file_count;
+	__u32 hop_limit;
+	__u32 read_len;
+	__u32 count;
+	__u64 map_addr;
+	__u64 map_len;
+	__u32 subject_uid;
+	__u32 subject_gid;
+	__u32 flags;
+	__u32 done;
+	struct exofs_batch_lookup lookups[EXOFS_MAX_BATCH];
+};
+
 /* The files map (key -> value). */
 struct exofs_file_key {
 	__u64 ino;

@@ -51,6 +51,10 @@ pub mod status {
     pub const FAULT: i32 = 8;
     /// The arguments are malformed (counts, lengths, file indexes).
     pub const INVALID: i32 = 9;
+    /// Batches with [`super::BATCH_NO_FAULT`]: the block at [`super::BatchLookup::missing`]
+    /// is not in memory; the lookup did not finish. The caller brings the block in (with
+    /// the other missing blocks of the batch, concurrently) and runs the lookup again.
+    pub const MISSING: i32 = 10;
 }
 
 /// Chain statistics: the `stats` map (PERCPU_ARRAY of u64, indexed by these constants;
@@ -143,6 +147,80 @@ impl Default for ChainCtx {
     }
 }
 
+/// Bytes of scratch per lookup of a batch (the first bytes of `next`'s scratch; the
+/// rest of it starts zeroed).
+pub const BATCH_SCRATCH_SIZE: usize = 32;
+/// [`BatchCtx::flags`]: never wait for the disk; a block not in memory ends its lookup
+/// with status MISSING instead (see [`status::MISSING`]).
+pub const BATCH_NO_FAULT: u32 = 1;
+
+/// One lookup of a batch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchLookup {
+    /// In: index in the batch's files of the first hop's file.
+    pub start_file: u32,
+    /// Out: a `status::*` value.
+    pub status: i32,
+    /// In: byte offset of the first hop.
+    pub start_offset: u64,
+    /// Out: hops taken.
+    pub hops: u32,
+    pub _pad: u32,
+    /// Out, with status MISSING: byte offset on the device of the block not in memory.
+    pub missing: u64,
+    /// In and out: the first BATCH_SCRATCH_SIZE bytes of the lookup's scratch.
+    pub scratch: [u8; BATCH_SCRATCH_SIZE],
+}
+
+/// Arguments and results of a batch of independent lookups over the same files: the
+/// context of the driver's batch program. One crossing runs up to MAX_BATCH lookups.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCtx {
+    /// In: the files the lookups may read.
+    pub files: [ChainFile; MAX_CHAIN_FILES],
+    /// In: valid entries in `files`.
+    pub file_count: u32,
+    /// In: hops at most per lookup (clamped to MAX_HOPS).
+    pub hop_limit: u32,
+    /// In: bytes copied per hop (as [`ChainCtx::read_len`]).
+    pub read_len: u32,
+    /// In: lookups in `lookups` (1..=MAX_BATCH).
+    pub count: u32,
+    /// In: the caller's read-only mapping of the device.
+    pub map_addr: u64,
+    pub map_len: u64,
+    /// In: as in [`ChainCtx`].
+    pub subject_uid: u32,
+    pub subject_gid: u32,
+    /// In: `BATCH_*` flags.
+    pub flags: u32,
+    /// Out: lookups that finished with status DONE.
+    pub done: u32,
+    /// The lookups.
+    pub lookups: [BatchLookup; MAX_BATCH],
+}
+
+impl Default for BatchCtx {
+    fn default() -> Self {
+        Self {
+            files: [ChainFile::default(); MAX_CHAIN_FILES],
+            file_count: 0,
+            hop_limit: 0,
+            read_len: 0,
+            count: 0,
+            map_addr: 0,
+            map_len: 0,
+            subject_uid: 0,
+            subject_gid: 0,
+            flags: 0,
+            done: 0,
+            lookups: [BatchLookup::default(); MAX_BATCH],
+        }
+    }
+}
+
 /// What `next` reads and writes at each hop: a per-task map value the driver fills (one
 /// per calling thread, so no other chain can touch it while this one sleeps on a fault).
 #[repr(C)]
@@ -175,8 +253,12 @@ mod pod {
     unsafe impl aya::Pod for super::ChainCtx {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ChainFile {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BatchCtx {}
 }
 
 const _: () = assert!(size_of::<ChainFile>() == 16);
+const _: () = assert!(size_of::<BatchLookup>() == 32 + BATCH_SCRATCH_SIZE);
+const _: () = assert!(size_of::<BatchCtx>() == 64 + 16 + 16 + 16 + MAX_BATCH * 64);
 const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + SCRATCH_SIZE);
 const _: () = assert!(size_of::<HopState>() == 24 + 16 + 32 + SCRATCH_SIZE + BLOCK_SIZE);

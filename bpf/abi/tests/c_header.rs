@@ -1,7 +1,7 @@
 //! include/exofs.h must describe exactly the Rust types: this test compiles a program
 //! against the header that prints every size and offset, and compares them with Rust's.
 
-use exofs_abi::chain::{self, ChainCtx, ChainFile, HopState};
+use exofs_abi::chain::{self, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState};
 use exofs_abi::extents::{self, ExtentChunk, ExtentEntry, ExtentKey, FileInfo, FileKey};
 use exofs_abi::formats::{self, btree::BtreeHeader, hash, list, Lookup};
 use std::collections::BTreeMap;
@@ -35,6 +35,26 @@ fn rust_layout() -> BTreeMap<String, i64> {
         logical => "logical", physical => "physical", length => "length", flags => "flags");
     layout!(map, "exofs_extent_chunk", ExtentChunk;
         count => "count", reserved => "reserved", extents => "extents");
+    layout!(map, "exofs_batch_lookup", BatchLookup;
+        start_file => "start_file", status => "status", start_offset => "start_offset",
+        hops => "hops", missing => "missing", scratch => "scratch");
+    layout!(map, "exofs_batch_ctx", BatchCtx;
+        files => "files", file_count => "file_count", hop_limit => "hop_limit",
+        read_len => "read_len", count => "count", map_addr => "map_addr", map_len => "map_len",
+        subject_uid => "subject_uid", subject_gid => "subject_gid", flags => "flags",
+        done => "done", lookups => "lookups");
+    map.insert(
+        "EXOFS_STATUS_MISSING".into(),
+        i64::from(chain::status::MISSING),
+    );
+    map.insert(
+        "EXOFS_BATCH_SCRATCH_SIZE".into(),
+        chain::BATCH_SCRATCH_SIZE as i64,
+    );
+    map.insert(
+        "EXOFS_BATCH_NO_FAULT".into(),
+        i64::from(chain::BATCH_NO_FAULT),
+    );
     layout!(map, "exofs_lookup", Lookup; key => "key", found => "found", value => "value");
     layout!(map, "exofs_btree_header", BtreeHeader;
         magic => "magic", level => "level", count => "count", node_size => "node_size",

@@ -15,13 +15,14 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_copy_from_user, bpf_loop},
+    helpers::generated::{bpf_copy_from_user, bpf_loop, bpf_probe_read_user},
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
 use exofs_abi::chain::{
-    stats, status, ChainCtx, ChainFile, HopState, BLOCK_SIZE, MAX_CHAIN_FILES, MAX_FANOUT,
-    MAX_HOPS, NEXT_ABORT, NEXT_CONTINUE, NEXT_DONE, SCRATCH_SIZE,
+    stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, BATCH_NO_FAULT,
+    BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT,
+    NEXT_CONTINUE, NEXT_DONE, SCRATCH_SIZE,
 };
 use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
@@ -48,6 +49,21 @@ fn count(index: u32, amount: u64) {
         // SAFETY: a live, aligned u64 map value of this CPU.
         unsafe { *counter += amount };
     }
+}
+
+/// Counts one finished chain (or lookup of a batch).
+#[inline(always)]
+fn count_chain(result: i32, hops: u64) {
+    count(stats::CHAINS, 1);
+    count(stats::HOPS, hops);
+    let outcome = match result {
+        status::DONE => stats::DONE,
+        status::STALE => stats::STALE,
+        status::DENIED => stats::DENIED,
+        status::ABORTED | status::HOP_LIMIT => stats::ABORTED,
+        _ => stats::REJECTED,
+    };
+    count(outcome, 1);
 }
 
 /// The hop state `next` works on, one per task (see `task_storage` for why not per CPU).
@@ -84,8 +100,18 @@ pub struct Walk {
     depth: u64,
     hops: u64,
     status: i64,
+    /// `BATCH_*` flags (0 for a single chain).
+    flags: u64,
+    /// With status MISSING: device offset of the block that was not in memory.
+    missing: u64,
     pending_file: [u32; STACK],
     pending_offset: [u64; STACK],
+    /// Batches: the lookup running, how many there are, its hop, lookups done.
+    lookup: u64,
+    count: u64,
+    lookup_hop: u64,
+    done: u64,
+    batch: [BatchLookup; MAX_BATCH],
 }
 
 /// What each `bpf_loop` iteration gets: the two task values, looked up once per chain.
@@ -131,16 +157,7 @@ pub extern "C" fn exofs_chain(ctx: *mut c_void) -> i32 {
         (*ctx).status = result;
         (*ctx).hops = hops;
     }
-    count(stats::CHAINS, 1);
-    count(stats::HOPS, hops as u64);
-    let outcome = match result {
-        status::DONE => stats::DONE,
-        status::STALE => stats::STALE,
-        status::DENIED => stats::DENIED,
-        status::ABORTED | status::HOP_LIMIT => stats::ABORTED,
-        _ => stats::REJECTED,
-    };
-    count(outcome, 1);
+    count_chain(result, hops as u64);
     result
 }
 
@@ -190,6 +207,7 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
     (*walk).depth = 1;
     (*walk).hops = 0;
     (*walk).status = status::HOP_LIMIT as i64;
+    (*walk).flags = 0;
     let mut values = Values { state, walk };
     bpf_loop(
         MAX_HOPS,
@@ -249,14 +267,7 @@ unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
         return status::INVALID;
     }
     let chain_file = walk.files[(file as usize) & (MAX_CHAIN_FILES - 1)];
-    let outcome = read_hop(
-        state,
-        &chain_file,
-        offset,
-        walk.read_len,
-        walk.map_addr,
-        walk.map_len,
-    );
+    let outcome = read_hop(state, walk, &chain_file, offset);
     if outcome != status::DONE {
         return outcome;
     }
@@ -289,17 +300,201 @@ unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
     }
 }
 
+/// Expands `$body` once per lookup slot of a batch, with `$i` a literal index: context
+/// accesses must be at constant offsets, so the batch is copied in and out slot by slot.
+macro_rules! for_each_slot {
+    ($i:ident => $body:block) => {
+        for_each_slot!(@each $i $body; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21
+            22 23 24 25 26 27 28 29 30 31);
+    };
+    (@each $i:ident $body:block; $($n:literal)*) => {
+        $( { const $i: usize = $n; $body } )*
+    };
+}
+
+const _: () = assert!(MAX_BATCH == 32, "for_each_slot lists 32 slots");
+const BATCH_SCRATCH_WORDS: usize = BATCH_SCRATCH_SIZE / 8;
+
+/// Byte offset in the batch context of field `field_offset` of lookup `slot`.
+const fn slot_field(slot: usize, field_offset: usize) -> usize {
+    core::mem::offset_of!(BatchCtx, lookups)
+        + slot * core::mem::size_of::<BatchLookup>()
+        + field_offset
+}
+
+/// Batch entry point: runs up to MAX_BATCH independent lookups over the same files in one
+/// call. One `bpf_loop` walks every hop of every lookup: when a lookup finishes, the next
+/// one starts in the same iteration sequence.
+#[no_mangle]
+#[link_section = "syscall"]
+pub extern "C" fn exofs_chain_batch(ctx: *mut c_void) -> i32 {
+    let ctx = ctx.cast::<BatchCtx>();
+    // SAFETY: the kernel passes the caller's context, at least size_of::<BatchCtx>() bytes;
+    // every access below is at a constant offset.
+    unsafe { run_batch(ctx) }
+}
+
+unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
+    let bytes = ctx.cast::<u8>();
+    let file_count = (*ctx).file_count as u64;
+    let read_len = (*ctx).read_len as u64;
+    let count = (*ctx).count as u64;
+    if file_count == 0
+        || file_count > MAX_CHAIN_FILES as u64
+        || read_len == 0
+        || read_len > BLOCK_SIZE as u64
+        || count == 0
+        || count > MAX_BATCH as u64
+    {
+        return status::INVALID;
+    }
+    let Some(state) = EXOFS_HOP.current() else {
+        return status::INVALID;
+    };
+    let Some(walk) = EXOFS_WALK.current() else {
+        return status::INVALID;
+    };
+    let hop_limit = if (*ctx).hop_limit > MAX_HOPS {
+        MAX_HOPS
+    } else {
+        (*ctx).hop_limit
+    };
+    (*walk).files = [
+        (*ctx).files[0],
+        (*ctx).files[1],
+        (*ctx).files[2],
+        (*ctx).files[3],
+    ];
+    (*walk).file_count = file_count;
+    (*walk).read_len = read_len;
+    (*walk).hop_limit = hop_limit as u64;
+    (*walk).map_addr = (*ctx).map_addr;
+    (*walk).map_len = (*ctx).map_len;
+    (*walk).flags = (*ctx).flags as u64;
+    (*walk).count = count;
+    (*walk).lookup = 0;
+    (*walk).done = 0;
+    for_each_slot!(I => {
+        let lookup = &mut (*walk).batch[I];
+        lookup.start_file = bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_file)))
+            .cast::<u32>()
+            .read_volatile();
+        lookup.start_offset = bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_offset)))
+            .cast::<u64>()
+            .read_volatile();
+        lookup.status = status::INVALID;
+        lookup.hops = 0;
+        lookup.missing = 0;
+        let scratch = lookup.scratch.as_mut_ptr().cast::<u64>();
+        for w in 0..BATCH_SCRATCH_WORDS {
+            scratch.add(w).write_unaligned(
+                bytes
+                    .add(slot_field(I, core::mem::offset_of!(BatchLookup, scratch)) + w * 8)
+                    .cast::<u64>()
+                    .read_volatile(),
+            );
+        }
+    });
+    begin_lookup(&mut *state, &mut *walk);
+    let mut values = Values { state, walk };
+    bpf_loop(
+        MAX_BATCH as u32 * (MAX_HOPS + 1),
+        batch_hop as usize as *mut c_void,
+        (&mut values as *mut Values).cast(),
+        0,
+    );
+    for_each_slot!(I => {
+        let lookup = &(*walk).batch[I];
+        bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, status)))
+            .cast::<i32>()
+            .write_volatile(lookup.status);
+        bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, hops)))
+            .cast::<u32>()
+            .write_volatile(lookup.hops);
+        bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, missing)))
+            .cast::<u64>()
+            .write_volatile(lookup.missing);
+        let scratch = lookup.scratch.as_ptr().cast::<u64>();
+        for w in 0..BATCH_SCRATCH_WORDS {
+            bytes
+                .add(slot_field(I, core::mem::offset_of!(BatchLookup, scratch)) + w * 8)
+                .cast::<u64>()
+                .write_volatile(scratch.add(w).read_unaligned());
+        }
+    });
+    (*ctx).done = (*walk).done as u32;
+    // As for a single chain: leave no block behind.
+    let _ = bpf_copy_from_user(
+        (*state).data.as_mut_ptr().cast(),
+        BLOCK_SIZE as u32,
+        core::ptr::null(),
+    );
+    status::DONE
+}
+
+/// Starts lookup `walk.lookup`: its first offset, its scratch (the rest zeroed).
+#[inline(always)]
+fn begin_lookup(state: &mut HopState, walk: &mut Walk) {
+    let lookup = &walk.batch[(walk.lookup as usize) & (MAX_BATCH - 1)];
+    walk.pending_file[0] = lookup.start_file;
+    walk.pending_offset[0] = lookup.start_offset;
+    walk.depth = 1;
+    walk.hops = 0;
+    walk.lookup_hop = 0;
+    state.scratch = [0; SCRATCH_SIZE];
+    state.scratch[..BATCH_SCRATCH_SIZE].copy_from_slice(&lookup.scratch);
+    state.next_file = [0; MAX_FANOUT];
+    state.next_offset = [0; MAX_FANOUT];
+}
+
+/// One hop of a batch (the `bpf_loop` callback): 0 to go on, 1 when every lookup is done.
+extern "C" fn batch_hop(_index: u64, values: *mut c_void) -> i64 {
+    // SAFETY: as in `hop`.
+    let (state, walk) = unsafe {
+        let values = &*values.cast::<Values>();
+        (&mut *values.state, &mut *values.walk)
+    };
+    // SAFETY: as in `hop`.
+    let outcome = unsafe { step(state, walk, walk.lookup_hop as u32) };
+    if outcome == KEEP_GOING {
+        walk.lookup_hop += 1;
+        return 0;
+    }
+    let slot = (walk.lookup as usize) & (MAX_BATCH - 1);
+    let hops = walk.hops;
+    let missing = walk.missing;
+    let lookup = &mut walk.batch[slot];
+    lookup.status = outcome;
+    lookup.hops = hops as u32;
+    if outcome == status::DONE {
+        lookup
+            .scratch
+            .copy_from_slice(&state.scratch[..BATCH_SCRATCH_SIZE]);
+        walk.done += 1;
+    } else if outcome == status::MISSING {
+        lookup.missing = missing;
+    }
+    if outcome != status::MISSING {
+        count_chain(outcome, hops);
+    }
+    walk.lookup += 1;
+    if walk.lookup >= walk.count {
+        return 1;
+    }
+    begin_lookup(state, walk);
+    0
+}
+
 /// Checks the file, translates `offset`, copies the bytes into `state.data` and re-checks
 /// the generation. Returns status::DONE when the data is valid.
 #[inline(always)]
-unsafe fn read_hop(
-    state: &mut HopState,
-    file: &ChainFile,
-    offset: u64,
-    read_len: u64,
-    map_addr: u64,
-    map_len: u64,
-) -> i32 {
+unsafe fn read_hop(state: &mut HopState, walk: &mut Walk, file: &ChainFile, offset: u64) -> i32 {
+    let (read_len, map_addr, map_len) = (walk.read_len, walk.map_addr, walk.map_len);
     let key = FileKey { ino: file.ino };
     let Some(info) = EXOFS_FILES.get(&key) else {
         return status::NOT_REGISTERED;
@@ -336,12 +531,18 @@ unsafe fn read_hop(
     if len == 0 || len as usize > BLOCK_SIZE {
         return status::INVALID;
     }
-    let ret = bpf_copy_from_user(
-        state.data.as_mut_ptr().cast(),
-        len,
-        (map_addr + device_offset) as *const c_void,
-    );
+    let source = (map_addr + device_offset) as *const c_void;
+    let ret = if walk.flags & BATCH_NO_FAULT as u64 != 0 {
+        // Never sleeps: fails if the page is not mapped in the caller's page tables.
+        bpf_probe_read_user(state.data.as_mut_ptr().cast(), len, source)
+    } else {
+        bpf_copy_from_user(state.data.as_mut_ptr().cast(), len, source)
+    };
     if ret != 0 {
+        if walk.flags & BATCH_NO_FAULT as u64 != 0 {
+            walk.missing = device_offset - within;
+            return status::MISSING;
+        }
         return status::FAULT;
     }
     // The file may have changed while the block was copied: trust the data only if the
