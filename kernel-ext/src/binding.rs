@@ -1077,3 +1077,88 @@ impl Drop for Binding {
         }
     }
 }
+
+/// A bound program together with its binding: what libfs's `File::chain` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound<'a> {
+    pub binding: &'a Binding,
+    pub program: &'a BoundProgram,
+}
+
+impl Binding {
+    /// `program` ready for [`libfs::File::chain`].
+    pub fn with<'a>(&'a self, program: &'a BoundProgram) -> Bound<'a> {
+        Bound {
+            binding: self,
+            program,
+        }
+    }
+}
+
+fn to_fs_error(err: BindingError) -> libfs::Error {
+    match err {
+        BindingError::Fs(err) => err,
+        other => libfs::Error::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+impl libfs::ChainProgram for Bound<'_> {
+    fn chain(&self, ino: u64, start: u64, scratch: &mut [u8]) -> libfs::Result<libfs::ChainResult> {
+        if scratch.len() > SCRATCH_SIZE {
+            return Err(libfs::Error::Invalid(format!(
+                "a chain's scratch is at most {SCRATCH_SIZE} bytes, not {}",
+                scratch.len()
+            )));
+        }
+        let request = ChainRequest::new(ino, start, scratch);
+        let outcome = self
+            .binding
+            .run(self.program, &request)
+            .map_err(to_fs_error)?;
+        if outcome.status == status::DONE {
+            scratch.copy_from_slice(&outcome.scratch[..scratch.len()]);
+        }
+        Ok(libfs::ChainResult {
+            status: outcome.status,
+            hops: outcome.hops,
+        })
+    }
+
+    fn chain_batch(
+        &self,
+        ino: u64,
+        lookups: &mut [libfs::ChainLookup],
+    ) -> libfs::Result<Vec<libfs::ChainResult>> {
+        if let Some(long) = lookups
+            .iter()
+            .find(|l| l.scratch.len() > BATCH_SCRATCH_SIZE)
+        {
+            return Err(libfs::Error::Invalid(format!(
+                "a batched lookup's scratch is at most {BATCH_SCRATCH_SIZE} bytes, not {}",
+                long.scratch.len()
+            )));
+        }
+        let items: Vec<BatchItem> = lookups
+            .iter()
+            .map(|lookup| BatchItem::new(lookup.start, &lookup.scratch))
+            .collect();
+        let (outcomes, _) = self
+            .binding
+            .run_batch(self.program, &BatchRequest::new(ino), &items)
+            .map_err(to_fs_error)?;
+        Ok(lookups
+            .iter_mut()
+            .zip(outcomes)
+            .map(|(lookup, outcome)| {
+                if outcome.status == status::DONE {
+                    let len = lookup.scratch.len();
+                    lookup.scratch.copy_from_slice(&outcome.scratch[..len]);
+                }
+                libfs::ChainResult {
+                    status: outcome.status,
+                    hops: outcome.hops,
+                }
+            })
+            .collect())
+    }
+}

@@ -219,7 +219,10 @@ fn batches_match_the_reference_walk() {
         request.read_len = 512;
         request.overlap_misses = overlap_misses;
         let (outcomes, counters) = binding.run_batch(&btree, &request, &items).expect("batch");
-        assert!(counters.calls as usize >= items.len().div_ceil(32), "{counters:?}");
+        assert!(
+            counters.calls as usize >= items.len().div_ceil(32),
+            "{counters:?}"
+        );
         if overlap_misses {
             // This binding's mapping has no page mapped yet: the first round misses.
             assert!(counters.prefetched > 0, "{counters:?}");
@@ -239,4 +242,38 @@ fn batches_match_the_reference_walk() {
             );
         }
     }
+}
+
+#[test]
+fn files_run_chains_through_libfs() {
+    let Some((_image, fs, binding)) = setup("filechain", 64 << 20) else {
+        return;
+    };
+    let btree = binding.bind("btree", examples::BTREE).expect("bind");
+    let pairs: Vec<(u64, u64)> = (0..2000u64).map(|k| (k * 2, k + 1)).collect();
+    let tree = index::build_btree(&pairs, 4096, 20).expect("build");
+    let ino = write_fragmented(&fs, "tree", &tree.bytes, 2);
+    let file = libfs::File::from_ino(&fs, ino).expect("open");
+    let program = binding.with(&btree);
+    let mut scratch = lookup_scratch(1234);
+    let result = file.chain(&program, 0, &mut scratch).expect("chain");
+    assert_eq!((result.status, result.hops), (status::DONE, tree.depth));
+    assert_eq!(
+        &scratch[8..24],
+        &[1u64.to_le_bytes(), 618u64.to_le_bytes()].concat()[..]
+    );
+    let mut lookups: Vec<libfs::ChainLookup> = [10u64, 11, 3998]
+        .iter()
+        .map(|key| libfs::ChainLookup {
+            start: 0,
+            scratch: lookup_scratch(*key).to_vec(),
+        })
+        .collect();
+    let results = file.chain_batch(&program, &mut lookups).expect("batch");
+    let found: Vec<u64> = lookups
+        .iter()
+        .map(|l| u64::from_le_bytes(l.scratch[8..16].try_into().expect("8")))
+        .collect();
+    assert!(results.iter().all(|r| r.status == status::DONE));
+    assert_eq!(found, vec![1, 0, 1]);
 }

@@ -21,6 +21,26 @@ pub struct File {
 }
 
 impl File {
+    /// Runs a chained lookup of `program` over this file from byte `start` (see
+    /// [`crate::chain`]): one kernel call, however many hops.
+    pub fn chain(
+        &self,
+        program: &dyn crate::ChainProgram,
+        start: u64,
+        scratch: &mut [u8],
+    ) -> Result<crate::ChainResult> {
+        program.chain(self.ino, start, scratch)
+    }
+
+    /// Runs independent lookups of `program` over this file in batches.
+    pub fn chain_batch(
+        &self,
+        program: &dyn crate::ChainProgram,
+        lookups: &mut [crate::ChainLookup],
+    ) -> Result<Vec<crate::ChainResult>> {
+        program.chain_batch(self.ino, lookups)
+    }
+
     /// Opens an existing file by path.
     pub fn open(fs: &Arc<Fs>, path: &Path) -> Result<File> {
         let attr = fs.resolve(path)?;

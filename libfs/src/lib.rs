@@ -31,6 +31,7 @@ pub mod alloc;
 mod attr;
 pub mod btree;
 pub mod cache;
+pub mod chain;
 pub mod crashsim;
 mod data;
 pub mod device;
@@ -51,6 +52,7 @@ mod superblock;
 pub mod xattr;
 
 pub use alloc::EpochPin;
+pub use chain::{ChainLookup, ChainProgram, ChainResult};
 pub use device::{BlockDevice, FileDevice, MemDevice};
 pub use error::{Error, Result};
 pub use events::{ChangeKind, ExtentChange, ExtentListener};
