@@ -6,7 +6,8 @@
 //!
 //! Interface: [`Binding::open`] creates (or, if pinned by an earlier process, opens) the
 //! maps under `<bpffs>/exofs/<fs-uuid>/maps/`; [`Binding::bind`] links an application
-//! object into the driver ([`crate::binder`]), loads it and pins it as `progs/<name>`;
+//! object into the driver ([`crate::binder`]), loads it and pins it as `progs/<name>`
+//! (and its batch variant as `batch/<name>`);
 //! [`Binding::run`] and [`Binding::run_batch`] run chains over the caller's read-only
 //! mapping of the device; [`Binding::register`] / [`Binding::unregister`] manage files.
 //!
@@ -50,8 +51,9 @@ use crate::sys::{self, SysError};
 pub const CHAIN_PROGRAM: &str = "exofs_chain";
 /// The driver's batch program.
 pub const BATCH_PROGRAM: &str = "exofs_chain_batch";
-/// Suffix of the pin of a program's batch variant (`progs/<name>.batch`).
-const BATCH_PIN_SUFFIX: &str = ".batch";
+/// Directory, beside `progs/`, of the pins of the programs' batch variants (bpffs refuses
+/// dots in names, so `progs/<name>.batch` is not possible).
+const BATCH_PIN_DIR: &str = "batch";
 /// Where bpffs is mounted.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs mount).
@@ -516,11 +518,11 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
     })
 }
 
-/// The pin of a program's batch variant, beside the program's pin.
+/// The pin of a program's batch variant: `<pin dir>/batch/<name>` for `progs/<name>`.
 fn batch_pin(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(BATCH_PIN_SUFFIX);
-    path.with_file_name(name)
+    let name = path.file_name().unwrap_or_default();
+    let pin_dir = path.parent().and_then(Path::parent).unwrap_or(path);
+    pin_dir.join(BATCH_PIN_DIR).join(name)
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -611,7 +613,7 @@ impl Binding {
         let Some(dir) = &self.pin_dir else {
             return Ok(());
         };
-        for sub in ["maps", "progs"] {
+        for sub in ["maps", "progs", BATCH_PIN_DIR] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_error(&path))?;
         }
@@ -707,10 +709,7 @@ impl Binding {
             if dir.exists() {
                 for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
                     let entry = entry.map_err(io_error(&dir))?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if !name.ends_with(BATCH_PIN_SUFFIX) {
-                        names.insert(name);
-                    }
+                    names.insert(entry.file_name().to_string_lossy().into_owned());
                 }
             }
         }
@@ -759,7 +758,7 @@ impl Binding {
                 fs::remove_file(&path).map_err(io_error(&path))?;
             }
         }
-        for sub in ["maps", "progs"] {
+        for sub in ["maps", "progs", BATCH_PIN_DIR] {
             let path = dir.join(sub);
             if path.exists() {
                 fs::remove_dir(&path).map_err(io_error(&path))?;

@@ -31,7 +31,13 @@ fn pins_live_as_long_as_programs() {
     };
     let dir = binding.pin_dir().expect("pinning").to_owned();
     binding.bind("list", examples::LINKED_LIST).expect("bind");
-    for pin in ["maps/files", "maps/extents", "maps/stats", "progs/list"] {
+    for pin in [
+        "maps/files",
+        "maps/extents",
+        "maps/stats",
+        "progs/list",
+        "batch/list",
+    ] {
         assert!(dir.join(pin).exists(), "{pin} is pinned");
     }
     assert!(matches!(

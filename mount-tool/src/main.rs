@@ -1,10 +1,11 @@
 //! `exofs`: the command line of the exofs file system.
 //!
-//! Subcommands: `mkfs`, `fsck`, `bench fs`, and small tools to look inside an image
-//! (`ls`, `put`, `get`, `extents`). The mount, policy, prog, chain and stats
-//! commands arrive with their issues.
+//! Subcommands: `mkfs`, `fsck`, `bench fs|chain`, small tools to look inside an image
+//! (`ls`, `put`, `get`, `extents`), and the kernel binding's `prog load|list|unload`,
+//! `chain`, `stats` and `index`. The mount and policy commands arrive with their issue.
 
 mod bench;
+mod progs;
 mod size;
 mod tools;
 
@@ -21,6 +22,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where bpffs is (or is to be) mounted, for the prog, chain and stats commands.
+    #[arg(long, global = true, value_name = "DIR", default_value = kernel_ext::binding::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,6 +67,40 @@ enum Command {
     Get { image: PathBuf, path: PathBuf },
     /// Print a file's extents: file block, device block, length.
     Extents { image: PathBuf, path: PathBuf },
+    /// Programs bound into the kernel driver for an image.
+    Prog {
+        #[command(subcommand)]
+        action: ProgAction,
+    },
+    /// Run one chained lookup in the kernel and print the value found (or "not found")
+    /// and the hop count. Uses the example programs' scratch: key in; found, value out.
+    Chain {
+        image: PathBuf,
+        /// The file to look in (its path inside the image).
+        path: PathBuf,
+        /// A program loaded with `exofs prog load`.
+        #[arg(long)]
+        prog: String,
+        #[arg(long)]
+        key: u64,
+        /// Byte offset of the first hop (the examples start at 0).
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+    },
+    /// Chain statistics of an image's binding: chains, hops, rejects, stale retries.
+    Stats { image: PathBuf },
+    /// Write an example index file (keys 1, 3, 5, ...; value = key * 7) into an image.
+    Index {
+        image: PathBuf,
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "btree")]
+        kind: progs::Kind,
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// B-tree node size: 512 or 4096.
+        #[arg(long, default_value_t = 4096)]
+        node_size: usize,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -70,9 +108,26 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ProgAction {
+    /// Link an application object's `next` into the driver, load it and pin it as NAME.
+    /// OBJECT is a BPF ELF file, or example:btree, example:btree_c, example:hash_chain,
+    /// example:linked_list for the examples built into exofs.
+    Load {
+        image: PathBuf,
+        name: String,
+        object: String,
+    },
+    /// List the loaded programs.
+    List { image: PathBuf },
+    /// Unload a program (the last unload removes every pinned object).
+    Unload { image: PathBuf, name: String },
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    let bpffs = cli.bpffs.as_path();
     let result = match cli.command {
         Command::Mkfs {
             image,
@@ -90,6 +145,33 @@ fn main() -> ExitCode {
         } => tools::put(&image, &source, &path),
         Command::Get { image, path } => tools::get(&image, &path),
         Command::Extents { image, path } => tools::extents(&image, &path),
+        Command::Prog { action } => match action {
+            ProgAction::Load {
+                image,
+                name,
+                object,
+            } => progs::load(&image, bpffs, &name, &object),
+            ProgAction::List { image } => progs::list(&image, bpffs),
+            ProgAction::Unload { image, name } => progs::unload(&image, bpffs, &name),
+        },
+        Command::Chain {
+            image,
+            path,
+            prog,
+            key,
+            start,
+        } => match progs::chain(&image, bpffs, &path, &prog, key, start) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
+        Command::Stats { image } => progs::stats(&image, bpffs),
+        Command::Index {
+            image,
+            path,
+            kind,
+            keys,
+            node_size,
+        } => progs::write_index(&image, &path, kind, keys, node_size),
         Command::Bench { which } => bench::run(which),
     };
     match result {

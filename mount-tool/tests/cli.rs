@@ -155,3 +155,115 @@ fn mkfs_and_fsck_on_a_block_device() {
     std::fs::write(&source.0, vec![0xabu8; 1 << 20]).expect("source");
     roundtrip(&device.0, &source.0);
 }
+
+/// A private bpffs mount for the prog commands, unmounted on drop.
+struct BpfFs(PathBuf);
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn prog_chain_stats_and_unload() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED prog_chain_stats_and_unload: loading BPF needs root (CI runs as root)");
+        return;
+    }
+    let image = Scratch::new("prog.img");
+    let bpffs = BpfFs(std::env::temp_dir().join(format!("exofs-cli-bpffs-{}", std::process::id())));
+    std::fs::create_dir_all(&bpffs.0).expect("bpffs dir");
+    let mounted = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&bpffs.0)
+        .output()
+        .expect("mount");
+    assert!(mounted.status.success(), "mount bpffs: {}", text(&mounted));
+    let bpffs_arg = bpffs.0.to_str().expect("path");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--bpffs", bpffs_arg];
+        all.extend_from_slice(args);
+        exofs(&all)
+    };
+    assert!(exofs(&["mkfs", image.path(), "--size", "64M"])
+        .status
+        .success());
+    let index = exofs(&[
+        "index",
+        image.path(),
+        "/index",
+        "--keys",
+        "5000",
+        "--node-size",
+        "512",
+    ]);
+    assert!(index.status.success(), "{}", text(&index));
+    assert!(text(&index).contains("B-tree of depth"), "{}", text(&index));
+    let load = run(&["prog", "load", image.path(), "tree", "example:btree"]);
+    assert!(load.status.success(), "{}", text(&load));
+    let bad = run(&["prog", "load", image.path(), "other", "example:nope"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("no example `nope`"), "{}", text(&bad));
+    assert_eq!(text(&run(&["prog", "list", image.path()])).trim(), "tree");
+    let found = run(&[
+        "chain",
+        image.path(),
+        "/index",
+        "--prog",
+        "tree",
+        "--key",
+        "4001",
+    ]);
+    assert!(found.status.success(), "{}", text(&found));
+    assert!(
+        text(&found).contains("key 4001: value 28007 ("),
+        "{}",
+        text(&found)
+    );
+    let missing = run(&[
+        "chain",
+        image.path(),
+        "/index",
+        "--prog",
+        "tree",
+        "--key",
+        "4002",
+    ]);
+    assert!(
+        text(&missing).contains("key 4002: not found ("),
+        "{}",
+        text(&missing)
+    );
+    let outside = run(&[
+        "chain",
+        image.path(),
+        "/index",
+        "--prog",
+        "tree",
+        "--key",
+        "1",
+        "--start",
+        "99999999",
+    ]);
+    assert_eq!(outside.status.code(), Some(1));
+    assert!(
+        text(&outside).contains("offset outside the file"),
+        "{}",
+        text(&outside)
+    );
+    let stats = text(&run(&["stats", image.path()]));
+    assert!(stats.contains("chains    3"), "{stats}");
+    assert!(stats.contains("rejects   1"), "{stats}");
+    let unload = run(&["prog", "unload", image.path(), "tree"]);
+    assert!(unload.status.success(), "{}", text(&unload));
+    let left: Vec<_> = std::fs::read_dir(&bpffs.0)
+        .expect("bpffs")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".debug"))
+        .collect();
+    assert!(left.is_empty(), "nothing is left pinned: {left:?}");
+}

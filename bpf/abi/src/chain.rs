@@ -55,6 +55,24 @@ pub mod status {
     /// is not in memory; the lookup did not finish. The caller brings the block in (with
     /// the other missing blocks of the batch, concurrently) and runs the lookup again.
     pub const MISSING: i32 = 10;
+
+    /// The status's name, for messages.
+    pub const fn name(status: i32) -> &'static str {
+        match status {
+            DONE => "done",
+            ABORTED => "aborted by next",
+            HOP_LIMIT => "hop limit reached",
+            STALE => "stale (the file changed)",
+            OUT_OF_FILE => "offset outside the file",
+            HOLE => "offset in a hole",
+            NOT_REGISTERED => "file not registered",
+            DENIED => "denied by policy",
+            FAULT => "fault reading the device mapping",
+            INVALID => "invalid arguments",
+            MISSING => "block not in memory",
+            _ => "unknown status",
+        }
+    }
 }
 
 /// Chain statistics: the `stats` map (PERCPU_ARRAY of u64, indexed by these constants;
