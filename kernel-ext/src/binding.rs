@@ -178,31 +178,44 @@ impl DeviceMapping {
     /// Brings the blocks at device offsets `blocks` into memory and into this mapping's
     /// page tables, reading them concurrently: readahead is started for every block
     /// first (posix_fadvise WILLNEED returns at once), then each is mapped in
-    /// (MADV_POPULATE_READ waits for its own read only).
+    /// (MADV_POPULATE_READ waits for its own read only). Each readahead covers the
+    /// READ_AROUND-aligned window around its block, as the kernel's own read-around on a
+    /// page fault does: a fault inside a chain gets its neighbours for free, and a batch
+    /// that asked for the single block lost to it (measured: 2.2x pread cold, against
+    /// 3.7x for single chains).
     pub fn bring_in(&self, fs: &Fs, blocks: &[u64]) -> Result<()> {
+        const READ_AROUND: u64 = 128 << 10;
         let Some(fd) = fs.device().raw_fd() else {
             return Ok(());
         };
-        let block = BLOCK_SIZE as u64;
-        for offset in blocks.iter().filter(|o| **o + block <= self.len as u64) {
+        let mut windows: Vec<u64> = blocks.iter().map(|o| o / READ_AROUND * READ_AROUND).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        let window_len = |start: u64| READ_AROUND.min((self.len as u64).saturating_sub(start));
+        for start in &windows {
             // SAFETY: advice on a descriptor the Fs keeps open; no memory is passed.
             unsafe {
-                libc::posix_fadvise(fd, *offset as i64, block as i64, libc::POSIX_FADV_WILLNEED)
+                libc::posix_fadvise(
+                    fd,
+                    *start as i64,
+                    window_len(*start) as i64,
+                    libc::POSIX_FADV_WILLNEED,
+                )
             };
         }
-        for offset in blocks.iter().filter(|o| **o + block <= self.len as u64) {
-            // SAFETY: the range lies inside this mapping (checked above); populating only
-            // reads the file into the mapping's page tables.
+        for start in &windows {
+            // SAFETY: the window lies inside this mapping (clipped to its length);
+            // populating only reads the file into the mapping's page tables.
             let ret = unsafe {
                 libc::madvise(
-                    self.addr.cast::<u8>().add(*offset as usize).cast(),
-                    block as usize,
+                    self.addr.cast::<u8>().add(*start as usize).cast(),
+                    window_len(*start) as usize,
                     libc::MADV_POPULATE_READ,
                 )
             };
             if ret != 0 {
                 return Err(BindingError::Invalid(format!(
-                    "cannot read device block at byte {offset}: {}",
+                    "cannot read the device at byte {start}: {}",
                     std::io::Error::last_os_error()
                 )));
             }
@@ -590,6 +603,13 @@ impl Binding {
             pin_dir,
             programs: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Replaces the device mapping with a fresh one: its pages are no longer mapped here,
+    /// so dropping the page cache afterwards really makes the next chains cold.
+    pub fn remap(&mut self) -> Result<()> {
+        self.mapping = DeviceMapping::map(&self.fs)?;
+        Ok(())
     }
 
     /// The file system.

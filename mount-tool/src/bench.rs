@@ -24,6 +24,8 @@ type Result<T> = std::result::Result<T, Box<dyn Error>>;
 pub enum Which {
     /// File-system throughput: libfs vs the raw image file.
     Fs(FsArgs),
+    /// B-tree lookups: pread, io_uring, in-kernel chain, batched chains, mmap walk.
+    Chain(crate::bench_chain::ChainArgs),
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +52,7 @@ pub struct FsArgs {
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Fs(args) => bench_fs(&args),
+        Which::Chain(args) => crate::bench_chain::bench_chain(&args),
     }
 }
 
@@ -84,7 +87,7 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// Syncs, drops the image's pages from the page cache and waits for the device to
 /// settle, so the next phase reads from the device under the same conditions for both
 /// sides.
-fn drop_cache(fd: i32) -> Result<()> {
+pub(crate) fn drop_cache(fd: i32) -> Result<()> {
     // SAFETY: plain syscalls on a descriptor the caller keeps open.
     let rc = unsafe {
         libc::fdatasync(fd);

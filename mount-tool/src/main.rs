@@ -5,6 +5,7 @@
 //! `chain`, `stats` and `index`. The mount and policy commands arrive with their issue.
 
 mod bench;
+mod bench_chain;
 mod progs;
 mod size;
 mod tools;

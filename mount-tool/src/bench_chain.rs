@@ -1,0 +1,516 @@
+//! `exofs bench chain`: B-tree lookups through five paths, in one run, warm and cold.
+//!
+//! Paths (DESIGN "Performance method"): `pread` (libfs `read_at` per hop), `io_uring`
+//! (one io_uring read per hop, translated through the file's extents in user space),
+//! `chain` (one in-kernel chain per lookup), `chain_batch` (32 lookups per kernel call;
+//! blocks not in memory are read concurrently between calls), `mmap` (a user-space walk
+//! over a private mapping of the device: the memory limit). Every path must return the
+//! same answers; the run fails otherwise. Cold phases drop the image's page cache (and
+//! every mapping of it) first.
+
+use clap::Args;
+use exofs_abi::chain::status;
+use exofs_abi::formats::btree;
+use kernel_ext::binding::{
+    BatchItem, BatchRequest, Binding, BindingOptions, BoundProgram, ChainRequest,
+};
+use kernel_ext::{examples, index};
+use libfs::{Extent, FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
+use std::error::Error;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+#[derive(Args, Debug)]
+pub struct ChainArgs {
+    /// B-tree depth (hops per lookup), 1..=8.
+    #[arg(long, default_value_t = 6)]
+    depth: u32,
+    /// Node size: 512 or 4096.
+    #[arg(long, default_value_t = 4096)]
+    node_size: usize,
+    /// Threads per path.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Lookups per warm phase (cold phases run a tenth, at least 500).
+    #[arg(long, default_value_t = 100_000)]
+    lookups: usize,
+    /// Index size to aim for (the tree is full: the size follows from depth and fanout).
+    #[arg(long, default_value = "64M", value_parser = crate::size::parse_size)]
+    index_size: u64,
+    /// Image file to build the index in (created; removed afterwards).
+    #[arg(long, default_value = "/tmp/exofs-bench-chain.img")]
+    image: PathBuf,
+    /// Only these paths (comma-separated), e.g. chain,mmap.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Only warm or cold phases.
+    #[arg(long)]
+    mode: Option<String>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const PATHS: [&str; 5] = ["pread", "io_uring", "chain", "chain_batch", "mmap"];
+/// Lookups handed to one `run_batch` call (one kernel call of 32 per round; a window of
+/// 128 measured slower cold here: 3.2x pread against 4.0x).
+const BATCH_WINDOW: usize = 32;
+
+/// One measured phase.
+struct Phase {
+    path: &'static str,
+    mode: &'static str,
+    lookups: usize,
+    elapsed: Duration,
+    /// Per-lookup latencies in ns (for batches: the call's time, for each lookup in it).
+    latencies: Vec<u64>,
+    cpu: Duration,
+}
+
+impl Phase {
+    fn per_sec(&self) -> f64 {
+        self.lookups as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_us(&self, p: f64) -> f64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+        sorted.get(index).copied().unwrap_or(0) as f64 / 1000.0
+    }
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    // SAFETY: zero-initialized and filled by the kernel.
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Device block of a file block, through the file's extents.
+fn translate(extents: &[Extent], block: u64) -> Option<u64> {
+    let index = extents.partition_point(|e| e.logical <= block);
+    let extent = extents.get(index.checked_sub(1)?)?;
+    (block < extent.logical + extent.length).then(|| extent.physical + block - extent.logical)
+}
+
+fn device_offset(extents: &[Extent], offset: u64) -> std::result::Result<u64, String> {
+    let block = translate(extents, offset / 4096).ok_or_else(|| format!("offset {offset} is not mapped"))?;
+    Ok(block * 4096 + offset % 4096)
+}
+
+/// A private read-only mapping of the device (the `mmap` path).
+struct PrivateMap {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl PrivateMap {
+    fn new(fd: i32, len: usize) -> Result<Self> {
+        // SAFETY: a fresh private read-only mapping; only read through `bytes`.
+        let addr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0)
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()).into());
+        }
+        Ok(Self { addr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is live for `self`'s lifetime and `len` bytes long.
+        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>(), self.len) }
+    }
+}
+
+// SAFETY: a read-only mapping; sharing its address between threads is sound.
+unsafe impl Sync for PrivateMap {}
+
+impl Drop for PrivateMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, once.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// What the phases share.
+struct Setup {
+    fs: Arc<Fs>,
+    ino: u64,
+    extents: Vec<Extent>,
+    node_size: usize,
+    depth: u32,
+    device_fd: i32,
+    device_len: usize,
+}
+
+/// Expected answer of a key (the index maps key k to k * 7 + 1).
+fn value_of(key: u64) -> u64 {
+    key.wrapping_mul(7) + 1
+}
+
+/// A thread's latencies and wrong answers, or what went wrong.
+type ThreadResult = std::result::Result<(Vec<u64>, usize), String>;
+
+/// Runs `lookups` over `threads` threads, each calling `body(thread, range)` which returns
+/// its latencies and its count of wrong answers.
+fn run_threads(
+    threads: usize,
+    lookups: usize,
+    body: &(dyn Fn(usize, std::ops::Range<usize>) -> ThreadResult + Sync),
+) -> Result<(Duration, Vec<u64>, Duration)> {
+    let cpu_before = cpu_time();
+    let start = Instant::now();
+    let per = lookups.div_ceil(threads);
+    let results: Vec<ThreadResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let range = (t * per).min(lookups)..((t + 1) * per).min(lookups);
+                scope.spawn(move || body(t, range))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a bench thread panicked".to_owned())))
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    let mut latencies = Vec::with_capacity(lookups);
+    let mut wrong = 0;
+    for result in results {
+        let (mut l, w) = result?;
+        latencies.append(&mut l);
+        wrong += w;
+    }
+    if wrong > 0 {
+        return Err(format!("{wrong} lookups returned a wrong answer").into());
+    }
+    Ok((elapsed, latencies, cpu))
+}
+
+fn check(key: u64, answer: &index::Answer, depth: u32) -> usize {
+    usize::from(answer.value != Some(value_of(key)) || answer.hops != depth)
+}
+
+fn words(scratch: &[u8]) -> (u64, u64) {
+    let word = |i: usize| u64::from_le_bytes(scratch[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    (word(1), word(2))
+}
+
+fn phase_user(setup: &Setup, path: &str, keys: &[u64], threads: usize) -> Result<(Duration, Vec<u64>, Duration)> {
+    let map = if path == "mmap" {
+        Some(PrivateMap::new(setup.device_fd, setup.device_len)?)
+    } else {
+        None
+    };
+    let body = |_: usize, range: std::ops::Range<usize>| -> ThreadResult {
+        let mut latencies = Vec::with_capacity(range.len());
+        let mut wrong = 0;
+        let mut ring = if path == "io_uring" {
+            Some(io_uring::IoUring::new(8).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        for key in &keys[range] {
+            let start = Instant::now();
+            let answer = match path {
+                "pread" => index::btree_lookup(
+                    &mut |offset, buf: &mut [u8]| {
+                        setup.fs.read_at(setup.ino, offset, buf).map_err(|e| e.to_string())
+                    },
+                    setup.node_size,
+                    *key,
+                )
+                .map_err(|e| e.to_string())?,
+                "io_uring" => {
+                    let ring = ring.as_mut().ok_or("no ring")?;
+                    index::btree_lookup(
+                        &mut |offset, buf: &mut [u8]| {
+                            let at = device_offset(&setup.extents, offset)?;
+                            let read = io_uring::opcode::Read::new(
+                                io_uring::types::Fd(setup.device_fd),
+                                buf.as_mut_ptr(),
+                                buf.len() as u32,
+                            )
+                            .offset(at)
+                            .build();
+                            // SAFETY: `buf` outlives the submission: we wait for its
+                            // completion before returning.
+                            unsafe { ring.submission().push(&read) }.map_err(|e| e.to_string())?;
+                            ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+                            let cqe = ring.completion().next().ok_or("no completion")?;
+                            usize::try_from(cqe.result()).map_err(|_| format!("read: errno {}", -cqe.result()))
+                        },
+                        setup.node_size,
+                        *key,
+                    )
+                    .map_err(|e| e.to_string())?
+                }
+                _ => {
+                    let bytes = map.as_ref().ok_or("no mapping")?.bytes();
+                    index::btree_lookup(
+                        &mut |offset, buf: &mut [u8]| {
+                            let at = device_offset(&setup.extents, offset)? as usize;
+                            let source = bytes.get(at..at + buf.len()).ok_or("past the device")?;
+                            buf.copy_from_slice(source);
+                            Ok(buf.len())
+                        },
+                        setup.node_size,
+                        *key,
+                    )
+                    .map_err(|e| e.to_string())?
+                }
+            };
+            latencies.push(start.elapsed().as_nanos() as u64);
+            wrong += check(*key, &answer, setup.depth);
+        }
+        Ok((latencies, wrong))
+    };
+    run_threads(threads, keys.len(), &body)
+}
+
+fn phase_chain(
+    setup: &Setup,
+    binding: &Binding,
+    program: &BoundProgram,
+    batched: bool,
+    keys: &[u64],
+    threads: usize,
+) -> Result<(Duration, Vec<u64>, Duration)> {
+    let scratch = |key: u64| {
+        let mut s = [0u8; 24];
+        s[..8].copy_from_slice(&key.to_le_bytes());
+        s
+    };
+    let body = |_: usize, range: std::ops::Range<usize>| -> ThreadResult {
+        let mut latencies = Vec::with_capacity(range.len());
+        let mut wrong = 0;
+        let keys = &keys[range];
+        if batched {
+            let mut request = BatchRequest::new(setup.ino);
+            request.read_len = setup.node_size as u32;
+            request.overlap_misses = true;
+            for group in keys.chunks(BATCH_WINDOW) {
+                let items: Vec<BatchItem> = group.iter().map(|k| BatchItem::new(0, &scratch(*k))).collect();
+                let start = Instant::now();
+                let (outcomes, _) = binding
+                    .run_batch(program, &request, &items)
+                    .map_err(|e| e.to_string())?;
+                let ns = start.elapsed().as_nanos() as u64;
+                for (key, outcome) in group.iter().zip(outcomes) {
+                    latencies.push(ns);
+                    let (found, value) = words(&outcome.scratch);
+                    let answer = index::Answer {
+                        value: (outcome.status == status::DONE && found == 1).then_some(value),
+                        hops: outcome.hops,
+                    };
+                    wrong += check(*key, &answer, setup.depth);
+                }
+            }
+        } else {
+            for key in keys {
+                let mut request = ChainRequest::new(setup.ino, 0, &scratch(*key));
+                request.read_len = setup.node_size as u32;
+                let start = Instant::now();
+                let outcome = binding.run(program, &request).map_err(|e| e.to_string())?;
+                latencies.push(start.elapsed().as_nanos() as u64);
+                let (found, value) = words(&outcome.scratch);
+                let answer = index::Answer {
+                    value: (outcome.status == status::DONE && found == 1).then_some(value),
+                    hops: outcome.hops,
+                };
+                wrong += check(*key, &answer, setup.depth);
+            }
+        }
+        Ok((latencies, wrong))
+    };
+    run_threads(threads, keys.len(), &body)
+}
+
+/// The fanout whose full tree of `depth` levels is closest to `target` bytes.
+fn pick_fanout(depth: u32, node_size: usize, target: u64) -> usize {
+    let nodes = |f: u64| (0..depth).map(|level| f.pow(level)).sum::<u64>();
+    (2..=btree::capacity(node_size) as u64)
+        .take_while(|f| f.checked_pow(depth).is_some_and(|keys| keys <= 50_000_000))
+        .min_by_key(|f| (nodes(*f) * node_size as u64).abs_diff(target))
+        .unwrap_or(2) as usize
+}
+
+pub fn bench_chain(args: &ChainArgs) -> Result<()> {
+    if !(1..=8).contains(&args.depth) || !btree::NODE_SIZES.contains(&args.node_size) {
+        return Err("--depth must be 1..=8 and --node-size 512 or 4096".into());
+    }
+    let threads = args.threads.max(1);
+    let paths: Vec<&'static str> = PATHS
+        .iter()
+        .copied()
+        .filter(|p| args.paths.is_empty() || args.paths.iter().any(|q| q == p))
+        .collect();
+    let modes: Vec<&'static str> = ["warm", "cold"]
+        .into_iter()
+        .filter(|m| args.mode.as_deref().is_none_or(|wanted| wanted == *m))
+        .collect();
+
+    // The index: a full tree, keys 0, 2, 4, ... (value 7k + 1).
+    let fanout = pick_fanout(args.depth, args.node_size, args.index_size);
+    let count = (fanout as u64).pow(args.depth);
+    let pairs: Vec<(u64, u64)> = (0..count).map(|i| (2 * i, value_of(2 * i))).collect();
+    let tree = index::build_btree(&pairs, args.node_size, fanout)?;
+    if tree.depth != args.depth {
+        return Err(format!("built depth {} instead of {}", tree.depth, args.depth).into());
+    }
+    let image_size = (tree.bytes.len() as u64 * 5 / 4 + (64 << 20)).next_multiple_of(1 << 20);
+    let device = FileDevice::create(&args.image, image_size)?;
+    libfs::format(Arc::new(device), &FormatOptions::default())?;
+    let fs = Arc::new(Fs::open(&args.image, &OpenOptions::default())?);
+    let ino = fs.create(ROOT_INO, b"index", 0o644, 0, 0)?.ino;
+    for (i, chunk) in tree.bytes.chunks(1 << 20).enumerate() {
+        fs.write_at(ino, (i << 20) as u64, chunk)?;
+    }
+    fs.sync()?;
+    let extents = fs.extents(ino)?;
+    println!(
+        "index: {} keys, depth {}, {}-byte nodes (fanout {fanout}), {:.1} MiB in {} extents; \
+         {threads} thread(s)",
+        count,
+        tree.depth,
+        args.node_size,
+        tree.bytes.len() as f64 / (1 << 20) as f64,
+        extents.len()
+    );
+    let device_fd = fs.device().raw_fd().ok_or("the device has no descriptor")?;
+    let setup = Setup {
+        fs: fs.clone(),
+        ino,
+        extents,
+        node_size: args.node_size,
+        depth: tree.depth,
+        device_fd,
+        device_len: fs.device().size() as usize,
+    };
+    let options = BindingOptions {
+        pin: false,
+        ..BindingOptions::default()
+    };
+    let mut binding = Binding::open(fs.clone(), &options)?;
+    let program = binding.bind("bench_btree", examples::BTREE)?;
+
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut random_keys = |n: usize| -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                2 * (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % count)
+            })
+            .collect()
+    };
+    let mut phases: Vec<Phase> = Vec::new();
+    for mode in &modes {
+        let lookups = if *mode == "warm" {
+            args.lookups
+        } else {
+            (args.lookups / 10).max(500)
+        };
+        for path in &paths {
+            let keys = random_keys(lookups);
+            if *mode == "warm" {
+                // One untimed pass over the same keys fills the page cache and mappings.
+                measure(&setup, &binding, &program, path, &keys, threads)?;
+            } else {
+                binding.remap()?;
+                crate::bench::drop_cache(device_fd)?;
+            }
+            let (elapsed, latencies, cpu) = measure(&setup, &binding, &program, path, &keys, threads)?;
+            phases.push(Phase {
+                path,
+                mode,
+                lookups,
+                elapsed,
+                latencies,
+                cpu,
+            });
+        }
+    }
+    drop(program);
+    drop(binding);
+    drop(setup);
+    drop(fs);
+    std::fs::remove_file(&args.image)?;
+    report(args, &phases, threads)
+}
+
+fn measure(
+    setup: &Setup,
+    binding: &Binding,
+    program: &BoundProgram,
+    path: &str,
+    keys: &[u64],
+    threads: usize,
+) -> Result<(Duration, Vec<u64>, Duration)> {
+    match path {
+        "chain" => phase_chain(setup, binding, program, false, keys, threads),
+        "chain_batch" => phase_chain(setup, binding, program, true, keys, threads),
+        _ => phase_user(setup, path, keys, threads),
+    }
+}
+
+fn report(args: &ChainArgs, phases: &[Phase], threads: usize) -> Result<()> {
+    println!(
+        "{:<12} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}",
+        "path", "mode", "lookups/s", "p50 us", "p99 us", "cpu us/op", "vs pread", "vs mmap"
+    );
+    let rate = |path: &str, mode: &str| {
+        phases
+            .iter()
+            .find(|p| p.path == path && p.mode == mode)
+            .map(Phase::per_sec)
+    };
+    for phase in phases {
+        let ratio = |base: &str| {
+            rate(base, phase.mode).map_or("-".to_owned(), |b| format!("{:.2}", phase.per_sec() / b))
+        };
+        println!(
+            "{:<12} {:<5} {:>12.0} {:>9.1} {:>9.1} {:>12.2} {:>9} {:>9}",
+            phase.path,
+            phase.mode,
+            phase.per_sec(),
+            phase.percentile_us(0.5),
+            phase.percentile_us(0.99),
+            phase.cpu.as_secs_f64() * 1e6 / phase.lookups as f64,
+            ratio("pread"),
+            ratio("mmap"),
+        );
+    }
+    if let Some(path) = &args.json {
+        let items: Vec<String> = phases
+            .iter()
+            .map(|p| {
+                format!(
+                    "{{\"path\":\"{}\",\"mode\":\"{}\",\"depth\":{},\"node_size\":{},\"threads\":{},\
+                     \"lookups_per_sec\":{:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_lookup\":{:.3}}}",
+                    p.path,
+                    p.mode,
+                    args.depth,
+                    args.node_size,
+                    threads,
+                    p.per_sec(),
+                    p.percentile_us(0.5),
+                    p.percentile_us(0.99),
+                    p.cpu.as_secs_f64() * 1e6 / p.lookups as f64
+                )
+            })
+            .collect();
+        std::fs::write(path, format!("{{\"results\":[{}]}}\n", items.join(",")))?;
+    }
+    Ok(())
+}
