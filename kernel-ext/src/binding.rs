@@ -40,6 +40,10 @@ use exofs_abi::chain::{
     MAX_BATCH, MAX_CHAIN_FILES, MAX_HOPS, SCRATCH_SIZE,
 };
 use exofs_abi::extents::{ExtentKey, FileInfo, FileKey, MAP_EXTENTS, MAP_FILES};
+use exofs_abi::policy::{
+    PolicyGrant, PolicyKey, KIND_SPEAKER, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
+    SUBJECT_UID,
+};
 use libfs::{ChangeKind, ExtentChange, ExtentListener, Fs};
 
 use crate::binder::{self, BindError};
@@ -65,6 +69,7 @@ const MAX_ATTEMPTS: u32 = 8;
 const PINNED_MAPS: &[(&str, &str)] = &[
     (MAP_FILES, "files"),
     (MAP_EXTENTS, "extents"),
+    (MAP_POLICY, "policy"),
     (stats::MAP_STATS, "stats"),
 ];
 
@@ -188,7 +193,10 @@ impl DeviceMapping {
         let Some(fd) = fs.device().raw_fd() else {
             return Ok(());
         };
-        let mut windows: Vec<u64> = blocks.iter().map(|o| o / READ_AROUND * READ_AROUND).collect();
+        let mut windows: Vec<u64> = blocks
+            .iter()
+            .map(|o| o / READ_AROUND * READ_AROUND)
+            .collect();
         windows.sort_unstable();
         windows.dedup();
         let window_len = |start: u64| READ_AROUND.min((self.len as u64).saturating_sub(start));
@@ -257,6 +265,7 @@ impl Registered {
 struct Maps {
     files: MapHandle,
     extents: MapHandle,
+    policy: MapHandle,
     stats: MapHandle,
     /// Every map of the driver, by its name in the driver (for relocation).
     all: BTreeMap<String, MapHandle>,
@@ -368,6 +377,9 @@ pub struct ChainRequest {
     pub hop_limit: u32,
     /// The application's scratch.
     pub scratch: [u8; SCRATCH_SIZE],
+    /// The (uid, gid) the policy is checked for; honoured only when this process is the
+    /// policy's registered speaker (the mount daemon), else the caller's own ids count.
+    pub subject: Option<(u32, u32)>,
 }
 
 impl ChainRequest {
@@ -380,6 +392,7 @@ impl ChainRequest {
             read_len: BLOCK_SIZE as u32,
             hop_limit: MAX_HOPS,
             scratch: [0; SCRATCH_SIZE],
+            subject: None,
         };
         let len = scratch.len().min(SCRATCH_SIZE);
         request.scratch[..len].copy_from_slice(&scratch[..len]);
@@ -398,6 +411,54 @@ pub struct ChainOutcome {
     pub scratch: [u8; SCRATCH_SIZE],
     /// Attempts repeated because a file changed (STALE) or was not yet published.
     pub retries: u32,
+}
+
+/// Whom a policy grant is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Uid(u32),
+    Gid(u32),
+    /// A cgroup, by id (the inode number of its directory in the cgroup2 mount).
+    Cgroup(u64),
+}
+
+/// One grant of the kernel policy: `subject` may run chains over `ino`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub subject: Subject,
+    pub ino: u64,
+    pub grant: PolicyGrant,
+}
+
+impl PolicyEntry {
+    fn key(&self) -> PolicyKey {
+        let (kind, id) = match self.subject {
+            Subject::Uid(uid) => (SUBJECT_UID, u64::from(uid)),
+            Subject::Gid(gid) => (SUBJECT_GID, u64::from(gid)),
+            Subject::Cgroup(id) => (SUBJECT_CGROUP, id),
+        };
+        PolicyKey {
+            kind,
+            _pad: 0,
+            id,
+            ino: self.ino,
+        }
+    }
+}
+
+/// A policy key from the map's bytes.
+fn policy_key(bytes: &[u8]) -> PolicyKey {
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_ne_bytes(w)
+    };
+    PolicyKey {
+        kind: word(0) as u32,
+        _pad: 0,
+        id: word(8),
+        ino: word(16),
+    }
 }
 
 /// One lookup of a batch.
@@ -438,6 +499,8 @@ pub struct BatchRequest {
     /// stop; the binding reads all such blocks of the batch concurrently, then runs those
     /// lookups again (DESIGN "Batches"). Pays off on cold data.
     pub overlap_misses: bool,
+    /// As [`ChainRequest::subject`].
+    pub subject: Option<(u32, u32)>,
 }
 
 impl BatchRequest {
@@ -448,6 +511,7 @@ impl BatchRequest {
             read_len: BLOCK_SIZE as u32,
             hop_limit: MAX_HOPS,
             overlap_misses: false,
+            subject: None,
         }
     }
 }
@@ -585,9 +649,11 @@ impl Binding {
         let files = take(&mut all, MAP_FILES)?;
         let extents = take(&mut all, MAP_EXTENTS)?;
         let stats_map = take(&mut all, stats::MAP_STATS)?;
+        let policy = take(&mut all, MAP_POLICY)?;
         let maps = Arc::new(Maps {
             files,
             extents,
+            policy,
             stats: stats_map,
             all,
             registry: Mutex::new(HashMap::new()),
@@ -643,6 +709,7 @@ impl Binding {
                 let handle = match *driver_name {
                     MAP_FILES => &self.maps.files,
                     MAP_EXTENTS => &self.maps.extents,
+                    MAP_POLICY => &self.maps.policy,
                     _ => &self.maps.stats,
                 };
                 handle.pin(&path)?;
@@ -673,6 +740,7 @@ impl Binding {
             let handle = match map_name.as_str() {
                 MAP_FILES => &self.maps.files,
                 MAP_EXTENTS => &self.maps.extents,
+                MAP_POLICY => &self.maps.policy,
                 stats::MAP_STATS => &self.maps.stats,
                 other => self.maps.all.get(other).ok_or_else(|| {
                     LoadError::Elf(format!("the driver's map {other} was not created"))
@@ -913,6 +981,9 @@ impl Binding {
             ctx.map_addr = map_addr;
             ctx.map_len = map_len;
             ctx.scratch = request.scratch;
+            if let Some((uid, gid)) = request.subject {
+                (ctx.subject_uid, ctx.subject_gid) = (uid, gid);
+            }
             {
                 let _pin = self.fs.pin_epoch();
                 program.program.test_run_pod(&mut ctx)?;
@@ -1001,6 +1072,13 @@ impl Binding {
                 {
                     let _pin = self.fs.pin_epoch();
                     let ret = program.batch.test_run_pod(&mut ctx)?;
+                    if ret as i32 == status::DENIED {
+                        for index in group {
+                            outcomes[*index].status = status::DENIED;
+                        }
+                        counters.calls += 1;
+                        continue;
+                    }
                     if ret as i32 != status::DONE {
                         return Err(BindingError::Invalid(format!(
                             "the batch program refused the batch (status {})",
@@ -1049,6 +1127,53 @@ impl Binding {
             pending = again;
         }
         Ok((outcomes, counters))
+    }
+
+    /// Replaces the kernel policy: enforcement on (every chain denied unless each of its
+    /// files has a grant for the subject), exactly `entries`, and `speaker`, the process
+    /// allowed to name the subject of its chains (the mount daemon). The mode entry goes
+    /// in first and old grants go before new ones are added, so a reload is never more
+    /// permissive than either policy.
+    pub fn load_policy(&self, entries: &[PolicyEntry], speaker: Option<u32>) -> Result<()> {
+        let map = &self.maps.policy;
+        map.set(&MODE_KEY, &PolicyGrant::default(), sys::BPF_ANY)?;
+        let mut wanted: HashMap<PolicyKey, PolicyGrant> = entries
+            .iter()
+            .map(|entry| (entry.key(), entry.grant))
+            .collect();
+        if let Some(pid) = speaker {
+            let key = PolicyKey {
+                kind: KIND_SPEAKER,
+                _pad: 0,
+                id: u64::from(pid),
+                ino: 0,
+            };
+            wanted.insert(key, PolicyGrant::default());
+        }
+        wanted.insert(MODE_KEY, PolicyGrant::default());
+        for bytes in map.keys_bytes()? {
+            let key = policy_key(&bytes);
+            if !wanted.contains_key(&key) {
+                map.delete(&key)?;
+            }
+        }
+        for (key, grant) in &wanted {
+            map.set(key, grant, sys::BPF_ANY)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the kernel policy: chains are open again (a privileged application's own).
+    pub fn clear_policy(&self) -> Result<()> {
+        let map = &self.maps.policy;
+        for bytes in map.keys_bytes()? {
+            let key = policy_key(&bytes);
+            if key != MODE_KEY {
+                map.delete(&key)?;
+            }
+        }
+        map.delete(&MODE_KEY)?;
+        Ok(())
     }
 
     /// The statistics map, summed over CPUs.

@@ -470,6 +470,21 @@ impl MapHandle {
         Ok(unsafe { sys::map_update_elem(self.fd.as_fd(), key, value, flags) }?)
     }
 
+    /// Every key of the map (in the kernel's order), as bytes.
+    pub fn keys_bytes(&self) -> Result<Vec<Vec<u8>>, LoadError> {
+        let size = self.spec.key_size as usize;
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut next = vec![0u8; size];
+        loop {
+            let previous = keys.last().map(Vec::as_slice);
+            // SAFETY: `previous` and `next` have the map's key size.
+            if !unsafe { sys::map_get_next_key(self.fd.as_fd(), previous, &mut next) }? {
+                return Ok(keys);
+            }
+            keys.push(next.clone());
+        }
+    }
+
     /// Removes `key`; `Ok(false)` if there was none.
     pub fn delete_bytes(&self, key: &[u8]) -> Result<bool, LoadError> {
         self.check_sizes(key.len(), self.spec.value_size as usize)?;

@@ -8,7 +8,10 @@ mod common;
 
 use common::{compile_c, lookup_scratch, write_fragmented, BpfFs};
 use exofs_abi::chain::status;
-use kernel_ext::binding::{BindingError, BindingOptions, ChainRequest};
+use exofs_abi::policy::PolicyGrant;
+use kernel_ext::binding::{
+    BatchItem, BatchRequest, BindingError, BindingOptions, ChainRequest, PolicyEntry, Subject,
+};
 use kernel_ext::{examples, index};
 use libfs::{FallocateMode, SetAttr, ROOT_INO};
 use std::collections::BTreeSet;
@@ -334,4 +337,129 @@ fn no_chain_ever_returns_another_files_block() {
         "freed blocks were reused by marker files ({reused})"
     );
     assert_eq!(leaks, 0, "chains returned blocks of other files");
+}
+
+/// The cgroup2 id of this process if it sits at the root of the unified hierarchy (id 1),
+/// the one case this test can know without a cgroup2 mount.
+fn root_cgroup_id() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().any(|line| line == "0::/").then_some(1)
+}
+
+#[test]
+fn the_kernel_policy_denies_by_default_and_caps_hops() {
+    let Some((_image, fs, binding)) = common::setup("policy", 64 << 20) else {
+        return;
+    };
+    let list = binding.bind("list", examples::LINKED_LIST).expect("bind");
+    let pairs: Vec<(u64, u64)> = (1..=20).map(|k| (k, k * 3)).collect();
+    let allowed = write_fragmented(&fs, "allowed", &index::build_list(&pairs, 2), 3);
+    let other = write_fragmented(&fs, "other", &index::build_list(&pairs, 4), 3);
+    let run = |ino: u64, hops: u32, subject: Option<(u32, u32)>| {
+        let mut request = ChainRequest::new(ino, 0, &lookup_scratch(20));
+        request.hop_limit = hops;
+        request.subject = subject;
+        binding.run(&list, &request).expect("run").status
+    };
+    // No policy: open.
+    assert_eq!(run(other, 64, None), status::DONE);
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let grant = |subject, ino, max_hops| PolicyEntry {
+        subject,
+        ino,
+        grant: PolicyGrant {
+            max_hops,
+            max_batch: 8,
+        },
+    };
+    binding
+        .load_policy(&[grant(Subject::Uid(uid), allowed, 20)], None)
+        .expect("policy");
+    let denied_before = binding.stats().expect("stats").denied;
+    assert_eq!(
+        run(allowed, 20, None),
+        status::DONE,
+        "granted file, hops within the grant"
+    );
+    assert_eq!(
+        run(allowed, 21, None),
+        status::DENIED,
+        "more hops than granted"
+    );
+    assert_eq!(
+        run(other, 20, None),
+        status::DENIED,
+        "a file without a grant"
+    );
+    let mut two = ChainRequest::new(allowed, 0, &lookup_scratch(20));
+    two.files.push(other);
+    two.hop_limit = 20;
+    assert_eq!(
+        binding.run(&list, &two).expect("run").status,
+        status::DENIED,
+        "every file counts"
+    );
+    // Batches: the grant's batch size.
+    let items: Vec<BatchItem> = (0..9)
+        .map(|_| BatchItem::new(0, &lookup_scratch(20)))
+        .collect();
+    let mut batch = BatchRequest::new(allowed);
+    batch.hop_limit = 20;
+    let (outcomes, _) = binding
+        .run_batch(&list, &batch, &items[..8])
+        .expect("batch");
+    assert!(outcomes.iter().all(|o| o.status == status::DONE));
+    let (outcomes, _) = binding.run_batch(&list, &batch, &items).expect("batch");
+    assert!(
+        outcomes.iter().all(|o| o.status == status::DENIED),
+        "9 > max_batch 8"
+    );
+    assert!(binding.stats().expect("stats").denied >= denied_before + 3 + 9);
+
+    // A subject named in the request counts only for the registered speaker.
+    binding
+        .load_policy(&[grant(Subject::Uid(4242), other, 64)], None)
+        .expect("policy");
+    assert_eq!(
+        run(other, 20, Some((4242, 4242))),
+        status::DENIED,
+        "not the speaker"
+    );
+    binding
+        .load_policy(
+            &[grant(Subject::Uid(4242), other, 64)],
+            Some(std::process::id()),
+        )
+        .expect("policy");
+    assert_eq!(
+        run(other, 20, Some((4242, 4242))),
+        status::DONE,
+        "the speaker's subject"
+    );
+    assert_eq!(run(allowed, 20, Some((4242, 4242))), status::DENIED);
+    assert_eq!(run(other, 20, Some((4243, 4243))), status::DENIED);
+    // Group and cgroup grants.
+    binding
+        .load_policy(
+            &[grant(Subject::Gid(777), other, 64)],
+            Some(std::process::id()),
+        )
+        .expect("policy");
+    assert_eq!(
+        run(other, 20, Some((1, 777))),
+        status::DONE,
+        "granted to the group"
+    );
+    if let Some(cgroup) = root_cgroup_id() {
+        binding
+            .load_policy(&[grant(Subject::Cgroup(cgroup), other, 64)], None)
+            .expect("policy");
+        assert_eq!(run(other, 20, None), status::DONE, "granted to the cgroup");
+        assert_eq!(run(allowed, 20, None), status::DENIED);
+    } else {
+        eprintln!("(cgroup grant not checked: this process is not in the cgroup2 root)");
+    }
+    binding.clear_policy().expect("clear");
+    assert_eq!(run(allowed, 64, None), status::DONE, "open again");
 }

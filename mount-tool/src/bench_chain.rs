@@ -102,7 +102,8 @@ fn translate(extents: &[Extent], block: u64) -> Option<u64> {
 }
 
 fn device_offset(extents: &[Extent], offset: u64) -> std::result::Result<u64, String> {
-    let block = translate(extents, offset / 4096).ok_or_else(|| format!("offset {offset} is not mapped"))?;
+    let block = translate(extents, offset / 4096)
+        .ok_or_else(|| format!("offset {offset} is not mapped"))?;
     Ok(block * 4096 + offset % 4096)
 }
 
@@ -116,7 +117,14 @@ impl PrivateMap {
     fn new(fd: i32, len: usize) -> Result<Self> {
         // SAFETY: a fresh private read-only mapping; only read through `bytes`.
         let addr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                fd,
+                0,
+            )
         };
         if addr == libc::MAP_FAILED {
             return Err(format!("mmap: {}", std::io::Error::last_os_error()).into());
@@ -178,7 +186,10 @@ fn run_threads(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a bench thread panicked".to_owned())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a bench thread panicked".to_owned()))
+            })
             .collect()
     });
     let elapsed = start.elapsed();
@@ -201,11 +212,17 @@ fn check(key: u64, answer: &index::Answer, depth: u32) -> usize {
 }
 
 fn words(scratch: &[u8]) -> (u64, u64) {
-    let word = |i: usize| u64::from_le_bytes(scratch[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    let word =
+        |i: usize| u64::from_le_bytes(scratch[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
     (word(1), word(2))
 }
 
-fn phase_user(setup: &Setup, path: &str, keys: &[u64], threads: usize) -> Result<(Duration, Vec<u64>, Duration)> {
+fn phase_user(
+    setup: &Setup,
+    path: &str,
+    keys: &[u64],
+    threads: usize,
+) -> Result<(Duration, Vec<u64>, Duration)> {
     let map = if path == "mmap" {
         Some(PrivateMap::new(setup.device_fd, setup.device_len)?)
     } else {
@@ -224,7 +241,10 @@ fn phase_user(setup: &Setup, path: &str, keys: &[u64], threads: usize) -> Result
             let answer = match path {
                 "pread" => index::btree_lookup(
                     &mut |offset, buf: &mut [u8]| {
-                        setup.fs.read_at(setup.ino, offset, buf).map_err(|e| e.to_string())
+                        setup
+                            .fs
+                            .read_at(setup.ino, offset, buf)
+                            .map_err(|e| e.to_string())
                     },
                     setup.node_size,
                     *key,
@@ -247,7 +267,8 @@ fn phase_user(setup: &Setup, path: &str, keys: &[u64], threads: usize) -> Result
                             unsafe { ring.submission().push(&read) }.map_err(|e| e.to_string())?;
                             ring.submit_and_wait(1).map_err(|e| e.to_string())?;
                             let cqe = ring.completion().next().ok_or("no completion")?;
-                            usize::try_from(cqe.result()).map_err(|_| format!("read: errno {}", -cqe.result()))
+                            usize::try_from(cqe.result())
+                                .map_err(|_| format!("read: errno {}", -cqe.result()))
                         },
                         setup.node_size,
                         *key,
@@ -299,7 +320,10 @@ fn phase_chain(
             request.read_len = setup.node_size as u32;
             request.overlap_misses = true;
             for group in keys.chunks(BATCH_WINDOW) {
-                let items: Vec<BatchItem> = group.iter().map(|k| BatchItem::new(0, &scratch(*k))).collect();
+                let items: Vec<BatchItem> = group
+                    .iter()
+                    .map(|k| BatchItem::new(0, &scratch(*k)))
+                    .collect();
                 let start = Instant::now();
                 let (outcomes, _) = binding
                     .run_batch(program, &request, &items)
@@ -430,7 +454,8 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
                 binding.remap()?;
                 crate::bench::drop_cache(device_fd)?;
             }
-            let (elapsed, latencies, cpu) = measure(&setup, &binding, &program, path, &keys, threads)?;
+            let (elapsed, latencies, cpu) =
+                measure(&setup, &binding, &program, path, &keys, threads)?;
             phases.push(Phase {
                 path,
                 mode,

@@ -1,12 +1,13 @@
 //! The exofs chain ABI, shared by user space and BPF: `#[repr(C)]` types with asserted
 //! sizes, map names and limits. `no_std`; the `user` feature adds `aya::Pod` impls.
 //! `include/exofs.h` is the same ABI for C authors (a test compares every size and
-//! offset). Policy types come with the policy work.
+//! offset).
 #![no_std]
 
 pub mod chain;
 pub mod extents;
 pub mod formats;
+pub mod policy;
 
 /// The toolchain probe's context (`exofs_probe` in bpf/driver): the smallest program that
 /// exercises the whole load path (map relocation, sleepable syscall program,

@@ -16,7 +16,8 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::generated::{
-        bpf_copy_from_user, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_copy_from_user, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
@@ -30,6 +31,10 @@ use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
 };
 
+use exofs_abi::policy::{
+    PolicyKey, KIND_SPEAKER, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID, SUBJECT_UID,
+};
+
 use crate::task_storage::TaskStorage;
 
 /// Registered files.
@@ -39,6 +44,93 @@ static EXOFS_FILES: HashMap<FileKey, FileInfo> = HashMap::with_max_entries(16384
 /// Registered extents, chunked (see exofs_abi::extents).
 #[map]
 static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entries(262144, 0);
+
+/// The policy (see exofs_abi::policy).
+#[map]
+static EXOFS_POLICY: HashMap<PolicyKey, exofs_abi::policy::PolicyGrant> =
+    HashMap::with_max_entries(65536, 0);
+
+/// No grant (see `grant_for`).
+const NO_GRANT: u64 = u64::MAX;
+
+/// The grant for `ino` of the first subject that has one (uid, gid, then cgroup), as
+/// max_hops << 32 | max_batch, or NO_GRANT. (A plain u64 rather than an
+/// `Option<PolicyGrant>`: LLVM's code for the option read a clobbered register, which the
+/// verifier refused.)
+#[inline(always)]
+fn grant_for(uid: u32, gid: u32, cgroup: u64, ino: u64) -> u64 {
+    let subjects = [
+        (SUBJECT_UID, uid as u64),
+        (SUBJECT_GID, gid as u64),
+        (SUBJECT_CGROUP, cgroup),
+    ];
+    for (kind, id) in subjects {
+        if kind == SUBJECT_CGROUP && cgroup == NO_GRANT {
+            break;
+        }
+        let key = PolicyKey {
+            kind,
+            _pad: 0,
+            id,
+            ino,
+        };
+        // SAFETY: the map's values are plain integers, read at once.
+        if let Some(grant) = unsafe { EXOFS_POLICY.get(&key) } {
+            return (grant.max_hops as u64) << 32 | grant.max_batch as u64;
+        }
+    }
+    NO_GRANT
+}
+
+/// Whether the policy lets the subject run a chain of at most `hops` hops (and, for a
+/// batch, `batch` lookups) over the first `file_count` of `files`. Open when the policy
+/// map has no mode entry. The subject is the calling task, or, when the caller is the
+/// registered speaker (the mount daemon), the uid and gid it passes. Pairs of u32 travel
+/// in one u64 (`subject`: uid | gid << 32; `limits`: batch | hops << 32): with five
+/// arguments LLVM read the fifth from r5 after a helper call had clobbered it, which the
+/// verifier refused ("R5 !read_ok").
+#[inline(never)]
+fn allowed(
+    files: &[ChainFile; MAX_CHAIN_FILES],
+    file_count: u64,
+    subject: u64,
+    limits: u64,
+) -> bool {
+    let (hops, batch) = ((limits >> 32) as u32, limits as u32);
+    // SAFETY: a lookup of a plain value.
+    if unsafe { EXOFS_POLICY.get(&MODE_KEY) }.is_none() {
+        return true;
+    }
+    // SAFETY: these helpers take no arguments.
+    let tgid = unsafe { bpf_get_current_pid_tgid() } >> 32;
+    let speaker_key = PolicyKey {
+        kind: KIND_SPEAKER,
+        _pad: 0,
+        id: tgid,
+        ino: 0,
+    };
+    // SAFETY: as above.
+    let speaker = unsafe { EXOFS_POLICY.get(&speaker_key) }.is_some();
+    let (uid, gid, cgroup) = if speaker {
+        (subject as u32, (subject >> 32) as u32, NO_GRANT)
+    } else {
+        // SAFETY: as above.
+        let ids = unsafe { bpf_get_current_uid_gid() };
+        // SAFETY: as above.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        (ids as u32, (ids >> 32) as u32, cgroup)
+    };
+    for (index, file) in files.iter().enumerate() {
+        if index as u64 >= file_count {
+            break;
+        }
+        let grant = grant_for(uid, gid, cgroup, file.ino);
+        if grant == NO_GRANT || hops > (grant >> 32) as u32 || batch > grant as u32 {
+            return false;
+        }
+    }
+    true
+}
 
 /// One block of zeros, never written by anyone: the source that clears the hop state's
 /// block buffer at the end of a chain.
@@ -201,6 +293,16 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
     } else {
         (*ctx).hop_limit
     };
+    let files = [
+        (*ctx).files[0],
+        (*ctx).files[1],
+        (*ctx).files[2],
+        (*ctx).files[3],
+    ];
+    let subject = (*ctx).subject_uid as u64 | ((*ctx).subject_gid as u64) << 32;
+    if !allowed(&files, file_count, subject, (hop_limit as u64) << 32 | 1) {
+        return (status::DENIED, 0);
+    }
     let Some(state) = EXOFS_HOP.current() else {
         return (status::INVALID, 0);
     };
@@ -216,12 +318,7 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
     }
     (*state).next_file = [0; MAX_FANOUT];
     (*state).next_offset = [0; MAX_FANOUT];
-    (*walk).files = [
-        (*ctx).files[0],
-        (*ctx).files[1],
-        (*ctx).files[2],
-        (*ctx).files[3],
-    ];
+    (*walk).files = files;
     (*walk).file_count = file_count;
     (*walk).read_len = read_len;
     (*walk).hop_limit = hop_limit as u64;
@@ -236,7 +333,7 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
     let mut values = Values { state, walk };
     bpf_loop(
         MAX_HOPS,
-        hop as usize as *mut c_void,
+        hop as *const () as usize as *mut c_void,
         (&mut values as *mut Values).cast(),
         0,
     );
@@ -356,13 +453,13 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
     let bytes = ctx.cast::<u8>();
     let file_count = (*ctx).file_count as u64;
     let read_len = (*ctx).read_len as u64;
-    let count = (*ctx).count as u64;
+    let lookups = (*ctx).count as u64;
     if file_count == 0
         || file_count > MAX_CHAIN_FILES as u64
         || read_len == 0
         || read_len > BLOCK_SIZE as u64
-        || count == 0
-        || count > MAX_BATCH as u64
+        || lookups == 0
+        || lookups > MAX_BATCH as u64
     {
         return status::INVALID;
     }
@@ -377,19 +474,31 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
     } else {
         (*ctx).hop_limit
     };
-    (*walk).files = [
+    let files = [
         (*ctx).files[0],
         (*ctx).files[1],
         (*ctx).files[2],
         (*ctx).files[3],
     ];
+    let subject = (*ctx).subject_uid as u64 | ((*ctx).subject_gid as u64) << 32;
+    if !allowed(
+        &files,
+        file_count,
+        subject,
+        (hop_limit as u64) << 32 | lookups,
+    ) {
+        count(stats::CHAINS, lookups);
+        count(stats::DENIED, lookups);
+        return status::DENIED;
+    }
+    (*walk).files = files;
     (*walk).file_count = file_count;
     (*walk).read_len = read_len;
     (*walk).hop_limit = hop_limit as u64;
     (*walk).map_addr = (*ctx).map_addr;
     (*walk).map_len = (*ctx).map_len;
     (*walk).flags = (*ctx).flags as u64;
-    (*walk).count = count;
+    (*walk).count = lookups;
     (*walk).lookup = 0;
     (*walk).done = 0;
     for_each_slot!(I => {
@@ -419,7 +528,7 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
     let mut values = Values { state, walk };
     bpf_loop(
         MAX_BATCH as u32 * (MAX_HOPS + 1),
-        batch_hop as usize as *mut c_void,
+        batch_hop as *const () as usize as *mut c_void,
         (&mut values as *mut Values).cast(),
         0,
     );
