@@ -463,3 +463,58 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
     binding.clear_policy().expect("clear");
     assert_eq!(run(allowed, 64, None), status::DONE, "open again");
 }
+
+/// A thread that runs chains for different callers (the daemon) never hands one caller's
+/// block bytes to the next: the buffer is cleared when the subject changes.
+#[test]
+fn a_new_subject_never_sees_the_previous_block() {
+    let Some((_image, fs, binding)) = common::setup("subjects", 32 << 20) else {
+        return;
+    };
+    // `next` returns bytes 100..124 of the buffer, whatever the hop read.
+    let tail = compile_c(
+        "tail",
+        "int next(struct exofs_hop_state *s) {
+             __u64 *out = (__u64 *)s->scratch;
+             for (int i = 0; i < 3; i++)
+                 out[i] = *(__u64 *)&s->data[104 + i * 8];
+             return EXOFS_NEXT_DONE;
+         }",
+    );
+    let tail = binding.bind("tail", &tail).expect("bind");
+    let secret = write_fragmented(&fs, "secret", &[0xAB; 4096], 1);
+    let grants: Vec<PolicyEntry> = [1u32, 2]
+        .iter()
+        .map(|uid| PolicyEntry {
+            subject: Subject::Uid(*uid),
+            ino: secret,
+            grant: PolicyGrant {
+                max_hops: 64,
+                max_batch: 32,
+            },
+        })
+        .collect();
+    binding
+        .load_policy(&grants, Some(std::process::id()))
+        .expect("policy");
+    let run = |uid: u32, read_len: u32| {
+        let mut request = ChainRequest::new(secret, 0, &[]);
+        request.read_len = read_len;
+        request.subject = Some((uid, uid));
+        let outcome = binding.run(&tail, &request).expect("run");
+        assert_eq!(outcome.status, status::DONE);
+        outcome.scratch[..24].to_vec()
+    };
+    assert_eq!(
+        run(1, 4096),
+        vec![0xAB; 24],
+        "caller 1 reads the whole block"
+    );
+    assert_eq!(
+        run(2, 8),
+        vec![0; 24],
+        "caller 2 reads 8 bytes and sees nothing of caller 1's"
+    );
+    assert_eq!(run(1, 8), vec![0; 24], "and back: cleared again");
+    binding.clear_policy().expect("clear");
+}
