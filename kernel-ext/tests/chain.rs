@@ -60,6 +60,18 @@ fn keys(seed: u64, count: usize) -> Vec<u64> {
     keys
 }
 
+/// Extents of `extents` that cross a boundary between chunks of the extents map.
+fn chunk_crossings(extents: &[libfs::Extent]) -> usize {
+    let Ok(chunked) = kernel_ext::extent_map::chunk(extents) else {
+        return 0;
+    };
+    let shift = chunked.chunk_shift;
+    extents
+        .iter()
+        .filter(|e| e.logical >> shift != (e.logical + e.length - 1) >> shift)
+        .count()
+}
+
 #[test]
 fn btree_chains_match_the_reference_walk() {
     let Some((_image, fs, binding)) = setup("btree", 256 << 20) else {
@@ -68,6 +80,7 @@ fn btree_chains_match_the_reference_walk() {
     let rust = binding
         .bind("btree", examples::BTREE)
         .expect("bind the Rust B-tree");
+    let mut crossings = 0;
     let c = binding
         .bind("btree_c", examples::BTREE_C)
         .expect("bind the C B-tree");
@@ -82,7 +95,8 @@ fn btree_chains_match_the_reference_walk() {
             let tree = index::build_btree(&pairs, node_size, fanout).expect("build");
             assert_eq!(tree.depth, depth);
             let name = format!("tree-{node_size}-{depth}");
-            let ino = write_fragmented(&fs, &name, &tree.bytes, 2);
+            let ino = write_fragmented(&fs, &name, &tree.bytes, 3);
+            crossings += chunk_crossings(&fs.extents(ino).expect("extents"));
             let probes = present.iter().step_by(7).chain(absent.iter().step_by(7));
             for key in probes.take(60) {
                 let expected =
@@ -95,6 +109,10 @@ fn btree_chains_match_the_reference_walk() {
             }
         }
     }
+    assert!(
+        crossings > 0,
+        "some extents cross a chunk boundary of the extents map"
+    );
 }
 
 #[test]
@@ -276,4 +294,68 @@ fn files_run_chains_through_libfs() {
         .collect();
     assert!(results.iter().all(|r| r.status == status::DONE));
     assert_eq!(found, vec![1, 0, 1]);
+}
+
+/// Fan-out and several files in one chain: each node is { value, count, then count
+/// (file, offset) pairs }; `next` adds the value to the scratch, pushes the children, and
+/// stops with DONE at a node whose value is 1000 or more. Children are walked depth first
+/// from the last one pushed.
+#[test]
+fn fan_out_crosses_files() {
+    let Some((_image, fs, binding)) = setup("fanout", 32 << 20) else {
+        return;
+    };
+    let walk = common::compile_c(
+        "fanout",
+        "int next(struct exofs_hop_state *s) {
+             __u64 *words = (__u64 *)s->data, *sum = (__u64 *)s->scratch;
+             __u64 count;
+             if (s->data_len < 16)
+                 return EXOFS_NEXT_ABORT;
+             sum[0] += words[0];
+             sum[1] += 1;
+             if (words[0] >= 1000)
+                 return EXOFS_NEXT_DONE;
+             count = words[1];
+             if (count > EXOFS_MAX_FANOUT || 16 + count * 16 > s->data_len)
+                 return EXOFS_NEXT_ABORT;
+             for (__u64 i = 0; i < count && i < EXOFS_MAX_FANOUT; i++) {
+                 s->next_file[i] = (__u32)words[2 + 2 * i];
+                 s->next_offset[i] = words[3 + 2 * i];
+             }
+             s->next_count = (__u32)count;
+             return EXOFS_NEXT_CONTINUE;
+         }",
+    );
+    let walk = binding.bind("fanout", &walk).expect("bind");
+    let node = |value: u64, children: &[(u64, u64)]| {
+        let mut block = vec![0u8; 4096];
+        let mut words = vec![value, children.len() as u64];
+        for (file, offset) in children {
+            words.extend([*file, *offset]);
+        }
+        for (i, word) in words.iter().enumerate() {
+            block[i * 8..i * 8 + 8].copy_from_slice(&word.to_le_bytes());
+        }
+        block
+    };
+    // File 0: root (1) -> [file 0 @4096 (1000: done), file 1 @0 (20), file 1 @4096 (300)].
+    // Depth first from the last pushed: 300, then 20, then 1000 (DONE): 4 hops.
+    let mut zero = node(1, &[(0, 4096), (1, 0), (1, 4096)]);
+    zero.extend(node(1000, &[]));
+    let mut one = node(20, &[]);
+    one.extend(node(300, &[]));
+    let a = write_fragmented(&fs, "a", &zero, 1);
+    let b = write_fragmented(&fs, "b", &one, 1);
+    let mut request = ChainRequest::new(a, 0, &[]);
+    request.files = vec![a, b];
+    let outcome = binding.run(&walk, &request).expect("run");
+    let word =
+        |i: usize| u64::from_le_bytes(outcome.scratch[i * 8..i * 8 + 8].try_into().expect("8"));
+    assert_eq!((outcome.status, outcome.hops), (status::DONE, 4));
+    assert_eq!((word(0), word(1)), (1 + 300 + 20 + 1000, 4));
+    // A child naming a file the chain was not given is refused.
+    request.files = vec![a];
+    let outcome = binding.run(&walk, &request).expect("run");
+    assert_eq!(outcome.status, status::INVALID);
 }

@@ -24,7 +24,8 @@ pub const MAX_BATCH: usize = 32;
 
 /// `next` returns: the lookup is complete; the result is in the scratch.
 pub const NEXT_DONE: i32 = 0;
-/// `next` returns: read the `next_count` offsets it wrote, then call it again.
+/// `next` returns: read the `next_count` offsets it wrote, then call it again (0 offsets
+/// end this branch of a fan-out: the walk goes on with the offsets still pending).
 pub const NEXT_CONTINUE: i32 = 1;
 /// `next` returns: give up (the status says aborted).
 pub const NEXT_ABORT: i32 = 2;
@@ -252,7 +253,8 @@ pub struct HopState {
     pub offset: u64,
     /// In: bytes valid in `data`.
     pub data_len: u32,
-    /// Out (NEXT_CONTINUE): offsets written to `next_offset` (1..=MAX_FANOUT).
+    /// Out (NEXT_CONTINUE): offsets written to `next_offset` (0..=MAX_FANOUT; 0 ends the
+    /// branch).
     pub next_count: u32,
     /// Out: file index of each next offset.
     pub next_file: [u32; MAX_FANOUT],

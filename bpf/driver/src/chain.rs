@@ -411,11 +411,10 @@ unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
     match exofs_next(state) {
         NEXT_DONE => status::DONE,
         NEXT_CONTINUE => {
+            // 0 offsets ends this branch: the walk goes on with the pending ones (and is
+            // ABORTED when none is left).
             let count = state.next_count as u64;
-            if count == 0
-                || count > MAX_FANOUT as u64
-                || walk.depth + MAX_FANOUT as u64 > STACK as u64
-            {
+            if count > MAX_FANOUT as u64 || walk.depth + MAX_FANOUT as u64 > STACK as u64 {
                 return status::INVALID;
             }
             // Copy every fan-out slot, then advance by `count` (the slots past it are
