@@ -271,6 +271,74 @@ pub extern "C" fn exofs_next(state: *mut HopState) -> i32 {
     }
 }
 
+/// The arguments a single chain and a batch share, read from either context.
+struct Header {
+    files: [ChainFile; MAX_CHAIN_FILES],
+    file_count: u64,
+    read_len: u64,
+    hop_limit: u32,
+    map_addr: u64,
+    map_len: u64,
+    /// uid | gid << 32, as named by the caller (counts for the speaker only).
+    subject: u64,
+}
+
+/// Reads a [`Header`] from a `ChainCtx` or `BatchCtx` pointer, at constant offsets.
+macro_rules! header_of {
+    ($ctx:expr) => {
+        Header {
+            files: [
+                (*$ctx).files[0],
+                (*$ctx).files[1],
+                (*$ctx).files[2],
+                (*$ctx).files[3],
+            ],
+            file_count: (*$ctx).file_count as u64,
+            read_len: (*$ctx).read_len as u64,
+            hop_limit: (*$ctx).hop_limit,
+            map_addr: (*$ctx).map_addr,
+            map_len: (*$ctx).map_len,
+            subject: (*$ctx).subject_uid as u64 | ((*$ctx).subject_gid as u64) << 32,
+        }
+    };
+}
+
+/// Checks the arguments and the policy for `lookups` lookups, finds the task's hop and
+/// walk state, and fills the walk's common fields. Err(status) refuses the call.
+#[inline(always)]
+unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut Walk), i32> {
+    if header.file_count == 0
+        || header.file_count > MAX_CHAIN_FILES as u64
+        || header.read_len == 0
+        || header.read_len > BLOCK_SIZE as u64
+    {
+        return Err(status::INVALID);
+    }
+    let hop_limit = if header.hop_limit > MAX_HOPS {
+        MAX_HOPS
+    } else {
+        header.hop_limit
+    };
+    let limits = (hop_limit as u64) << 32 | lookups;
+    if !allowed(&header.files, header.file_count, header.subject, limits) {
+        return Err(status::DENIED);
+    }
+    let Some(state) = EXOFS_HOP.current() else {
+        return Err(status::INVALID);
+    };
+    let Some(walk) = EXOFS_WALK.current() else {
+        return Err(status::INVALID);
+    };
+    clear_if_new_subject(&mut *state, &mut *walk, header.subject);
+    (*walk).files = header.files;
+    (*walk).file_count = header.file_count;
+    (*walk).read_len = header.read_len;
+    (*walk).hop_limit = hop_limit as u64;
+    (*walk).map_addr = header.map_addr;
+    (*walk).map_len = header.map_len;
+    Ok((state, walk))
+}
+
 /// What `step` returns to go on to the next hop.
 const KEEP_GOING: i32 = -1;
 
@@ -296,37 +364,11 @@ pub extern "C" fn exofs_chain(ctx: *mut c_void) -> i32 {
 }
 
 unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
-    let file_count = (*ctx).file_count as u64;
-    let read_len = (*ctx).read_len as u64;
-    if file_count == 0
-        || file_count > MAX_CHAIN_FILES as u64
-        || read_len == 0
-        || read_len > BLOCK_SIZE as u64
-    {
-        return (status::INVALID, 0);
-    }
-    let hop_limit = if (*ctx).hop_limit > MAX_HOPS {
-        MAX_HOPS
-    } else {
-        (*ctx).hop_limit
+    let header = header_of!(ctx);
+    let (state, walk) = match prepare(&header, 1) {
+        Ok(values) => values,
+        Err(outcome) => return (outcome, 0),
     };
-    let files = [
-        (*ctx).files[0],
-        (*ctx).files[1],
-        (*ctx).files[2],
-        (*ctx).files[3],
-    ];
-    let subject = (*ctx).subject_uid as u64 | ((*ctx).subject_gid as u64) << 32;
-    if !allowed(&files, file_count, subject, (hop_limit as u64) << 32 | 1) {
-        return (status::DENIED, 0);
-    }
-    let Some(state) = EXOFS_HOP.current() else {
-        return (status::INVALID, 0);
-    };
-    let Some(walk) = EXOFS_WALK.current() else {
-        return (status::INVALID, 0);
-    };
-    clear_if_new_subject(&mut *state, &mut *walk, subject);
     let words = ctx.cast::<u64>();
     let scratch = (*state).scratch.as_mut_ptr().cast::<u64>();
     for i in 0..SCRATCH_WORDS {
@@ -336,12 +378,6 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
     }
     (*state).next_file = [0; MAX_FANOUT];
     (*state).next_offset = [0; MAX_FANOUT];
-    (*walk).files = files;
-    (*walk).file_count = file_count;
-    (*walk).read_len = read_len;
-    (*walk).hop_limit = hop_limit as u64;
-    (*walk).map_addr = (*ctx).map_addr;
-    (*walk).map_len = (*ctx).map_len;
     (*walk).pending_file[0] = (*ctx).start_file;
     (*walk).pending_offset[0] = (*ctx).start_offset;
     (*walk).depth = 1;
@@ -467,53 +503,21 @@ pub extern "C" fn exofs_chain_batch(ctx: *mut c_void) -> i32 {
 
 unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
     let bytes = ctx.cast::<u8>();
-    let file_count = (*ctx).file_count as u64;
-    let read_len = (*ctx).read_len as u64;
     let lookups = (*ctx).count as u64;
-    if file_count == 0
-        || file_count > MAX_CHAIN_FILES as u64
-        || read_len == 0
-        || read_len > BLOCK_SIZE as u64
-        || lookups == 0
-        || lookups > MAX_BATCH as u64
-    {
+    if lookups == 0 || lookups > MAX_BATCH as u64 {
         return status::INVALID;
     }
-    let Some(state) = EXOFS_HOP.current() else {
-        return status::INVALID;
+    let header = header_of!(ctx);
+    let (state, walk) = match prepare(&header, lookups) {
+        Ok(values) => values,
+        Err(outcome) => {
+            if outcome == status::DENIED {
+                count(stats::CHAINS, lookups);
+                count(stats::DENIED, lookups);
+            }
+            return outcome;
+        }
     };
-    let Some(walk) = EXOFS_WALK.current() else {
-        return status::INVALID;
-    };
-    let hop_limit = if (*ctx).hop_limit > MAX_HOPS {
-        MAX_HOPS
-    } else {
-        (*ctx).hop_limit
-    };
-    let files = [
-        (*ctx).files[0],
-        (*ctx).files[1],
-        (*ctx).files[2],
-        (*ctx).files[3],
-    ];
-    let subject = (*ctx).subject_uid as u64 | ((*ctx).subject_gid as u64) << 32;
-    if !allowed(
-        &files,
-        file_count,
-        subject,
-        (hop_limit as u64) << 32 | lookups,
-    ) {
-        count(stats::CHAINS, lookups);
-        count(stats::DENIED, lookups);
-        return status::DENIED;
-    }
-    clear_if_new_subject(&mut *state, &mut *walk, subject);
-    (*walk).files = files;
-    (*walk).file_count = file_count;
-    (*walk).read_len = read_len;
-    (*walk).hop_limit = hop_limit as u64;
-    (*walk).map_addr = (*ctx).map_addr;
-    (*walk).map_len = (*ctx).map_len;
     (*walk).flags = (*ctx).flags as u64;
     (*walk).count = lookups;
     (*walk).lookup = 0;

@@ -51,6 +51,25 @@ pub fn go_to(state: &mut HopState, offset: u64) -> i32 {
     NEXT_CONTINUE
 }
 
+/// One entry of a chain of { next u64, key u64, value u64 }: the answer if its key is the
+/// lookup's, else on to `next`, or not found when `next` is `end`.
+#[inline(always)]
+pub fn follow_entry(state: &mut HopState, end: u64) -> Option<i32> {
+    let (next, key, value) = (
+        data_u64(state, 0)?,
+        data_u64(state, 8)?,
+        data_u64(state, 16)?,
+    );
+    if key == lookup_key(state) {
+        return Some(answer(state, Some(value)));
+    }
+    Some(if next == end {
+        answer(state, None)
+    } else {
+        go_to(state, next)
+    })
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

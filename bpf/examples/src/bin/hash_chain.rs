@@ -5,7 +5,7 @@
 
 use exofs_abi::chain::{HopState, NEXT_ABORT};
 use exofs_abi::formats::hash::{bucket_of, slot_offset, END, MAGIC};
-use exofs_examples::{answer, data_u64, go_to, lookup_key};
+use exofs_examples::{answer, data_u64, follow_entry, go_to, lookup_key};
 
 #[no_mangle]
 pub extern "C" fn next(state: *mut HopState) -> i32 {
@@ -33,17 +33,5 @@ fn walk(state: &mut HopState) -> Option<i32> {
             go_to(state, head)
         });
     }
-    let (next, key, value) = (
-        data_u64(state, 0)?,
-        data_u64(state, 8)?,
-        data_u64(state, 16)?,
-    );
-    if key == lookup_key(state) {
-        return Some(answer(state, Some(value)));
-    }
-    Some(if next == END {
-        answer(state, None)
-    } else {
-        go_to(state, next)
-    })
+    follow_entry(state, END)
 }

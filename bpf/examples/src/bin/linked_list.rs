@@ -4,7 +4,7 @@
 
 use exofs_abi::chain::{HopState, NEXT_ABORT};
 use exofs_abi::formats::list::END;
-use exofs_examples::{answer, data_u64, go_to, lookup_key};
+use exofs_examples::follow_entry;
 
 #[no_mangle]
 pub extern "C" fn next(state: *mut HopState) -> i32 {
@@ -14,17 +14,5 @@ pub extern "C" fn next(state: *mut HopState) -> i32 {
 }
 
 fn walk(state: &mut HopState) -> Option<i32> {
-    let (next, key, value) = (
-        data_u64(state, 0)?,
-        data_u64(state, 8)?,
-        data_u64(state, 16)?,
-    );
-    if key == lookup_key(state) {
-        return Some(answer(state, Some(value)));
-    }
-    Some(if next == END {
-        answer(state, None)
-    } else {
-        go_to(state, next)
-    })
+    follow_entry(state, END)
 }
