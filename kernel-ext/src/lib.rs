@@ -1,24 +1,30 @@
 //! kernel-ext: the exofs kernel binding — BPF maps for registered extents, the program
 //! binder, and the chain runner.
 //!
-//! Layer: between mount-tool/linked apps (above) and the kernel's BPF subsystem (below);
-//! libfs notifies it of extent changes. Today it holds the BPF toolchain path the rest
-//! stands on:
-//! - [`sys`]: the one module of raw bpf(2) calls (map create/lookup/update, prog load with
-//!   the verifier log, test run, pin/get);
-//! - [`loader`]: parse a BPF ELF with aya-obj, create and relocate its maps, load its
-//!   `syscall` programs as sleepable BPF_PROG_TYPE_SYSCALL programs, run them;
+//! Layer: between mount-tool / linked applications (above) and the kernel's BPF subsystem
+//! (below); libfs notifies it of extent changes. Modules, bottom up:
+//! - [`sys`]: the one module of raw bpf(2) calls (maps, BTF, program load with the
+//!   verifier log, test run, pin/get);
+//! - [`btf`]: the BTF (func_info, map key/value types) the kernel requires, synthesized;
+//! - [`loader`]: parse a BPF ELF with aya-obj, create and relocate its maps, link and load
+//!   its `syscall` programs as sleepable BPF_PROG_TYPE_SYSCALL programs, run them;
 //! - [`extent_map`]: a file's extents cut into the chunks of the `extents` map, and the
-//!   driver's translation done in user space (reference and fallback);
-//! - [`DRIVER_ELF`]: the trusted driver (`bpf/driver`), built by build.rs with nightly and
-//!   bpf-linker and embedded in this crate.
+//!   driver's translation done in user space (reference);
+//! - [`binder`]: an application's `next` extracted, checked against the allowlist and
+//!   spliced into the driver;
+//! - [`binding`]: one file system's maps, pins, registered files, bound programs, policy
+//!   and the chain runner (single chains and batches);
+//! - [`index`]: the example formats built and walked in user space;
+//! - [`DRIVER_ELF`] and [`examples`]: the trusted driver (`bpf/driver`) and the example
+//!   application objects (`bpf/examples`), built by build.rs and embedded.
 //!
-//! Interface: [`loader::Object::load`] `->` [`loader::SyscallProgram::test_run`]. Loading
-//! needs CAP_BPF + CAP_PERFMON (in practice root); callers check
+//! Interface: [`binding::Binding::open`] -> `bind` -> `run` / `run_batch`. Loading needs
+//! CAP_BPF + CAP_PERFMON (in practice root); callers check
 //! [`sys::SysError::is_permission_denied`].
 //!
 //! Invariants: every kernel object is owned by an `OwnedFd` in a handle; nothing is
-//! pinned unless asked; all `unsafe` lives in `sys` and in the byte views of `loader`.
+//! pinned unless asked; `unsafe` lives in `sys`, in the byte views of `loader`, and in the
+//! device mapping of `binding`.
 
 pub mod binder;
 pub mod binding;
