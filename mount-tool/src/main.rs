@@ -6,6 +6,8 @@
 
 mod bench;
 mod bench_chain;
+mod fuse;
+mod mount;
 mod progs;
 mod size;
 mod tools;
@@ -68,6 +70,19 @@ enum Command {
     Get { image: PathBuf, path: PathBuf },
     /// Print a file's extents: file block, device block, length.
     Extents { image: PathBuf, path: PathBuf },
+    /// Serve an image over FUSE at MOUNTPOINT (in the background unless -f).
+    Mount {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay in the foreground and log to stderr.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Options: ro, allow_other, default_permissions, cache=SIZE.
+        #[arg(short = 'o', default_value = "")]
+        options: String,
+    },
+    /// Unmount an exofs mount and wait until its daemon has checkpointed and exited.
+    Umount { mountpoint: PathBuf },
     /// Programs bound into the kernel driver for an image.
     Prog {
         #[command(subcommand)]
@@ -146,6 +161,13 @@ fn main() -> ExitCode {
         } => tools::put(&image, &source, &path),
         Command::Get { image, path } => tools::get(&image, &path),
         Command::Extents { image, path } => tools::extents(&image, &path),
+        Command::Mount {
+            image,
+            mountpoint,
+            foreground,
+            options,
+        } => mount::mount(&image, &mountpoint, foreground, &options),
+        Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Prog { action } => match action {
             ProgAction::Load {
                 image,

@@ -1,0 +1,581 @@
+//! The FUSE file system: libfs behind fuser's low-level `Filesystem` trait.
+//!
+//! Layer: mount-tool, between the kernel's FUSE requests (fuser) and libfs's `Fs`.
+//! Inode numbers are libfs's (the root is 1 in both). Every operation maps one to one onto
+//! an `Fs` call; errors become their POSIX errno (`libfs::Error::errno`).
+//!
+//! Invariants:
+//! - An open file keeps its inode (`Fs::retain` at open, `Fs::release` at release), so a
+//!   file unlinked while open stays readable and writable until its last handle closes.
+//! - Writes on a handle opened with O_APPEND go to the end of the file, whatever offset the
+//!   kernel sends.
+//! - Permission checks are the kernel's (`default_permissions`); new files belong to the
+//!   caller's uid and gid.
+//! - `fsync`, and `flush` on close, make the file durable (a journal commit).
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use libfs::{Attr, FallocateMode, Fs, RenameMode, SetAttr, SetTime, XattrMode};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and entries. Every change goes through this
+/// daemon, which the kernel invalidates on its own writes, so a second is safe.
+const TTL: Duration = Duration::from_secs(1);
+
+/// One open file or directory.
+#[derive(Debug, Clone, Copy)]
+struct Handle {
+    ino: u64,
+    append: bool,
+}
+
+/// libfs served over FUSE.
+pub struct ExofsFuse {
+    fs: Arc<Fs>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+}
+
+impl ExofsFuse {
+    pub fn new(fs: Arc<Fs>) -> Self {
+        Self {
+            fs,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn open_handle(&self, ino: u64, flags: i32) -> libfs::Result<FileHandle> {
+        self.fs.retain(ino)?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let append = flags & libc::O_APPEND != 0;
+        self.handles().insert(fh, Handle { ino, append });
+        Ok(FileHandle(fh))
+    }
+
+    fn close_handle(&self, fh: FileHandle) -> libfs::Result<()> {
+        match self.handles().remove(&fh.0) {
+            Some(handle) => self.fs.release(handle.ino),
+            None => Ok(()),
+        }
+    }
+}
+
+fn errno(err: &libfs::Error) -> Errno {
+    Errno::from_i32(err.errno())
+}
+
+fn time_of(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// The FUSE view of libfs attributes.
+pub fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        // st_blocks counts 512-byte units.
+        blocks: attr.blocks * 8,
+        atime: time_of(attr.atime_ns),
+        mtime: time_of(attr.mtime_ns),
+        ctime: time_of(attr.ctime_ns),
+        crtime: time_of(attr.crtime_ns),
+        kind: kind_of(attr.mode),
+        perm: (attr.mode & 0o7777) as u16,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev,
+        blksize: libfs::BLOCK_SIZE as u32,
+        flags: 0,
+    }
+}
+
+fn set_time(time: Option<TimeOrNow>) -> Option<SetTime> {
+    time.map(|time| match time {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(at) => SetTime::At(ns_of(at)),
+    })
+}
+
+fn entry(reply: ReplyEntry, result: libfs::Result<Attr>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(attr.generation)),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+fn empty(reply: ReplyEmpty, result: libfs::Result<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+impl Filesystem for ExofsFuse {
+    fn destroy(&mut self) {
+        let handles: Vec<Handle> = self.handles().drain().map(|(_, h)| h).collect();
+        for handle in handles {
+            let _ = self.fs.release(handle.ino);
+        }
+        if let Err(err) = self.fs.checkpoint() {
+            log::error!("final checkpoint: {err}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let changes = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        match self.fs.setattr(ino.0, &changes) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .fs
+            .mknod(parent.0, name.as_bytes(), mode, rdev, req.uid(), req.gid());
+        entry(reply, result);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self
+            .fs
+            .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid());
+        entry(reply, result);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.fs.symlink(
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            req.uid(),
+            req.gid(),
+        );
+        entry(reply, result);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        let result = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            mode,
+        );
+        empty(reply, result);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_handle(ino.0, flags.0) {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut buf = vec![0u8; size as usize];
+        match self.fs.read_at(ino.0, offset, &mut buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let append = self.handles().get(&fh.0).is_some_and(|h| h.append);
+        let offset = if append {
+            match self.fs.getattr(ino.0) {
+                Ok(attr) => attr.size,
+                Err(err) => return reply.error(errno(&err)),
+            }
+        } else {
+            offset
+        };
+        match self.fs.write_at(ino.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.close_handle(fh));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.fs.fsync(ino.0));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.getattr(ino.0) {
+            Ok(attr) if attr.is_dir() => match self.open_handle(ino.0, flags.0) {
+                Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+                Err(err) => reply.error(errno(&err)),
+            },
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let result = self.fs.readdir(ino.0, offset, |entry| {
+            // `add` returns true when the reply buffer is full: stop there.
+            !reply.add(
+                INodeNo(entry.ino),
+                entry.next,
+                kind_of(entry.kind),
+                OsStr::from_bytes(&entry.name),
+            )
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.close_handle(fh));
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(reply, self.fs.fsync(ino.0));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.total_blocks,
+                s.free_blocks,
+                s.free_blocks,
+                s.total_inodes,
+                s.free_inodes,
+                s.block_size,
+                s.name_max,
+                s.block_size,
+            ),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags & libc::XATTR_CREATE != 0 {
+            XattrMode::Create
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            XattrMode::Replace
+        } else {
+            XattrMode::Any
+        };
+        empty(reply, self.fs.setxattr(ino.0, name.as_bytes(), value, mode));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(value) => xattr_reply(reply, &value, size),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(names) => {
+                let mut list = Vec::new();
+                for name in names {
+                    list.extend_from_slice(&name);
+                    list.push(0);
+                }
+                xattr_reply(reply, &list, size);
+            }
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let created = self.fs.create(
+            parent.0,
+            name.as_bytes(),
+            mode & 0o7777,
+            req.uid(),
+            req.gid(),
+        );
+        let attr = match created {
+            Ok(attr) => attr,
+            Err(err) => return reply.error(errno(&err)),
+        };
+        match self.open_handle(attr.ino, flags) {
+            Ok(fh) => reply.created(
+                &TTL,
+                &file_attr(&attr),
+                Generation(attr.generation),
+                fh,
+                FopenFlags::empty(),
+            ),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+        if mode & !known != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let mode = FallocateMode {
+            keep_size: mode & libc::FALLOC_FL_KEEP_SIZE != 0,
+            punch_hole: mode & libc::FALLOC_FL_PUNCH_HOLE != 0,
+        };
+        empty(reply, self.fs.fallocate(ino.0, offset, length, mode));
+    }
+}
+
+/// getxattr/listxattr replies: the size when asked for it (size 0), ERANGE when the
+/// caller's buffer is too small, else the bytes.
+fn xattr_reply(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}

@@ -1,0 +1,317 @@
+//! `exofs mount` and `exofs umount`.
+//!
+//! `exofs mount IMAGE MOUNTPOINT [-f] [-o OPTIONS]` serves the image over FUSE (fuser,
+//! without libfuse; mounting needs root). Without `-f` it starts itself again in the
+//! foreground, detached in a new session, and returns once the mount is up (or prints
+//! why it failed); with `-f` it stays in the foreground and logs to stderr.
+//!
+//! Stopping: SIGTERM or SIGINT to the daemon, `exofs umount MOUNTPOINT`, or a plain
+//! `umount` all end the session; the daemon then releases every handle and checkpoints
+//! the journal before it exits. `exofs umount` waits until the daemon has let go of the
+//! image. After a kill -9, the next mount replays the journal.
+
+use crate::fuse::ExofsFuse;
+use fuser::{Config, MountOption, SessionACL};
+use libfs::{Fs, OpenOptions};
+use std::error::Error;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+/// The line a background daemon writes to its parent once the mount is up.
+const READY: &str = "ready";
+/// Environment variable telling a foreground daemon to report readiness on stdout.
+const REPORT_READY: &str = "EXOFS_REPORT_READY";
+
+/// Parsed `-o` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    /// Metadata cache budget in bytes.
+    pub cache: Option<u64>,
+    pub policy: Option<PathBuf>,
+}
+
+impl MountOptions {
+    /// Parses a comma-separated option list; names the option that is wrong.
+    pub fn parse(list: &str) -> Result<Self> {
+        let mut options = Self::default();
+        for option in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (name, value) = match option.split_once('=') {
+                Some((name, value)) => (name, Some(value)),
+                None => (option, None),
+            };
+            match (name, value) {
+                ("ro", None) => options.read_only = true,
+                ("rw", None) => options.read_only = false,
+                ("allow_other", None) => options.allow_other = true,
+                ("default_permissions", None) => options.default_permissions = true,
+                ("cache", Some(size)) => {
+                    options.cache = Some(
+                        crate::size::parse_size(size)
+                            .map_err(|e| format!("-o cache={size}: {e}"))?,
+                    );
+                }
+                ("policy", Some(_)) => {
+                    return Err(
+                        "-o policy=FILE: policy files are not supported yet (issue 4 in progress)"
+                            .into(),
+                    )
+                }
+                // Options mount(8) passes that mean nothing here.
+                ("dev" | "suid" | "exec" | "auto" | "nouser" | "async" | "defaults", None) => {}
+                _ => return Err(format!("unknown mount option `{option}`").into()),
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// `exofs mount`.
+pub fn mount(image: &Path, mountpoint: &Path, foreground: bool, options: &str) -> Result<()> {
+    let parsed = MountOptions::parse(options)?;
+    if !mountpoint.is_dir() {
+        return Err(format!("{}: not a directory", mountpoint.display()).into());
+    }
+    if foreground {
+        return serve(image, mountpoint, &parsed);
+    }
+    spawn_daemon(image, mountpoint, options)
+}
+
+/// Starts `exofs mount -f` detached and waits for it to report the mount up.
+fn spawn_daemon(image: &Path, mountpoint: &Path, options: &str) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut command = Command::new(exe);
+    command
+        .arg("mount")
+        .arg(image)
+        .arg(mountpoint)
+        .arg("-f")
+        .env(REPORT_READY, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !options.is_empty() {
+        command.arg("-o").arg(options);
+    }
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and
+    // process group so that it outlives this command.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().ok_or("no pipe to the daemon")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() == READY {
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+    }
+    Err(format!("the mount daemon failed ({status}): {}", stderr.trim()).into())
+}
+
+/// SIGTERM and SIGINT, the signals that stop the daemon cleanly.
+fn stop_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set
+}
+
+/// Starts a thread that waits for the stop signals (blocked everywhere else) and
+/// unmounts, which ends the session.
+fn stop_on_signals(mut unmounter: fuser::SessionUnmounter) -> Result<()> {
+    let set = stop_signals();
+    std::thread::Builder::new()
+        .name("exofs-signals".into())
+        .spawn(move || {
+            if let Ok(signal) = set.wait() {
+                log::info!("{signal}: unmounting");
+                if let Err(err) = unmounter.unmount() {
+                    log::error!("unmount: {err}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The daemon: mounts, serves until unmounted, then checkpoints and closes.
+fn serve(image: &Path, mountpoint: &Path, options: &MountOptions) -> Result<()> {
+    let mut open = if options.read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::default()
+    };
+    if let Some(cache) = options.cache {
+        open.cache_bytes = usize::try_from(cache)?;
+    }
+    let fs = Arc::new(Fs::open(image, &open).map_err(|e| format!("{}: {e}", image.display()))?);
+    let mut mount_options = vec![
+        MountOption::FSName(image.display().to_string()),
+        MountOption::Subtype("exofs".into()),
+    ];
+    if options.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    if options.default_permissions {
+        mount_options.push(MountOption::DefaultPermissions);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    // Blocked before fuser starts its threads (they inherit the mask), so only the
+    // waiting thread takes them.
+    stop_signals().thread_block()?;
+    let mut session = fuser::Session::new(ExofsFuse::new(fs.clone()), mountpoint, &config)
+        .map_err(|e| {
+            format!(
+                "mounting {} on {}: {e}",
+                image.display(),
+                mountpoint.display()
+            )
+        })?;
+    stop_on_signals(session.unmount_callable())?;
+    if std::env::var_os(REPORT_READY).is_some() {
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "{READY}")?;
+        stdout.flush()?;
+        // SAFETY: closing our stdout (the parent's pipe) and stderr: the parent stops
+        // reading once it has the ready line; from here the daemon logs nowhere.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 1);
+                libc::dup2(null, 2);
+                libc::close(null);
+            }
+        }
+    }
+    log::info!("{} mounted on {}", image.display(), mountpoint.display());
+    session.run()?;
+    // The session ended (unmounted): the file system's `destroy` has checkpointed.
+    drop(fs);
+    Ok(())
+}
+
+/// `exofs umount MOUNTPOINT`: unmounts and waits (up to a minute) until the daemon has
+/// checkpointed and released the image.
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    let mountpoint = mountpoint.canonicalize()?;
+    let image = mounted_image(&mountpoint)?;
+    nix::mount::umount2(&mountpoint, nix::mount::MntFlags::empty())
+        .map_err(|e| format!("umount {}: {e}", mountpoint.display()))?;
+    let Some(image) = image else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        // The daemon holds an exclusive lock on a read-write image until it exits.
+        match Fs::open(&image, &OpenOptions::read_only()) {
+            Err(libfs::Error::Busy(_)) => std::thread::sleep(Duration::from_millis(20)),
+            _ => return Ok(()),
+        }
+    }
+    Err(format!(
+        "{}: the daemon still holds the image after 60 s",
+        image.display()
+    )
+    .into())
+}
+
+/// The image of the exofs mount at `mountpoint`, from /proc/self/mounts.
+fn mounted_image(mountpoint: &Path) -> Result<Option<PathBuf>> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() >= 3 && Path::new(&unescape(fields[1])) == mountpoint {
+            // Mounted without libfuse the type shows as plain `fuse`: the source, the
+            // image, tells an exofs mount apart.
+            let source = PathBuf::from(unescape(fields[0]));
+            if !fields[2].starts_with("fuse") || !is_exofs_image(&source) {
+                return Err(format!(
+                    "{} is not an exofs mount ({} from {})",
+                    mountpoint.display(),
+                    fields[2],
+                    source.display()
+                )
+                .into());
+            }
+            return Ok(Some(source));
+        }
+    }
+    Err(format!("{} is not mounted", mountpoint.display()).into())
+}
+
+/// Whether `path` starts with an exofs superblock (block 0 begins with its magic).
+fn is_exofs_image(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|file| std::io::Read::read_exact(&mut &file, &mut magic))
+        .is_ok()
+        && u32::from_le_bytes(magic) == libfs::format::MAGIC_SUPER
+}
+
+/// /proc/mounts escapes spaces, tabs, newlines and backslashes as octal.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Ok(code) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(code);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_name_what_is_wrong() {
+        let parsed =
+            MountOptions::parse("ro,allow_other,default_permissions,cache=16M").expect("parse");
+        assert!(parsed.read_only && parsed.allow_other && parsed.default_permissions);
+        assert_eq!(parsed.cache, Some(16 << 20));
+        let err = MountOptions::parse("ro,bogus")
+            .expect_err("bogus")
+            .to_string();
+        assert!(err.contains("`bogus`"), "{err}");
+        let err = MountOptions::parse("cache=lots")
+            .expect_err("bad size")
+            .to_string();
+        assert!(err.contains("cache=lots"), "{err}");
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}
