@@ -8,6 +8,7 @@ mod bench;
 mod bench_chain;
 mod fuse;
 mod mount;
+mod policy;
 mod progs;
 mod size;
 mod tools;
@@ -83,6 +84,11 @@ enum Command {
     },
     /// Unmount an exofs mount and wait until its daemon has checkpointed and exited.
     Umount { mountpoint: PathBuf },
+    /// The allowed-extents policy.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Programs bound into the kernel driver for an image.
     Prog {
         #[command(subcommand)]
@@ -122,6 +128,12 @@ enum Command {
         #[command(subcommand)]
         which: bench::Which,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyAction {
+    /// Check a policy file: exit 0 if it is valid, else 1 with FILE:LINE:COL per mistake.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +180,23 @@ fn main() -> ExitCode {
             options,
         } => mount::mount(&image, &mountpoint, foreground, &options),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Policy {
+            action: PolicyAction::Check { file },
+        } => match policy::load(&file) {
+            Ok(policy) => {
+                let grants: usize = policy.subjects.iter().map(|s| s.grants.len()).sum();
+                println!(
+                    "{}: valid, {} subjects, {grants} grants",
+                    file.display(),
+                    policy.subjects.len()
+                );
+                Ok(())
+            }
+            Err(mistakes) => {
+                println!("{mistakes}");
+                return ExitCode::from(1);
+            }
+        },
         Command::Prog { action } => match action {
             ProgAction::Load {
                 image,

@@ -243,3 +243,33 @@ fn prog_chain_stats_and_unload() {
         .collect();
     assert!(left.is_empty(), "nothing is left pinned: {left:?}");
 }
+
+#[test]
+fn policy_check_reports_mistakes_with_lines() {
+    let good = Scratch::new("good.toml");
+    std::fs::write(
+        &good.0,
+        "[[subject]]\nuid = 1000\n[[subject.grant]]\npaths = [\"/idx\"]\nprograms = [\"btree\"]\nmax_hops = 10\nmax_batch = 8\n",
+    )
+    .expect("write");
+    let out = exofs(&["policy", "check", good.path()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("valid, 1 subjects, 1 grants"),
+        "{}",
+        text(&out)
+    );
+    let bad = Scratch::new("bad.toml");
+    std::fs::write(
+        &bad.0,
+        "[[subject]]\nuid = 1000\n[[subject.grant]]\npaths = [\"idx\"]\nprograms = [\"btree\"]\nmax_hops = 100\nmax_batch = 8\n",
+    )
+    .expect("write");
+    let out = exofs(&["policy", "check", bad.path()]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&out);
+    assert!(report.contains(&format!("{}:4:", bad.path())), "{report}");
+    assert!(report.contains("path `idx`"), "{report}");
+    assert!(report.contains(&format!("{}:6:", bad.path())), "{report}");
+    assert!(report.contains("max_hops = 100: use 1..=64"), "{report}");
+}
