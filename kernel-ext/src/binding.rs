@@ -658,9 +658,10 @@ impl Binding {
             all,
             registry: Mutex::new(HashMap::new()),
         });
+        // Map first: a failure must not leave a listener subscribed with no binding.
+        let mapping = DeviceMapping::map(&fs)?;
         let listener: Arc<dyn ExtentListener> = Arc::new(Listener { maps: maps.clone() });
         fs.subscribe(listener.clone());
-        let mapping = DeviceMapping::map(&fs)?;
         Ok(Self {
             fs,
             maps,
