@@ -869,6 +869,34 @@ impl Binding {
         self.publish(ino)
     }
 
+    /// Registers the files of a chain or batch (1..=MAX_CHAIN_FILES of them), in context
+    /// order.
+    fn register_all(&self, inos: &[u64]) -> Result<[ChainFile; MAX_CHAIN_FILES]> {
+        if inos.is_empty() || inos.len() > MAX_CHAIN_FILES {
+            return Err(BindingError::Invalid(format!(
+                "a chain or batch names 1..={MAX_CHAIN_FILES} files, not {}",
+                inos.len()
+            )));
+        }
+        let mut files = [ChainFile::default(); MAX_CHAIN_FILES];
+        for (slot, ino) in inos.iter().enumerate() {
+            files[slot] = self.register(*ino)?;
+        }
+        Ok(files)
+    }
+
+    /// After a STALE or NOT_REGISTERED chain: publish these files again before the next
+    /// attempt (whatever changed was reported, and a file removed from the map behind our
+    /// back must come back).
+    fn publish_again(&self, inos: &[u64]) {
+        let mut registry = self.maps.registry();
+        for ino in inos {
+            if let Some(entry) = registry.get_mut(ino) {
+                entry.published_changes = None;
+            }
+        }
+    }
+
     /// Publishes the current extents of a registered file, unless they are current.
     fn publish(&self, ino: u64) -> Result<ChainFile> {
         loop {
@@ -958,22 +986,13 @@ impl Binding {
         request: &ChainRequest,
         attempts: u32,
     ) -> Result<ChainOutcome> {
-        if request.files.is_empty() || request.files.len() > MAX_CHAIN_FILES {
-            return Err(BindingError::Invalid(format!(
-                "a chain names 1..={MAX_CHAIN_FILES} files, not {}",
-                request.files.len()
-            )));
-        }
         let (map_addr, map_len) = self.mapping.range();
         let mut retries = 0;
         loop {
-            let mut ctx = ChainCtx::default();
-            for (slot, ino) in request.files.iter().enumerate() {
-                if !self.maps.registry().contains_key(ino) {
-                    self.maps.registry().entry(*ino).or_default();
-                }
-                ctx.files[slot] = self.publish(*ino)?;
-            }
+            let mut ctx = ChainCtx {
+                files: self.register_all(&request.files)?,
+                ..ChainCtx::default()
+            };
             ctx.file_count = request.files.len() as u32;
             ctx.start_file = request.start_file;
             ctx.start_offset = request.start;
@@ -991,14 +1010,7 @@ impl Binding {
             }
             let again = matches!(ctx.status, status::STALE | status::NOT_REGISTERED);
             if again {
-                // Whatever changed was reported (marking the file); a file removed from the
-                // map behind our back is published again.
-                let mut registry = self.maps.registry();
-                for ino in &request.files {
-                    if let Some(entry) = registry.get_mut(ino) {
-                        entry.published_changes = None;
-                    }
-                }
+                self.publish_again(&request.files);
             }
             if !again || retries + 1 >= attempts {
                 return Ok(ChainOutcome {
@@ -1021,12 +1033,6 @@ impl Binding {
         request: &BatchRequest,
         items: &[BatchItem],
     ) -> Result<(Vec<BatchOutcome>, BatchCounters)> {
-        if request.files.is_empty() || request.files.len() > MAX_CHAIN_FILES {
-            return Err(BindingError::Invalid(format!(
-                "a batch names 1..={MAX_CHAIN_FILES} files, not {}",
-                request.files.len()
-            )));
-        }
         let mut outcomes: Vec<BatchOutcome> = items
             .iter()
             .map(|item| BatchOutcome {
@@ -1040,11 +1046,7 @@ impl Binding {
         let mut stale_rounds = 0;
         let (map_addr, map_len) = self.mapping.range();
         while !pending.is_empty() {
-            let mut files = [ChainFile::default(); MAX_CHAIN_FILES];
-            for (slot, ino) in request.files.iter().enumerate() {
-                self.maps.registry().entry(*ino).or_default();
-                files[slot] = self.publish(*ino)?;
-            }
+            let files = self.register_all(&request.files)?;
             let mut missing: Vec<u64> = Vec::new();
             let mut again: Vec<usize> = Vec::new();
             let mut stale = false;
@@ -1114,12 +1116,7 @@ impl Binding {
                 if stale_rounds >= MAX_ATTEMPTS {
                     break;
                 }
-                let mut registry = self.maps.registry();
-                for ino in &request.files {
-                    if let Some(entry) = registry.get_mut(ino) {
-                        entry.published_changes = None;
-                    }
-                }
+                self.publish_again(&request.files);
             }
             missing.sort_unstable();
             missing.dedup();
