@@ -106,6 +106,18 @@ pub enum BindingError {
     Invalid(String),
 }
 
+impl BindingError {
+    /// True when the caller lacks the privilege for BPF (CAP_BPF, CAP_PERFMON) or for
+    /// mounting bpffs (CAP_SYS_ADMIN): EPERM from bpf(2) or from mount.
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            Self::Sys(err) | Self::Load(LoadError::Sys(err)) => err.is_permission_denied(),
+            Self::Io { source, .. } => source.raw_os_error() == Some(libc::EPERM),
+            _ => false,
+        }
+    }
+}
+
 type Result<T, E = BindingError> = std::result::Result<T, E>;
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> BindingError + '_ {

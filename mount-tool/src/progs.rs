@@ -38,14 +38,7 @@ fn open_binding(image: &Path, bpffs: &Path, writable: bool) -> Result<Binding> {
 
 /// Adds what to do to a refusal for lack of privilege.
 fn explain(err: BindingError) -> String {
-    let denied = match &err {
-        BindingError::Sys(e) | BindingError::Load(kernel_ext::LoadError::Sys(e)) => {
-            e.is_permission_denied()
-        }
-        BindingError::Io { source, .. } => source.raw_os_error() == Some(libc::EPERM),
-        _ => false,
-    };
-    if denied {
+    if err.is_permission_denied() {
         format!("{err} (loading BPF and pinning need root: CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)")
     } else {
         err.to_string()

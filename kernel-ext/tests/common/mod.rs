@@ -2,8 +2,7 @@
 //! privilege, fragmented writes, C objects compiled at test time, private bpffs mounts.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use kernel_ext::binding::{Binding, BindingError, BindingOptions};
-use kernel_ext::LoadError;
+use kernel_ext::binding::{Binding, BindingOptions};
 use libfs::{FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -16,17 +15,6 @@ pub struct Image(pub PathBuf);
 impl Drop for Image {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Whether `err` means the caller lacks the privilege for BPF or mounts.
-pub fn permission_denied(err: &BindingError) -> bool {
-    match err {
-        BindingError::Sys(err) | BindingError::Load(LoadError::Sys(err)) => {
-            err.is_permission_denied()
-        }
-        BindingError::Io { source, .. } => source.raw_os_error() == Some(libc::EPERM),
-        _ => false,
     }
 }
 
@@ -44,7 +32,7 @@ pub fn image(test: &str, size: u64) -> (Image, Arc<Fs>) {
 pub fn binding(test: &str, fs: &Arc<Fs>, options: &BindingOptions) -> Option<Binding> {
     match Binding::open(fs.clone(), options) {
         Ok(binding) => Some(binding),
-        Err(err) if permission_denied(&err) => {
+        Err(err) if err.is_permission_denied() => {
             eprintln!("SKIPPED {test}: {err} (loading BPF needs root: CAP_BPF + CAP_PERFMON)");
             None
         }
