@@ -554,23 +554,30 @@ fn log_text(buf: &[u8]) -> String {
 /// BPF_PROG_LOAD. If the kernel refuses the program, the load is repeated with the
 /// verifier log on, and the error carries the log.
 pub fn prog_load(prog: &ProgLoad<'_>) -> Result<OwnedFd, SysError> {
-    match prog_load_once(prog, None) {
-        Ok(ret) => owned_fd(Cmd::ProgLoad, ret),
+    load_with_log(Cmd::ProgLoad, prog.name, |log| prog_load_once(prog, log))
+}
+
+/// A load (program or BTF) that the kernel may refuse with a log: tried once without the
+/// log, and on a refusal tried again with it, so that the error carries the log. EPERM is
+/// not retried (no privilege: the checks never ran); E2BIG is (the verifier returns it when
+/// it gives up after 1M processed instructions). A load that succeeds on the second
+/// attempt (a transient failure) is kept.
+fn load_with_log(
+    cmd: Cmd,
+    name: &str,
+    load: impl Fn(Option<&mut [u8]>) -> Result<libc::c_long, io::Error>,
+) -> Result<OwnedFd, SysError> {
+    match load(None) {
+        Ok(ret) => owned_fd(cmd, ret),
         Err(source) if source.raw_os_error() == Some(libc::EPERM) => {
-            // No privilege: the verifier never ran. (E2BIG is retried with the log: the
-            // verifier returns it too, when it gives up after 1M processed instructions.)
-            Err(SysError::Call {
-                cmd: Cmd::ProgLoad,
-                source,
-            })
+            Err(SysError::Call { cmd, source })
         }
         Err(source) => {
             let mut buf = vec![0u8; VERIFIER_LOG_SIZE];
-            match prog_load_once(prog, Some(&mut buf)) {
-                // Loaded on the second attempt (a transient failure): keep the program.
-                Ok(ret) => owned_fd(Cmd::ProgLoad, ret),
+            match load(Some(&mut buf)) {
+                Ok(ret) => owned_fd(cmd, ret),
                 Err(_) => Err(SysError::Verifier {
-                    name: prog.name.to_owned(),
+                    name: name.to_owned(),
                     source,
                     log: log_text(&buf),
                 }),
@@ -611,24 +618,7 @@ fn btf_load_once(btf: &[u8], log: Option<&mut [u8]>) -> Result<libc::c_long, io:
 /// BPF_BTF_LOAD of a raw BTF blob (header, types, strings). A refusal is retried with the
 /// log on, and the error carries the kernel's BTF log as [`SysError::Verifier`].
 pub fn btf_load(btf: &[u8]) -> Result<OwnedFd, SysError> {
-    match btf_load_once(btf, None) {
-        Ok(ret) => owned_fd(Cmd::BtfLoad, ret),
-        Err(source) if source.raw_os_error() == Some(libc::EPERM) => Err(SysError::Call {
-            cmd: Cmd::BtfLoad,
-            source,
-        }),
-        Err(source) => {
-            let mut buf = vec![0u8; VERIFIER_LOG_SIZE];
-            match btf_load_once(btf, Some(&mut buf)) {
-                Ok(ret) => owned_fd(Cmd::BtfLoad, ret),
-                Err(_) => Err(SysError::Verifier {
-                    name: "BTF".to_owned(),
-                    source,
-                    log: log_text(&buf),
-                }),
-            }
-        }
-    }
+    load_with_log(Cmd::BtfLoad, "BTF", |log| btf_load_once(btf, log))
 }
 
 /// BPF_MAP_DELETE_ELEM: removes `key`. `Ok(false)` if there was no such key (ENOENT).
