@@ -458,21 +458,6 @@ impl PolicyEntry {
     }
 }
 
-/// A policy key from the map's bytes.
-fn policy_key(bytes: &[u8]) -> PolicyKey {
-    let word = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_ne_bytes(w)
-    };
-    PolicyKey {
-        kind: word(0) as u32,
-        _pad: 0,
-        id: word(8),
-        ino: word(16),
-    }
-}
-
 /// One lookup of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchItem {
@@ -1161,8 +1146,7 @@ impl Binding {
             wanted.insert(key, PolicyGrant::default());
         }
         wanted.insert(MODE_KEY, PolicyGrant::default());
-        for bytes in map.keys_bytes()? {
-            let key = policy_key(&bytes);
+        for key in map.keys::<PolicyKey>()? {
             if !wanted.contains_key(&key) {
                 map.delete(&key)?;
             }
@@ -1176,8 +1160,7 @@ impl Binding {
     /// Removes the kernel policy: chains are open again (a privileged application's own).
     pub fn clear_policy(&self) -> Result<()> {
         let map = &self.maps.policy;
-        for bytes in map.keys_bytes()? {
-            let key = policy_key(&bytes);
+        for key in map.keys::<PolicyKey>()? {
             if key != MODE_KEY {
                 map.delete(&key)?;
             }

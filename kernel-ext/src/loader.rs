@@ -470,18 +470,29 @@ impl MapHandle {
         Ok(unsafe { sys::map_update_elem(self.fd.as_fd(), key, value, flags) }?)
     }
 
-    /// Every key of the map (in the kernel's order), as bytes.
-    pub fn keys_bytes(&self) -> Result<Vec<Vec<u8>>, LoadError> {
-        let size = self.spec.key_size as usize;
-        let mut keys: Vec<Vec<u8>> = Vec::new();
-        let mut next = vec![0u8; size];
+    /// Every key of the map, in the kernel's order.
+    pub fn keys<K: Pod>(&self) -> Result<Vec<K>, LoadError> {
+        if size_of::<K>() != self.spec.key_size as usize {
+            return Err(self.access_error(format!(
+                "keys of {} bytes, the map's are {}",
+                size_of::<K>(),
+                self.spec.key_size
+            )));
+        }
+        let mut keys: Vec<K> = Vec::new();
         loop {
-            let previous = keys.last().map(Vec::as_slice);
-            // SAFETY: `previous` and `next` have the map's key size.
-            if !unsafe { sys::map_get_next_key(self.fd.as_fd(), previous, &mut next) }? {
+            let mut next = MaybeUninit::<K>::zeroed();
+            // SAFETY: a zeroed `K: Pod` is initialized, so viewing it as bytes is sound.
+            let next_bytes = unsafe {
+                std::slice::from_raw_parts_mut(next.as_mut_ptr().cast::<u8>(), size_of::<K>())
+            };
+            let previous = keys.last().map(pod_bytes);
+            // SAFETY: `previous` and `next_bytes` have the map's key size (checked above).
+            if !unsafe { sys::map_get_next_key(self.fd.as_fd(), previous, next_bytes) }? {
                 return Ok(keys);
             }
-            keys.push(next.clone());
+            // SAFETY: zeroed, then overwritten with a key; every byte pattern is a `K`.
+            keys.push(unsafe { next.assume_init() });
         }
     }
 
