@@ -159,25 +159,25 @@ unsafe impl Send for DeviceMapping {}
 unsafe impl Sync for DeviceMapping {}
 
 impl DeviceMapping {
-    /// Maps the device of `fs` read-only.
+    /// Maps the device of `fs` read-only and shared: what the driver copies blocks from.
     pub fn map(fs: &Fs) -> Result<Self> {
+        Self::map_with(fs, libc::MAP_SHARED)
+    }
+
+    /// Maps the device of `fs` read-only and private (a user-space walk over the device).
+    pub fn map_private(fs: &Fs) -> Result<Self> {
+        Self::map_with(fs, libc::MAP_PRIVATE)
+    }
+
+    fn map_with(fs: &Fs, flags: libc::c_int) -> Result<Self> {
         let fd = fs
             .device()
             .raw_fd()
             .ok_or_else(|| BindingError::Invalid("the device has no file descriptor".into()))?;
         let len = fs.device().size() as usize;
-        // SAFETY: a fresh shared read-only mapping of a descriptor the Fs keeps open; the
-        // kernel picks the address; only its address is used, and it is unmapped once.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
+        // SAFETY: a fresh read-only mapping of a descriptor the Fs keeps open; the kernel
+        // picks the address; it is only read, and unmapped once.
+        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, fd, 0) };
         if addr == libc::MAP_FAILED {
             return Err(BindingError::Invalid(format!(
                 "cannot map the device: {}",
@@ -185,6 +185,12 @@ impl DeviceMapping {
             )));
         }
         Ok(Self { addr, len })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is readable, `len` bytes long and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>(), self.len) }
     }
 
     /// The mapping's address and length.

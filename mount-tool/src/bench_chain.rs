@@ -12,7 +12,7 @@ use clap::Args;
 use exofs_abi::chain::status;
 use exofs_abi::formats::btree;
 use kernel_ext::binding::{
-    BatchItem, BatchRequest, Binding, BindingOptions, BoundProgram, ChainRequest,
+    BatchItem, BatchRequest, Binding, BindingOptions, BoundProgram, ChainRequest, DeviceMapping,
 };
 use kernel_ext::{examples, index};
 use libfs::{Extent, FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
@@ -107,47 +107,6 @@ fn device_offset(extents: &[Extent], offset: u64) -> std::result::Result<u64, St
     Ok(block * 4096 + offset % 4096)
 }
 
-/// A private read-only mapping of the device (the `mmap` path).
-struct PrivateMap {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl PrivateMap {
-    fn new(fd: i32, len: usize) -> Result<Self> {
-        // SAFETY: a fresh private read-only mapping; only read through `bytes`.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                fd,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", std::io::Error::last_os_error()).into());
-        }
-        Ok(Self { addr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is live for `self`'s lifetime and `len` bytes long.
-        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>(), self.len) }
-    }
-}
-
-// SAFETY: a read-only mapping; sharing its address between threads is sound.
-unsafe impl Sync for PrivateMap {}
-
-impl Drop for PrivateMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `new`, once.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
-}
-
 /// What the phases share.
 struct Setup {
     fs: Arc<Fs>,
@@ -156,7 +115,6 @@ struct Setup {
     node_size: usize,
     depth: u32,
     device_fd: i32,
-    device_len: usize,
 }
 
 /// Expected answer of a key (the index maps key k to k * 7 + 1).
@@ -224,7 +182,7 @@ fn phase_user(
     threads: usize,
 ) -> Result<(Duration, Vec<u64>, Duration)> {
     let map = if path == "mmap" {
-        Some(PrivateMap::new(setup.device_fd, setup.device_len)?)
+        Some(DeviceMapping::map_private(&setup.fs)?)
     } else {
         None
     };
@@ -418,7 +376,6 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         node_size: args.node_size,
         depth: tree.depth,
         device_fd,
-        device_len: fs.device().size() as usize,
     };
     let options = BindingOptions {
         pin: false,
