@@ -1,23 +1,11 @@
 //! The `exofs` command line on real image files and on a real block device (a loop
 //! device, which needs root: the test says so and skips when it is not root).
 
+mod common;
+
+use common::{exofs, text};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn exofs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_exofs"))
-        .args(args)
-        .output()
-        .expect("run exofs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use std::process::Command;
 
 /// A scratch file removed on drop.
 struct Scratch(PathBuf);

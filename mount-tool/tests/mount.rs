@@ -4,29 +4,17 @@
 //! Mounting needs root and /dev/fuse; without them each test prints a SKIPPED line.
 //! Every mount is unmounted by a guard, even when a test fails.
 
+mod common;
+
+use common::{exofs, text};
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn exofs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_exofs"))
-        .args(args)
-        .output()
-        .expect("run exofs")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 fn can_mount(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
