@@ -137,9 +137,12 @@ pub enum SysError {
         #[source]
         source: io::Error,
     },
-    /// BPF_PROG_LOAD was refused; `log` is the verifier's log of the refused load.
-    #[error("bpf(BPF_PROG_LOAD) of `{name}` failed: {source}\n{}", shown_log(.log))]
+    /// BPF_PROG_LOAD (or BPF_BTF_LOAD) was refused; `log` is the kernel's log of the
+    /// refused load (the verifier's, for a program).
+    #[error("bpf({cmd}) of `{name}` failed: {source}\n{}", shown_log(.log))]
     Verifier {
+        /// The command that was refused.
+        cmd: Cmd,
         /// The program's name.
         name: String,
         /// The errno of the first attempt.
@@ -577,6 +580,7 @@ fn load_with_log(
             match load(Some(&mut buf)) {
                 Ok(ret) => owned_fd(cmd, ret),
                 Err(_) => Err(SysError::Verifier {
+                    cmd,
                     name: name.to_owned(),
                     source,
                     log: log_text(&buf),
