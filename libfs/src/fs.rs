@@ -525,6 +525,21 @@ impl Fs {
         })
     }
 
+    /// Writes `data` at the end of the file as one operation, so concurrent appenders never
+    /// write over each other (O_APPEND). Returns the offset written at and the count.
+    pub fn append(&self, ino: u64, data: &[u8]) -> Result<(u64, usize)> {
+        self.modify(|inner| {
+            let offset = inner.get(ino)?.size;
+            // Making room may commit, but under this lock nothing else changes the size.
+            inner.make_room(offset, data.len() as u64)?;
+            let mut inode = inner.get(ino)?;
+            inode.check_regular()?;
+            let written = inner.write_data(&mut inode, offset, data)?;
+            inner.put(&inode)?;
+            Ok((offset, written))
+        })
+    }
+
     /// Allocates (or with `punch_hole`, deallocates) `[offset, offset + len)`.
     pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: FallocateMode) -> Result<()> {
         self.modify(|inner| inner.fallocate(ino, offset, len, mode))

@@ -154,7 +154,9 @@ impl Read for File {
 impl Write for File {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.append {
-            self.position = self.fs.getattr(self.ino)?.size;
+            let (offset, n) = self.fs.append(self.ino, buf)?;
+            self.position = offset + n as u64;
+            return Ok(n);
         }
         let n = self.fs.write_at(self.ino, self.position, buf)?;
         self.position += n as u64;

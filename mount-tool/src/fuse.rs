@@ -7,7 +7,8 @@
 //! Invariants:
 //! - An open file keeps its inode (`Fs::retain` at open, `Fs::release` at release), so a
 //!   file unlinked while open stays readable and writable until its last handle closes.
-//! - Writes on a handle opened with O_APPEND go to the end of the file, whatever offset the
+//! - Writes on a handle opened with O_APPEND go to the end of the file in one libfs operation
+//!   (`Fs::append`), whatever offset the
 //!   kernel sends.
 //! - Permission checks are the kernel's (`default_permissions`); new files belong to the
 //!   caller's uid and gid.
@@ -347,15 +348,12 @@ impl Filesystem for ExofsFuse {
         reply: ReplyWrite,
     ) {
         let append = self.handles().get(&fh.0).is_some_and(|h| h.append);
-        let offset = if append {
-            match self.fs.getattr(ino.0) {
-                Ok(attr) => attr.size,
-                Err(err) => return reply.error(errno(&err)),
-            }
+        let written = if append {
+            self.fs.append(ino.0, data).map(|(_, n)| n)
         } else {
-            offset
+            self.fs.write_at(ino.0, offset, data)
         };
-        match self.fs.write_at(ino.0, offset, data) {
+        match written {
             Ok(n) => reply.written(n as u32),
             Err(err) => reply.error(errno(&err)),
         }
