@@ -8,8 +8,7 @@
 //! - An open file keeps its inode (`Fs::retain` at open, `Fs::release` at release), so a
 //!   file unlinked while open stays readable and writable until its last handle closes.
 //! - Writes on a handle opened with O_APPEND go to the end of the file in one libfs operation
-//!   (`Fs::append`), whatever offset the
-//!   kernel sends.
+//!   (`Fs::append`), whatever offset the kernel sends.
 //! - Permission checks are the kernel's (`default_permissions`); new files belong to the
 //!   caller's uid and gid.
 //! - `fsync`, and `flush` on close, make the file durable (a journal commit).
