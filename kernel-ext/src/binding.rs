@@ -4,10 +4,10 @@
 //! Layer: kernel-ext, top. Used by mount-tool (`exofs prog|chain|stats`, the mount
 //! daemon) and by linked applications (through libfs's `File::chain`).
 //!
-//! Interface: [`Binding::open`] creates (or, if pinned by an earlier process, opens) the
-//! maps under `<bpffs>/exofs/<fs-uuid>/maps/`; [`Binding::bind`] links an application
-//! object into the driver ([`crate::binder`]), loads it and pins it as `progs/<name>`
-//! (and its batch variant as `batch/<name>`);
+//! Interface: [`Binding::open`] opens the file system's [`Store`] (its maps under
+//! `<bpffs>/exofs/<fs-uuid>/maps/`, created or, if pinned by an earlier process, opened);
+//! through it, `bind` links an application object into the driver ([`crate::binder`]),
+//! loads it and pins it as `progs/<name>` (and its batch variant as `batch/<name>`);
 //! [`Binding::run`] and [`Binding::run_batch`] run chains over the caller's read-only
 //! mapping of the device; [`Binding::register`] / [`Binding::unregister`] manage files.
 //!
@@ -26,53 +26,34 @@
 //! - Lock order: the listener runs under the Fs lock and takes the registry lock; the
 //!   runner never calls into the Fs while holding the registry lock.
 //! - Dropping the binding unregisters its files; pinned objects stay only while programs
-//!   are pinned (`exofs prog load`), and [`Binding::unload`] of the last program removes
-//!   every pin and the directory.
+//!   are pinned (`exofs prog load`) or a holder keeps them (the mount daemon, see
+//!   [`Store::hold`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs;
-use std::os::fd::{AsFd, AsRawFd};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use exofs_abi::chain::{
-    stats, status, BatchCtx, ChainCtx, ChainFile, BATCH_NO_FAULT, BATCH_SCRATCH_SIZE, BLOCK_SIZE,
+    status, BatchCtx, ChainCtx, ChainFile, BATCH_NO_FAULT, BATCH_SCRATCH_SIZE, BLOCK_SIZE,
     MAX_BATCH, MAX_CHAIN_FILES, MAX_HOPS, SCRATCH_SIZE,
 };
-use exofs_abi::extents::{ExtentKey, FileInfo, FileKey, MAP_EXTENTS, MAP_FILES};
-use exofs_abi::policy::{
-    PolicyGrant, PolicyKey, KIND_SPEAKER, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
-    SUBJECT_UID,
-};
+use exofs_abi::extents::{ExtentKey, FileInfo, FileKey};
 use libfs::{ChangeKind, ExtentChange, ExtentListener, Fs};
 
-use crate::binder::{self, BindError};
+use crate::binder::BindError;
 use crate::extent_map::{self, ChunkError};
-use crate::loader::{Linker, LoadError, MapHandle, SyscallProgram, ALIAS_SECTION, SYSCALL_SECTION};
+use crate::loader::LoadError;
+use crate::store::Maps;
+pub use crate::store::{pin_dir, BoundProgram, PolicyEntry, Stats, Store, Subject, DEFAULT_BPFFS};
 use crate::sys::{self, SysError};
 
 /// The driver's single-chain program.
 pub const CHAIN_PROGRAM: &str = "exofs_chain";
 /// The driver's batch program.
 pub const BATCH_PROGRAM: &str = "exofs_chain_batch";
-/// Directory, beside `progs/`, of the pins of the programs' batch variants (bpffs refuses
-/// dots in names, so `progs/<name>.batch` is not possible).
-const BATCH_PIN_DIR: &str = "batch";
-/// Where bpffs is mounted.
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
-/// `BPF_FS_MAGIC` (statfs f_type of a bpffs mount).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Attempts of one chain when it finds a file stale or unregistered (re-publishing it
 /// in between).
 const MAX_ATTEMPTS: u32 = 8;
-/// Maps that are pinned, by the driver's name, under `maps/` with the pin's name.
-const PINNED_MAPS: &[(&str, &str)] = &[
-    (MAP_FILES, "files"),
-    (MAP_EXTENTS, "extents"),
-    (MAP_POLICY, "policy"),
-    (stats::MAP_STATS, "stats"),
-];
-
 /// Why a binding operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BindingError {
@@ -102,6 +83,8 @@ pub enum BindingError {
     Exists(String),
     #[error("invalid program name `{0}`: use 1-64 characters of [A-Za-z0-9_-]")]
     BadName(String),
+    #[error("{0}: not pinned; is the file system mounted (`exofs mount`)?")]
+    NotPinned(PathBuf),
     #[error("invalid chain: {0}")]
     Invalid(String),
 }
@@ -118,9 +101,9 @@ impl BindingError {
     }
 }
 
-type Result<T, E = BindingError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = BindingError> = std::result::Result<T, E>;
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> BindingError + '_ {
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> BindingError + '_ {
     move |source| BindingError::Io {
         path: path.to_owned(),
         source,
@@ -257,56 +240,6 @@ impl Drop for DeviceMapping {
     }
 }
 
-/// A registered file, as the binding tracks it.
-#[derive(Debug, Default)]
-struct Registered {
-    /// Changes reported by libfs so far.
-    changes: u64,
-    /// Value of `changes` when the published extents were read.
-    published_changes: Option<u64>,
-    /// Generation published with the extents (what chains name).
-    published_generation: u64,
-    /// Newest generation libfs reported.
-    latest_generation: u64,
-    /// Chunk numbers in the extents map.
-    chunks: BTreeSet<u64>,
-}
-
-impl Registered {
-    fn is_current(&self) -> bool {
-        self.published_changes == Some(self.changes)
-            && self.published_generation >= self.latest_generation
-    }
-}
-
-/// The maps shared by every program of a binding, and what is registered in them.
-struct Maps {
-    files: MapHandle,
-    extents: MapHandle,
-    policy: MapHandle,
-    stats: MapHandle,
-    /// Every map of the driver, by its name in the driver (for relocation).
-    all: BTreeMap<String, MapHandle>,
-    registry: Mutex<HashMap<u64, Registered>>,
-}
-
-impl Maps {
-    fn registry(&self) -> MutexGuard<'_, HashMap<u64, Registered>> {
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Removes a file's entry and chunks from the maps.
-    fn remove(&self, ino: u64, chunks: &BTreeSet<u64>) -> Result<()> {
-        self.files.delete(&FileKey { ino })?;
-        for chunk in chunks {
-            self.extents.delete(&ExtentKey { ino, chunk: *chunk })?;
-        }
-        Ok(())
-    }
-}
-
 /// Listens to libfs for the binding (see the module's invariants).
 struct Listener {
     maps: Arc<Maps>,
@@ -351,32 +284,6 @@ impl ExtentListener for Listener {
                 log::error!("inode {}: cannot remove it either: {err}", change.ino);
             }
         }
-    }
-}
-
-/// A program bound into the driver, loaded, ready to run chains: the driver's single-chain
-/// and batch programs, each linked with the application's `next`.
-#[derive(Debug)]
-pub struct BoundProgram {
-    name: String,
-    program: SyscallProgram,
-    batch: SyscallProgram,
-}
-
-impl BoundProgram {
-    /// The program's name (its pin name).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Instructions of the single-chain program after linking, if this process loaded it.
-    pub fn insn_count(&self) -> Option<usize> {
-        self.program.insn_count()
-    }
-
-    /// The single-chain program.
-    pub fn chain_program(&self) -> &SyscallProgram {
-        &self.program
     }
 }
 
@@ -429,39 +336,6 @@ pub struct ChainOutcome {
     pub scratch: [u8; SCRATCH_SIZE],
     /// Attempts repeated because a file changed (STALE) or was not yet published.
     pub retries: u32,
-}
-
-/// Whom a policy grant is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Subject {
-    Uid(u32),
-    Gid(u32),
-    /// A cgroup, by id (the inode number of its directory in the cgroup2 mount).
-    Cgroup(u64),
-}
-
-/// One grant of the kernel policy: `subject` may run chains over `ino`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PolicyEntry {
-    pub subject: Subject,
-    pub ino: u64,
-    pub grant: PolicyGrant,
-}
-
-impl PolicyEntry {
-    fn key(&self) -> PolicyKey {
-        let (kind, id) = match self.subject {
-            Subject::Uid(uid) => (SUBJECT_UID, u64::from(uid)),
-            Subject::Gid(gid) => (SUBJECT_GID, u64::from(gid)),
-            Subject::Cgroup(id) => (SUBJECT_CGROUP, id),
-        };
-        PolicyKey {
-            kind,
-            _pad: 0,
-            id,
-            ino: self.ino,
-        }
-    }
 }
 
 /// One lookup of a batch.
@@ -539,139 +413,53 @@ pub struct BatchCounters {
     pub retries: u32,
 }
 
-/// Chain statistics summed over CPUs (see `exofs_abi::chain::stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub chains: u64,
-    pub hops: u64,
-    pub done: u64,
-    pub stale: u64,
-    pub rejected: u64,
-    pub denied: u64,
-    pub aborted: u64,
-}
-
-/// The binding of one file system (see the module documentation).
+/// The binding of one file system (see the module documentation): its [`Store`] (maps and
+/// programs, reached through `Deref`), the file system, and the device mapping chains read.
 pub struct Binding {
+    store: Store,
     fs: Arc<Fs>,
-    maps: Arc<Maps>,
     listener: Arc<dyn ExtentListener>,
     mapping: DeviceMapping,
-    /// `<bpffs>/exofs/<uuid>` when pinning.
-    pin_dir: Option<PathBuf>,
-    programs: Mutex<BTreeMap<String, Arc<BoundProgram>>>,
+}
+
+impl std::ops::Deref for Binding {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.store
+    }
 }
 
 impl std::fmt::Debug for Binding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Binding")
-            .field("pin_dir", &self.pin_dir)
+            .field("store", &self.store)
             .finish_non_exhaustive()
     }
 }
 
-/// The pin directory of the file system with `uuid` under `bpffs`.
-pub fn pin_dir(bpffs: &Path, uuid: [u8; 16]) -> PathBuf {
-    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    bpffs.join("exofs").join(hex)
-}
-
-/// Mounts bpffs at `path` unless one is mounted there already.
-fn ensure_bpffs(path: &Path) -> Result<()> {
-    let is_bpffs = nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::FsType(BPF_FS_MAGIC as _))
-        .unwrap_or(false);
-    if is_bpffs {
-        return Ok(());
-    }
-    fs::create_dir_all(path).map_err(io_error(path))?;
-    nix::mount::mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|errno| BindingError::Io {
-        path: path.to_owned(),
-        source: std::io::Error::from_raw_os_error(errno as i32),
-    })
-}
-
-/// The pin of a program's batch variant: `<pin dir>/batch/<name>` for `progs/<name>`.
-fn batch_pin(path: &Path) -> PathBuf {
-    let name = path.file_name().unwrap_or_default();
-    let pin_dir = path.parent().and_then(Path::parent).unwrap_or(path);
-    pin_dir.join(BATCH_PIN_DIR).join(name)
-}
-
-fn check_name(name: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(BindingError::BadName(name.to_owned()))
-    }
-}
-
 impl Binding {
-    /// Opens the binding of `fs`: the pinned maps of an earlier process if there are any,
-    /// else new maps (pinned if `options.pin`). Needs CAP_BPF + CAP_PERFMON (root), and
+    /// Opens the binding of `fs`: its [`Store`] (the pinned maps of an earlier process if
+    /// there are any), a mapping of its device, and a listener for its changes. A
+    /// read-write `fs` is this process's alone, so file entries left in the maps by a
+    /// process that died are removed first. Needs CAP_BPF + CAP_PERFMON (root), and
     /// CAP_SYS_ADMIN to mount bpffs.
     pub fn open(fs: Arc<Fs>, options: &BindingOptions) -> Result<Self> {
-        let pin_dir = if options.pin {
-            ensure_bpffs(&options.bpffs)?;
-            Some(pin_dir(&options.bpffs, fs.uuid()))
-        } else {
-            None
-        };
-        let maps_dir = pin_dir.as_ref().map(|dir| dir.join("maps"));
-        let mut linker = Linker::parse(crate::DRIVER_ELF, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
-        let mut all = BTreeMap::new();
-        for (name, definition) in linker.take_maps() {
-            let pinned = PINNED_MAPS
-                .iter()
-                .find(|(driver, _)| *driver == name)
-                .and_then(|(_, pin)| maps_dir.as_ref().map(|dir| dir.join(pin)))
-                .filter(|path| path.exists());
-            let handle = match &pinned {
-                Some(path) => MapHandle::open_pinned(path, &name, &definition)?,
-                None => MapHandle::create(&name, &definition)?,
-            };
-            all.insert(name, handle);
+        let store = Store::open(fs.uuid(), options)?;
+        if !fs.is_read_only() {
+            store.clear_files()?;
         }
-        drop(linker);
-        let take = |all: &mut BTreeMap<String, MapHandle>, name: &str| {
-            all.remove(name)
-                .ok_or_else(|| LoadError::Elf(format!("the driver has no map {name}")))
-        };
-        let files = take(&mut all, MAP_FILES)?;
-        let extents = take(&mut all, MAP_EXTENTS)?;
-        let stats_map = take(&mut all, stats::MAP_STATS)?;
-        let policy = take(&mut all, MAP_POLICY)?;
-        let maps = Arc::new(Maps {
-            files,
-            extents,
-            policy,
-            stats: stats_map,
-            all,
-            registry: Mutex::new(HashMap::new()),
-        });
         // Map first: a failure must not leave a listener subscribed with no binding.
         let mapping = DeviceMapping::map(&fs)?;
-        let listener: Arc<dyn ExtentListener> = Arc::new(Listener { maps: maps.clone() });
+        let listener: Arc<dyn ExtentListener> = Arc::new(Listener {
+            maps: store.maps.clone(),
+        });
         fs.subscribe(listener.clone());
         Ok(Self {
+            store,
             fs,
-            maps,
             listener,
             mapping,
-            pin_dir,
-            programs: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -685,185 +473,6 @@ impl Binding {
     /// The file system.
     pub fn fs(&self) -> &Arc<Fs> {
         &self.fs
-    }
-
-    /// The pin directory, if pinning.
-    pub fn pin_dir(&self) -> Option<&Path> {
-        self.pin_dir.as_deref()
-    }
-
-    fn programs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<BoundProgram>>> {
-        self.programs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Pins the shared maps (before the first program is pinned) where they are not.
-    fn ensure_map_pins(&self) -> Result<()> {
-        let Some(dir) = &self.pin_dir else {
-            return Ok(());
-        };
-        for sub in ["maps", "progs", BATCH_PIN_DIR] {
-            let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(io_error(&path))?;
-        }
-        for (driver_name, pin) in PINNED_MAPS {
-            let path = dir.join("maps").join(pin);
-            if !path.exists() {
-                let handle = match *driver_name {
-                    MAP_FILES => &self.maps.files,
-                    MAP_EXTENTS => &self.maps.extents,
-                    MAP_POLICY => &self.maps.policy,
-                    _ => &self.maps.stats,
-                };
-                handle.pin(&path)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn prog_pin(&self, name: &str) -> Option<PathBuf> {
-        self.pin_dir
-            .as_ref()
-            .map(|dir| dir.join("progs").join(name))
-    }
-
-    /// Links the application object `app_elf` into the driver, loads the result and (when
-    /// pinning) pins it as `progs/<name>`.
-    pub fn bind(&self, name: &str, app_elf: &[u8]) -> Result<Arc<BoundProgram>> {
-        check_name(name)?;
-        let pin = self.prog_pin(name);
-        if self.programs().contains_key(name) || pin.as_ref().is_some_and(|p| p.exists()) {
-            return Err(BindingError::Exists(name.to_owned()));
-        }
-        let app = binder::extract(app_elf)?;
-        let mut driver = Linker::parse(crate::DRIVER_ELF, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
-        let definitions = driver.take_maps();
-        let mut relocations = Vec::new();
-        for (map_name, definition) in &definitions {
-            let handle = match map_name.as_str() {
-                MAP_FILES => &self.maps.files,
-                MAP_EXTENTS => &self.maps.extents,
-                MAP_POLICY => &self.maps.policy,
-                stats::MAP_STATS => &self.maps.stats,
-                other => self.maps.all.get(other).ok_or_else(|| {
-                    LoadError::Elf(format!("the driver's map {other} was not created"))
-                })?,
-            };
-            relocations.push((map_name.as_str(), handle.as_fd().as_raw_fd(), definition));
-        }
-        driver.relocate(relocations.into_iter())?;
-        let license = driver.linked(CHAIN_PROGRAM)?.license;
-        let insns = binder::link_into_driver(&driver, CHAIN_PROGRAM, &app)?;
-        let program = SyscallProgram::load_insns(name, &insns, &license)?;
-        let insns = binder::link_into_driver(&driver, BATCH_PROGRAM, &app)?;
-        let batch = SyscallProgram::load_insns(name, &insns, &license)?;
-        if let Some(path) = &pin {
-            self.ensure_map_pins()?;
-            program.pin(path)?;
-            let batch_path = batch_pin(path);
-            if let Err(err) = batch.pin(&batch_path) {
-                let _ = fs::remove_file(path);
-                return Err(err.into());
-            }
-        }
-        let bound = Arc::new(BoundProgram {
-            name: name.to_owned(),
-            program,
-            batch,
-        });
-        self.programs().insert(name.to_owned(), bound.clone());
-        Ok(bound)
-    }
-
-    /// The program bound as `name`, by this process or pinned by another.
-    pub fn program(&self, name: &str) -> Result<Arc<BoundProgram>> {
-        check_name(name)?;
-        if let Some(bound) = self.programs().get(name) {
-            return Ok(bound.clone());
-        }
-        let Some(path) = self.prog_pin(name).filter(|path| path.exists()) else {
-            return Err(BindingError::NoProgram(name.to_owned()));
-        };
-        let bound = Arc::new(BoundProgram {
-            name: name.to_owned(),
-            program: SyscallProgram::from_pin(&path, name)?,
-            batch: SyscallProgram::from_pin(&batch_pin(&path), name)?,
-        });
-        self.programs().insert(name.to_owned(), bound.clone());
-        Ok(bound)
-    }
-
-    /// Names of the bound programs (pinned ones included).
-    pub fn program_names(&self) -> Result<Vec<String>> {
-        let mut names: BTreeSet<String> = self.programs().keys().cloned().collect();
-        if let Some(dir) = self.pin_dir.as_ref().map(|dir| dir.join("progs")) {
-            if dir.exists() {
-                for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
-                    let entry = entry.map_err(io_error(&dir))?;
-                    names.insert(entry.file_name().to_string_lossy().into_owned());
-                }
-            }
-        }
-        Ok(names.into_iter().collect())
-    }
-
-    /// Unbinds `name`: removes its pin. The last program's unload removes the maps' pins
-    /// and the directory too.
-    pub fn unload(&self, name: &str) -> Result<()> {
-        check_name(name)?;
-        let had = self.programs().remove(name).is_some();
-        let pinned = match self.prog_pin(name) {
-            Some(path) if path.exists() => {
-                fs::remove_file(&path).map_err(io_error(&path))?;
-                let batch = batch_pin(&path);
-                if batch.exists() {
-                    fs::remove_file(&batch).map_err(io_error(&batch))?;
-                }
-                true
-            }
-            _ => false,
-        };
-        if !had && !pinned {
-            return Err(BindingError::NoProgram(name.to_owned()));
-        }
-        self.remove_pins_if_unused()
-    }
-
-    /// Removes every pin if no program is pinned any more.
-    fn remove_pins_if_unused(&self) -> Result<()> {
-        let Some(dir) = &self.pin_dir else {
-            return Ok(());
-        };
-        let progs = dir.join("progs");
-        if progs.exists()
-            && fs::read_dir(&progs)
-                .map_err(io_error(&progs))?
-                .next()
-                .is_some()
-        {
-            return Ok(());
-        }
-        for (_, pin) in PINNED_MAPS {
-            let path = dir.join("maps").join(pin);
-            if path.exists() {
-                fs::remove_file(&path).map_err(io_error(&path))?;
-            }
-        }
-        for sub in ["maps", "progs", BATCH_PIN_DIR] {
-            let path = dir.join(sub);
-            if path.exists() {
-                fs::remove_dir(&path).map_err(io_error(&path))?;
-            }
-        }
-        if dir.exists() {
-            fs::remove_dir(dir).map_err(io_error(dir))?;
-        }
-        if let Some(parent) = dir.parent() {
-            // The shared `exofs` directory goes when the last file system's does.
-            let _ = fs::remove_dir(parent);
-        }
-        Ok(())
     }
 
     /// Registers `ino` (publishing its extents) and returns what a chain names it by.
@@ -1128,68 +737,6 @@ impl Binding {
             pending = again;
         }
         Ok((outcomes, counters))
-    }
-
-    /// Replaces the kernel policy: enforcement on (every chain denied unless each of its
-    /// files has a grant for the subject), exactly `entries`, and `speaker`, the process
-    /// allowed to name the subject of its chains (the mount daemon). The mode entry goes
-    /// in first and old grants go before new ones are added, so a reload is never more
-    /// permissive than either policy.
-    pub fn load_policy(&self, entries: &[PolicyEntry], speaker: Option<u32>) -> Result<()> {
-        let map = &self.maps.policy;
-        map.set(&MODE_KEY, &PolicyGrant::default(), sys::BPF_ANY)?;
-        let mut wanted: HashMap<PolicyKey, PolicyGrant> = entries
-            .iter()
-            .map(|entry| (entry.key(), entry.grant))
-            .collect();
-        if let Some(pid) = speaker {
-            let key = PolicyKey {
-                kind: KIND_SPEAKER,
-                _pad: 0,
-                id: u64::from(pid),
-                ino: 0,
-            };
-            wanted.insert(key, PolicyGrant::default());
-        }
-        wanted.insert(MODE_KEY, PolicyGrant::default());
-        for key in map.keys::<PolicyKey>()? {
-            if !wanted.contains_key(&key) {
-                map.delete(&key)?;
-            }
-        }
-        for (key, grant) in &wanted {
-            map.set(key, grant, sys::BPF_ANY)?;
-        }
-        Ok(())
-    }
-
-    /// Removes the kernel policy: chains are open again (a privileged application's own).
-    pub fn clear_policy(&self) -> Result<()> {
-        let map = &self.maps.policy;
-        for key in map.keys::<PolicyKey>()? {
-            if key != MODE_KEY {
-                map.delete(&key)?;
-            }
-        }
-        map.delete(&MODE_KEY)?;
-        Ok(())
-    }
-
-    /// The statistics map, summed over CPUs.
-    pub fn stats(&self) -> Result<Stats> {
-        let mut counts = [0u64; stats::COUNT as usize];
-        for (index, count) in counts.iter_mut().enumerate() {
-            *count = self.maps.stats.sum_percpu_u64(index as u32)?;
-        }
-        Ok(Stats {
-            chains: counts[stats::CHAINS as usize],
-            hops: counts[stats::HOPS as usize],
-            done: counts[stats::DONE as usize],
-            stale: counts[stats::STALE as usize],
-            rejected: counts[stats::REJECTED as usize],
-            denied: counts[stats::DENIED as usize],
-            aborted: counts[stats::ABORTED as usize],
-        })
     }
 
     /// Unregisters every file, stops listening, and removes the pins if no program is

@@ -12,8 +12,10 @@
 //!   driver's translation done in user space (reference);
 //! - [`binder`]: an application's `next` extracted, checked against the allowlist and
 //!   spliced into the driver;
-//! - [`binding`]: one file system's maps, pins, registered files, bound programs, policy
-//!   and the chain runner (single chains and batches);
+//! - [`store`]: one file system's maps, pins, bound programs and policy, without the
+//!   file system (what `exofs prog` uses on a mounted image);
+//! - [`binding`]: a store plus the file system: registered files and the chain runner
+//!   (single chains and batches);
 //! - [`index`]: the example formats built and walked in user space;
 //! - [`DRIVER_ELF`] and [`examples`]: the trusted driver (`bpf/driver`) and the example
 //!   application objects (`bpf/examples`), built by build.rs and embedded.
@@ -32,6 +34,7 @@ pub mod btf;
 pub mod extent_map;
 pub mod index;
 pub mod loader;
+pub mod store;
 
 /// The example application objects (bpf/examples), built by build.rs.
 pub mod examples {

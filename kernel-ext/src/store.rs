@@ -1,0 +1,629 @@
+//! The store: one file system's driver maps and the programs bound to them, without the
+//! file system itself. It is what `exofs prog` needs on a mounted image, whose file system
+//! (and the registration of its files) belongs to the mount daemon; a [`Binding`] is a
+//! store plus the file system.
+//!
+//! Layer: kernel-ext, below [`crate::binding`]. Interface: [`Store::open`] creates (or
+//! opens the pinned) maps; [`Store::attach`] opens the pinned maps of a mounted file
+//! system and fails if there are none; [`Store::bind`], [`Store::program`],
+//! [`Store::unload`] manage programs; [`Store::load_policy`], [`Store::stats`].
+//!
+//! Invariants:
+//! - Pins live under `<bpffs>/exofs/<fs-uuid>/`: `maps/{files,extents,policy,stats}`,
+//!   `progs/<name>`, `batch/<name>`. Maps are pinned before the first program.
+//! - Without a holder, the last program's unload removes every pin and the directory. A
+//!   holder (the mount daemon, [`Store::hold`]) marks the directory with `held/`: the maps
+//!   stay pinned while it lives, and [`Store::remove_all_pins`] removes everything at
+//!   unmount.
+//!
+//! [`Binding`]: crate::binding::Binding
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use exofs_abi::chain::stats;
+use exofs_abi::extents::{ExtentKey, FileKey, MAP_EXTENTS, MAP_FILES};
+use exofs_abi::policy::{
+    PolicyGrant, PolicyKey, KIND_SPEAKER, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
+    SUBJECT_UID,
+};
+
+use crate::binder;
+use crate::binding::{
+    io_error, BindingError, BindingOptions, Result, BATCH_PROGRAM, CHAIN_PROGRAM,
+};
+use crate::loader::{Linker, LoadError, MapHandle, SyscallProgram, ALIAS_SECTION, SYSCALL_SECTION};
+use crate::sys;
+
+/// Directory, beside `progs/`, of the pins of the programs' batch variants (bpffs refuses
+/// dots in names, so `progs/<name>.batch` is not possible).
+const BATCH_PIN_DIR: &str = "batch";
+/// Where bpffs is mounted.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` (statfs f_type of a bpffs mount).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Maps that are pinned, by the driver's name, under `maps/` with the pin's name.
+const PINNED_MAPS: &[(&str, &str)] = &[
+    (MAP_FILES, "files"),
+    (MAP_EXTENTS, "extents"),
+    (MAP_POLICY, "policy"),
+    (stats::MAP_STATS, "stats"),
+];
+
+/// Directory, beside `maps/`, whose presence says a holder (the mount daemon) owns the
+/// pins: unloading the last program then leaves the maps pinned.
+const HELD_MARKER: &str = "held";
+
+/// A registered file, as the binding tracks it.
+#[derive(Debug, Default)]
+pub(crate) struct Registered {
+    /// Changes reported by libfs so far.
+    pub(crate) changes: u64,
+    /// Value of `changes` when the published extents were read.
+    pub(crate) published_changes: Option<u64>,
+    /// Generation published with the extents (what chains name).
+    pub(crate) published_generation: u64,
+    /// Newest generation libfs reported.
+    pub(crate) latest_generation: u64,
+    /// Chunk numbers in the extents map.
+    pub(crate) chunks: BTreeSet<u64>,
+}
+
+impl Registered {
+    pub(crate) fn is_current(&self) -> bool {
+        self.published_changes == Some(self.changes)
+            && self.published_generation >= self.latest_generation
+    }
+}
+
+/// The maps shared by every program of a binding, and what is registered in them.
+pub(crate) struct Maps {
+    pub(crate) files: MapHandle,
+    pub(crate) extents: MapHandle,
+    pub(crate) policy: MapHandle,
+    pub(crate) stats: MapHandle,
+    /// Every map of the driver, by its name in the driver (for relocation).
+    pub(crate) all: BTreeMap<String, MapHandle>,
+    pub(crate) registry: Mutex<HashMap<u64, Registered>>,
+}
+
+impl Maps {
+    pub(crate) fn registry(&self) -> MutexGuard<'_, HashMap<u64, Registered>> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes a file's entry and chunks from the maps.
+    pub(crate) fn remove(&self, ino: u64, chunks: &BTreeSet<u64>) -> Result<()> {
+        self.files.delete(&FileKey { ino })?;
+        for chunk in chunks {
+            self.extents.delete(&ExtentKey { ino, chunk: *chunk })?;
+        }
+        Ok(())
+    }
+}
+
+/// A program bound into the driver, loaded, ready to run chains: the driver's single-chain
+/// and batch programs, each linked with the application's `next`.
+#[derive(Debug)]
+pub struct BoundProgram {
+    name: String,
+    pub(crate) program: SyscallProgram,
+    pub(crate) batch: SyscallProgram,
+    /// Inode number of its pin (`progs/<name>`), when pinned: tells a program loaded
+    /// again under the same name from this one.
+    pin_ino: Option<u64>,
+}
+
+impl BoundProgram {
+    /// The program's name (its pin name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Instructions of the single-chain program after linking, if this process loaded it.
+    pub fn insn_count(&self) -> Option<usize> {
+        self.program.insn_count()
+    }
+
+    /// The single-chain program.
+    pub fn chain_program(&self) -> &SyscallProgram {
+        &self.program
+    }
+}
+
+/// Whom a policy grant is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Uid(u32),
+    Gid(u32),
+    /// A cgroup, by id (the inode number of its directory in the cgroup2 mount).
+    Cgroup(u64),
+}
+
+/// One grant of the kernel policy: `subject` may run chains over `ino`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub subject: Subject,
+    pub ino: u64,
+    pub grant: PolicyGrant,
+}
+
+impl PolicyEntry {
+    fn key(&self) -> PolicyKey {
+        let (kind, id) = match self.subject {
+            Subject::Uid(uid) => (SUBJECT_UID, u64::from(uid)),
+            Subject::Gid(gid) => (SUBJECT_GID, u64::from(gid)),
+            Subject::Cgroup(id) => (SUBJECT_CGROUP, id),
+        };
+        PolicyKey {
+            kind,
+            _pad: 0,
+            id,
+            ino: self.ino,
+        }
+    }
+}
+
+/// Chain statistics summed over CPUs (see `exofs_abi::chain::stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub chains: u64,
+    pub hops: u64,
+    pub done: u64,
+    pub stale: u64,
+    pub rejected: u64,
+    pub denied: u64,
+    pub aborted: u64,
+}
+
+/// One file system's driver maps and bound programs (see the module documentation).
+pub struct Store {
+    pub(crate) maps: Arc<Maps>,
+    /// `<bpffs>/exofs/<uuid>` when pinning.
+    pin_dir: Option<PathBuf>,
+    programs: Mutex<BTreeMap<String, Arc<BoundProgram>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pin directory of the file system with `uuid` under `bpffs`.
+pub fn pin_dir(bpffs: &Path, uuid: [u8; 16]) -> PathBuf {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    bpffs.join("exofs").join(hex)
+}
+
+/// Mounts bpffs at `path` unless one is mounted there already.
+fn ensure_bpffs(path: &Path) -> Result<()> {
+    let is_bpffs = nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::FsType(BPF_FS_MAGIC as _))
+        .unwrap_or(false);
+    if is_bpffs {
+        return Ok(());
+    }
+    fs::create_dir_all(path).map_err(io_error(path))?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|errno| BindingError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::from_raw_os_error(errno as i32),
+    })
+}
+
+/// The pin of a program's batch variant: `<pin dir>/batch/<name>` for `progs/<name>`.
+fn batch_pin(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default();
+    let pin_dir = path.parent().and_then(Path::parent).unwrap_or(path);
+    pin_dir.join(BATCH_PIN_DIR).join(name)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(BindingError::BadName(name.to_owned()))
+    }
+}
+
+impl Store {
+    /// Opens the store of the file system `uuid`: the pinned maps of an earlier process if
+    /// there are any, else new maps (pinned, with the first program, if `options.pin`).
+    /// Needs CAP_BPF + CAP_PERFMON (root), and CAP_SYS_ADMIN to mount bpffs.
+    pub fn open(uuid: [u8; 16], options: &BindingOptions) -> Result<Self> {
+        Self::open_maps(uuid, options, false)
+    }
+
+    /// Opens the pinned maps of `uuid`, which a holder (the mount daemon) keeps pinned:
+    /// fails if they are not pinned rather than creating maps nobody else uses.
+    pub fn attach(uuid: [u8; 16], bpffs: &Path) -> Result<Self> {
+        let options = BindingOptions {
+            pin: true,
+            bpffs: bpffs.to_owned(),
+        };
+        Self::open_maps(uuid, &options, true)
+    }
+
+    fn open_maps(uuid: [u8; 16], options: &BindingOptions, pinned_only: bool) -> Result<Self> {
+        let pin_dir = if options.pin {
+            ensure_bpffs(&options.bpffs)?;
+            Some(pin_dir(&options.bpffs, uuid))
+        } else {
+            None
+        };
+        let maps_dir = pin_dir.as_ref().map(|dir| dir.join("maps"));
+        let mut linker = Linker::parse(crate::DRIVER_ELF, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
+        let mut all = BTreeMap::new();
+        for (name, definition) in linker.take_maps() {
+            let pin = PINNED_MAPS
+                .iter()
+                .find(|(driver, _)| *driver == name)
+                .and_then(|(_, pin)| maps_dir.as_ref().map(|dir| dir.join(pin)));
+            let handle = match &pin {
+                Some(path) if path.exists() => MapHandle::open_pinned(path, &name, &definition)?,
+                Some(path) if pinned_only => {
+                    return Err(BindingError::NotPinned(path.to_owned()));
+                }
+                _ => MapHandle::create(&name, &definition)?,
+            };
+            all.insert(name, handle);
+        }
+        drop(linker);
+        let take = |all: &mut BTreeMap<String, MapHandle>, name: &str| {
+            all.remove(name)
+                .ok_or_else(|| LoadError::Elf(format!("the driver has no map {name}")))
+        };
+        let files = take(&mut all, MAP_FILES)?;
+        let extents = take(&mut all, MAP_EXTENTS)?;
+        let stats_map = take(&mut all, stats::MAP_STATS)?;
+        let policy = take(&mut all, MAP_POLICY)?;
+        let maps = Arc::new(Maps {
+            files,
+            extents,
+            policy,
+            stats: stats_map,
+            all,
+            registry: Mutex::new(HashMap::new()),
+        });
+        Ok(Self {
+            maps,
+            pin_dir,
+            programs: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Removes every file entry and extent chunk from the maps: what a process that owns
+    /// the file system exclusively does first, since entries left by a process that died
+    /// could describe extents that have changed since.
+    pub(crate) fn clear_files(&self) -> Result<()> {
+        for key in self.maps.files.keys::<FileKey>()? {
+            self.maps.files.delete(&key)?;
+        }
+        for key in self.maps.extents.keys::<ExtentKey>()? {
+            self.maps.extents.delete(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Pins the maps now and keeps them pinned until [`Store::remove_all_pins`], whatever
+    /// programs come and go: the mount daemon holds them so `exofs prog load` on the
+    /// mounted image links programs to the maps it registers files in.
+    pub fn hold(&self) -> Result<()> {
+        self.ensure_map_pins()?;
+        if let Some(dir) = &self.pin_dir {
+            let marker = dir.join(HELD_MARKER);
+            if !marker.exists() {
+                fs::create_dir(&marker).map_err(io_error(&marker))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a holder keeps the pins (see [`Store::hold`]).
+    pub fn is_held(&self) -> bool {
+        self.pin_dir
+            .as_ref()
+            .is_some_and(|dir| dir.join(HELD_MARKER).exists())
+    }
+
+    /// The pin directory, if pinning.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    fn programs(&self) -> MutexGuard<'_, BTreeMap<String, Arc<BoundProgram>>> {
+        self.programs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Pins the shared maps (before the first program is pinned) where they are not.
+    fn ensure_map_pins(&self) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        for sub in ["maps", "progs", BATCH_PIN_DIR] {
+            let path = dir.join(sub);
+            fs::create_dir_all(&path).map_err(io_error(&path))?;
+        }
+        for (driver_name, pin) in PINNED_MAPS {
+            let path = dir.join("maps").join(pin);
+            if !path.exists() {
+                let handle = match *driver_name {
+                    MAP_FILES => &self.maps.files,
+                    MAP_EXTENTS => &self.maps.extents,
+                    MAP_POLICY => &self.maps.policy,
+                    _ => &self.maps.stats,
+                };
+                handle.pin(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn prog_pin(&self, name: &str) -> Option<PathBuf> {
+        self.pin_dir
+            .as_ref()
+            .map(|dir| dir.join("progs").join(name))
+    }
+
+    /// Links the application object `app_elf` into the driver, loads the result and (when
+    /// pinning) pins it as `progs/<name>`.
+    pub fn bind(&self, name: &str, app_elf: &[u8]) -> Result<Arc<BoundProgram>> {
+        check_name(name)?;
+        let pin = self.prog_pin(name);
+        if self.programs().contains_key(name) || pin.as_ref().is_some_and(|p| p.exists()) {
+            return Err(BindingError::Exists(name.to_owned()));
+        }
+        let app = binder::extract(app_elf)?;
+        let mut driver = Linker::parse(crate::DRIVER_ELF, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
+        let definitions = driver.take_maps();
+        let mut relocations = Vec::new();
+        for (map_name, definition) in &definitions {
+            let handle = match map_name.as_str() {
+                MAP_FILES => &self.maps.files,
+                MAP_EXTENTS => &self.maps.extents,
+                MAP_POLICY => &self.maps.policy,
+                stats::MAP_STATS => &self.maps.stats,
+                other => self.maps.all.get(other).ok_or_else(|| {
+                    LoadError::Elf(format!("the driver's map {other} was not created"))
+                })?,
+            };
+            relocations.push((map_name.as_str(), handle.as_fd().as_raw_fd(), definition));
+        }
+        driver.relocate(relocations.into_iter())?;
+        let license = driver.linked(CHAIN_PROGRAM)?.license;
+        let insns = binder::link_into_driver(&driver, CHAIN_PROGRAM, &app)?;
+        let program = SyscallProgram::load_insns(name, &insns, &license)?;
+        let insns = binder::link_into_driver(&driver, BATCH_PROGRAM, &app)?;
+        let batch = SyscallProgram::load_insns(name, &insns, &license)?;
+        if let Some(path) = &pin {
+            self.ensure_map_pins()?;
+            program.pin(path)?;
+            let batch_path = batch_pin(path);
+            if let Err(err) = batch.pin(&batch_path) {
+                let _ = fs::remove_file(path);
+                return Err(err.into());
+            }
+        }
+        let pin_ino = match &pin {
+            Some(path) => Some(fs::metadata(path).map_err(io_error(path))?.ino()),
+            None => None,
+        };
+        let bound = Arc::new(BoundProgram {
+            name: name.to_owned(),
+            program,
+            batch,
+            pin_ino,
+        });
+        self.programs().insert(name.to_owned(), bound.clone());
+        Ok(bound)
+    }
+
+    /// The program bound as `name`, by this process or pinned by another. When pinning,
+    /// the pin decides: a program unloaded by another process is gone here too, and one
+    /// loaded again under the same name replaces the one remembered.
+    pub fn program(&self, name: &str) -> Result<Arc<BoundProgram>> {
+        check_name(name)?;
+        let Some(path) = self.prog_pin(name) else {
+            return self
+                .programs()
+                .get(name)
+                .cloned()
+                .ok_or_else(|| BindingError::NoProgram(name.to_owned()));
+        };
+        let pin_ino = match fs::metadata(&path) {
+            Ok(metadata) => metadata.ino(),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                self.programs().remove(name);
+                return Err(BindingError::NoProgram(name.to_owned()));
+            }
+            Err(err) => return Err(io_error(&path)(err)),
+        };
+        if let Some(bound) = self.programs().get(name) {
+            if bound.pin_ino == Some(pin_ino) {
+                return Ok(bound.clone());
+            }
+        }
+        let bound = Arc::new(BoundProgram {
+            name: name.to_owned(),
+            program: SyscallProgram::from_pin(&path, name)?,
+            batch: SyscallProgram::from_pin(&batch_pin(&path), name)?,
+            pin_ino: Some(pin_ino),
+        });
+        self.programs().insert(name.to_owned(), bound.clone());
+        Ok(bound)
+    }
+
+    /// Names of the bound programs (pinned ones included).
+    pub fn program_names(&self) -> Result<Vec<String>> {
+        let mut names: BTreeSet<String> = self.programs().keys().cloned().collect();
+        if let Some(dir) = self.pin_dir.as_ref().map(|dir| dir.join("progs")) {
+            if dir.exists() {
+                for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
+                    let entry = entry.map_err(io_error(&dir))?;
+                    names.insert(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    /// Unbinds `name`: removes its pin. The last program's unload removes the maps' pins
+    /// and the directory too.
+    pub fn unload(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        let had = self.programs().remove(name).is_some();
+        let pinned = match self.prog_pin(name) {
+            Some(path) if path.exists() => {
+                fs::remove_file(&path).map_err(io_error(&path))?;
+                let batch = batch_pin(&path);
+                if batch.exists() {
+                    fs::remove_file(&batch).map_err(io_error(&batch))?;
+                }
+                true
+            }
+            _ => false,
+        };
+        if !had && !pinned {
+            return Err(BindingError::NoProgram(name.to_owned()));
+        }
+        self.remove_pins_if_unused()
+    }
+
+    /// Removes every pin if no program is pinned any more and no holder keeps them.
+    pub(crate) fn remove_pins_if_unused(&self) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let progs = dir.join("progs");
+        let any_program = progs.exists()
+            && fs::read_dir(&progs)
+                .map_err(io_error(&progs))?
+                .next()
+                .is_some();
+        if any_program || self.is_held() {
+            return Ok(());
+        }
+        self.remove_all_pins()
+    }
+
+    /// Removes every pin (programs included) and the directory: the holder's last act.
+    pub fn remove_all_pins(&self) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        self.programs().clear();
+        for sub in ["progs", BATCH_PIN_DIR] {
+            let path = dir.join(sub);
+            if path.exists() {
+                for entry in fs::read_dir(&path).map_err(io_error(&path))? {
+                    let pin = entry.map_err(io_error(&path))?.path();
+                    fs::remove_file(&pin).map_err(io_error(&pin))?;
+                }
+            }
+        }
+        for (_, pin) in PINNED_MAPS {
+            let path = dir.join("maps").join(pin);
+            if path.exists() {
+                fs::remove_file(&path).map_err(io_error(&path))?;
+            }
+        }
+        for sub in ["maps", "progs", BATCH_PIN_DIR, HELD_MARKER] {
+            let path = dir.join(sub);
+            if path.exists() {
+                fs::remove_dir(&path).map_err(io_error(&path))?;
+            }
+        }
+        if dir.exists() {
+            fs::remove_dir(dir).map_err(io_error(dir))?;
+        }
+        if let Some(parent) = dir.parent() {
+            // The shared `exofs` directory goes when the last file system's does.
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    /// Replaces the kernel policy: enforcement on (every chain denied unless each of its
+    /// files has a grant for the subject), exactly `entries`, and `speaker`, the process
+    /// allowed to name the subject of its chains (the mount daemon). The mode entry goes
+    /// in first and old grants go before new ones are added, so a reload is never more
+    /// permissive than either policy.
+    pub fn load_policy(&self, entries: &[PolicyEntry], speaker: Option<u32>) -> Result<()> {
+        let map = &self.maps.policy;
+        map.set(&MODE_KEY, &PolicyGrant::default(), sys::BPF_ANY)?;
+        let mut wanted: HashMap<PolicyKey, PolicyGrant> = entries
+            .iter()
+            .map(|entry| (entry.key(), entry.grant))
+            .collect();
+        if let Some(pid) = speaker {
+            let key = PolicyKey {
+                kind: KIND_SPEAKER,
+                _pad: 0,
+                id: u64::from(pid),
+                ino: 0,
+            };
+            wanted.insert(key, PolicyGrant::default());
+        }
+        wanted.insert(MODE_KEY, PolicyGrant::default());
+        for key in map.keys::<PolicyKey>()? {
+            if !wanted.contains_key(&key) {
+                map.delete(&key)?;
+            }
+        }
+        for (key, grant) in &wanted {
+            map.set(key, grant, sys::BPF_ANY)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the kernel policy: chains are open again (a privileged application's own).
+    pub fn clear_policy(&self) -> Result<()> {
+        let map = &self.maps.policy;
+        for key in map.keys::<PolicyKey>()? {
+            if key != MODE_KEY {
+                map.delete(&key)?;
+            }
+        }
+        map.delete(&MODE_KEY)?;
+        Ok(())
+    }
+
+    /// The statistics map, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut counts = [0u64; stats::COUNT as usize];
+        for (index, count) in counts.iter_mut().enumerate() {
+            *count = self.maps.stats.sum_percpu_u64(index as u32)?;
+        }
+        Ok(Stats {
+            chains: counts[stats::CHAINS as usize],
+            hops: counts[stats::HOPS as usize],
+            done: counts[stats::DONE as usize],
+            stale: counts[stats::STALE as usize],
+            rejected: counts[stats::REJECTED as usize],
+            denied: counts[stats::DENIED as usize],
+            aborted: counts[stats::ABORTED as usize],
+        })
+    }
+}
