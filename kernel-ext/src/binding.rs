@@ -287,6 +287,15 @@ impl ExtentListener for Listener {
     }
 }
 
+/// The subject the mount daemon names for a chain it runs on behalf of a FUSE caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NamedSubject {
+    pub uid: u32,
+    pub gid: u32,
+    /// The cgroup id (0: none).
+    pub cgroup: u64,
+}
+
 /// One chain to run.
 #[derive(Debug, Clone)]
 pub struct ChainRequest {
@@ -302,9 +311,9 @@ pub struct ChainRequest {
     pub hop_limit: u32,
     /// The application's scratch.
     pub scratch: [u8; SCRATCH_SIZE],
-    /// The (uid, gid) the policy is checked for; honoured only when this process is the
+    /// The subject the policy is checked for; honoured only when this process is the
     /// policy's registered speaker (the mount daemon), else the caller's own ids count.
-    pub subject: Option<(u32, u32)>,
+    pub subject: Option<NamedSubject>,
 }
 
 impl ChainRequest {
@@ -377,7 +386,7 @@ pub struct BatchRequest {
     /// lookups again (DESIGN "Batches"). Pays off on cold data.
     pub overlap_misses: bool,
     /// As [`ChainRequest::subject`].
-    pub subject: Option<(u32, u32)>,
+    pub subject: Option<NamedSubject>,
 }
 
 impl BatchRequest {
@@ -613,8 +622,9 @@ impl Binding {
             ctx.map_addr = map_addr;
             ctx.map_len = map_len;
             ctx.scratch = request.scratch;
-            if let Some((uid, gid)) = request.subject {
-                (ctx.subject_uid, ctx.subject_gid) = (uid, gid);
+            if let Some(subject) = request.subject {
+                (ctx.subject_uid, ctx.subject_gid) = (subject.uid, subject.gid);
+                ctx.subject_cgroup = subject.cgroup;
             }
             {
                 let _pin = self.fs.pin_epoch();
@@ -678,6 +688,10 @@ impl Binding {
                     },
                     ..BatchCtx::default()
                 };
+                if let Some(subject) = request.subject {
+                    (ctx.subject_uid, ctx.subject_gid) = (subject.uid, subject.gid);
+                    ctx.subject_cgroup = subject.cgroup;
+                }
                 for (slot, index) in group.iter().enumerate() {
                     let item = &items[*index];
                     ctx.lookups[slot].start_file = item.start_file;

@@ -508,8 +508,35 @@ impl MapHandle {
         self.delete_bytes(pod_bytes(key))
     }
 
-    /// The sum over every possible CPU of the u64 at `index` of a PERCPU_ARRAY of u64.
+    /// The per-CPU values of element `index` of a per-CPU array of u64, summed.
     pub fn sum_percpu_u64(&self, index: u32) -> Result<u64, LoadError> {
+        Ok(self
+            .percpu_u64(index)?
+            .chunks_exact(8)
+            .map(|chunk| u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8])))
+            .fold(0u64, u64::wrapping_add))
+    }
+
+    /// Adds `delta` to CPU 0's value of element `index` of a per-CPU array of u64. A
+    /// read-modify-write of the whole element from user space: only for elements no
+    /// program writes, by callers that serialise their own updates.
+    pub fn add_percpu_u64(&self, index: u32, delta: u64) -> Result<(), LoadError> {
+        let mut values = self.percpu_u64(index)?;
+        let first = u64::from_ne_bytes(values[..8].try_into().unwrap_or([0; 8]));
+        values[..8].copy_from_slice(&first.wrapping_add(delta).to_ne_bytes());
+        // SAFETY: as in `percpu_u64`: one value per possible CPU, a u32 key.
+        Ok(unsafe {
+            sys::map_update_elem(
+                self.fd.as_fd(),
+                &index.to_ne_bytes(),
+                &values,
+                sys::BPF_EXIST,
+            )
+        }?)
+    }
+
+    /// The raw per-CPU values (8 bytes per possible CPU) of element `index`.
+    fn percpu_u64(&self, index: u32) -> Result<Vec<u8>, LoadError> {
         const PERCPU_ARRAY: u32 = 6;
         if self.spec.map_type != PERCPU_ARRAY || self.spec.value_size != 8 {
             return Err(self.access_error("not a per-CPU array of u64".to_owned()));
@@ -523,10 +550,7 @@ impl MapHandle {
         if !found {
             return Err(self.access_error(format!("no index {index}")));
         }
-        Ok(values
-            .chunks_exact(8)
-            .map(|chunk| u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8])))
-            .fold(0u64, u64::wrapping_add))
+        Ok(values)
     }
 
     /// Typed [`Self::lookup`].

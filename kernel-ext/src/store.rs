@@ -180,6 +180,8 @@ pub struct Stats {
     pub rejected: u64,
     pub denied: u64,
     pub aborted: u64,
+    /// Requests the mount daemon refused before they reached the kernel.
+    pub refused: u64,
 }
 
 /// One file system's driver maps and bound programs (see the module documentation).
@@ -188,6 +190,8 @@ pub struct Store {
     /// `<bpffs>/exofs/<uuid>` when pinning.
     pin_dir: Option<PathBuf>,
     programs: Mutex<BTreeMap<String, Arc<BoundProgram>>>,
+    /// Serialises [`Store::count_refused`] (a read-modify-write).
+    refused_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -309,6 +313,7 @@ impl Store {
             maps,
             pin_dir,
             programs: Mutex::new(BTreeMap::new()),
+            refused_lock: Mutex::new(()),
         })
     }
 
@@ -624,6 +629,16 @@ impl Store {
             rejected: counts[stats::REJECTED as usize],
             denied: counts[stats::DENIED as usize],
             aborted: counts[stats::ABORTED as usize],
+            refused: counts[stats::REFUSED as usize],
         })
+    }
+
+    /// Counts one request the mount daemon refused (`stats::REFUSED`).
+    pub fn count_refused(&self) -> Result<()> {
+        let _serialised = self
+            .refused_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(self.maps.stats.add_percpu_u64(stats::REFUSED, 1)?)
     }
 }

@@ -10,7 +10,8 @@ use common::{compile_c, lookup_scratch, write_fragmented, BpfFs};
 use exofs_abi::chain::status;
 use exofs_abi::policy::PolicyGrant;
 use kernel_ext::binding::{
-    BatchItem, BatchRequest, BindingError, BindingOptions, ChainRequest, PolicyEntry, Subject,
+    BatchItem, BatchRequest, BindingError, BindingOptions, ChainRequest, NamedSubject, PolicyEntry,
+    Subject,
 };
 use kernel_ext::{examples, index};
 use libfs::{FallocateMode, SetAttr, ROOT_INO};
@@ -18,6 +19,11 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// The subject a speaker names.
+fn named(uid: u32, gid: u32, cgroup: u64) -> Option<NamedSubject> {
+    Some(NamedSubject { uid, gid, cgroup })
+}
 
 #[test]
 fn pins_live_as_long_as_programs() {
@@ -355,7 +361,7 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
     let pairs: Vec<(u64, u64)> = (1..=20).map(|k| (k, k * 3)).collect();
     let allowed = write_fragmented(&fs, "allowed", &index::build_list(&pairs, 2), 3);
     let other = write_fragmented(&fs, "other", &index::build_list(&pairs, 4), 3);
-    let run = |ino: u64, hops: u32, subject: Option<(u32, u32)>| {
+    let run = |ino: u64, hops: u32, subject: Option<NamedSubject>| {
         let mut request = ChainRequest::new(ino, 0, &lookup_scratch(20));
         request.hop_limit = hops;
         request.subject = subject;
@@ -422,7 +428,7 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
         .load_policy(&[grant(Subject::Uid(4242), other, 64)], None)
         .expect("policy");
     assert_eq!(
-        run(other, 20, Some((4242, 4242))),
+        run(other, 20, named(4242, 4242, 0)),
         status::DENIED,
         "not the speaker"
     );
@@ -433,12 +439,12 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
         )
         .expect("policy");
     assert_eq!(
-        run(other, 20, Some((4242, 4242))),
+        run(other, 20, named(4242, 4242, 0)),
         status::DONE,
         "the speaker's subject"
     );
-    assert_eq!(run(allowed, 20, Some((4242, 4242))), status::DENIED);
-    assert_eq!(run(other, 20, Some((4243, 4243))), status::DENIED);
+    assert_eq!(run(allowed, 20, named(4242, 4242, 0)), status::DENIED);
+    assert_eq!(run(other, 20, named(4243, 4243, 0)), status::DENIED);
     // Group and cgroup grants.
     binding
         .load_policy(
@@ -447,10 +453,38 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
         )
         .expect("policy");
     assert_eq!(
-        run(other, 20, Some((1, 777))),
+        run(other, 20, named(1, 777, 0)),
         status::DONE,
         "granted to the group"
     );
+    binding
+        .load_policy(
+            &[grant(Subject::Cgroup(31337), other, 64)],
+            Some(std::process::id()),
+        )
+        .expect("policy");
+    assert_eq!(
+        run(other, 20, named(1, 1, 31337)),
+        status::DONE,
+        "granted to the cgroup the speaker names"
+    );
+    assert_eq!(run(other, 20, named(1, 1, 31338)), status::DENIED);
+    assert_eq!(run(other, 20, named(1, 1, 0)), status::DENIED);
+    let mut batch = BatchRequest::new(other);
+    batch.hop_limit = 20;
+    batch.subject = named(1, 1, 31337);
+    let (outcomes, _) = binding
+        .run_batch(&list, &batch, &items[..8])
+        .expect("batch");
+    assert!(
+        outcomes.iter().all(|o| o.status == status::DONE),
+        "a batch names its subject too"
+    );
+    batch.subject = named(1, 1, 31338);
+    let (outcomes, _) = binding
+        .run_batch(&list, &batch, &items[..8])
+        .expect("batch");
+    assert!(outcomes.iter().all(|o| o.status == status::DENIED));
     if let Some(cgroup) = root_cgroup_id() {
         binding
             .load_policy(&[grant(Subject::Cgroup(cgroup), other, 64)], None)
@@ -500,7 +534,7 @@ fn a_new_subject_never_sees_the_previous_block() {
     let run = |uid: u32, read_len: u32| {
         let mut request = ChainRequest::new(secret, 0, &[]);
         request.read_len = read_len;
-        request.subject = Some((uid, uid));
+        request.subject = named(uid, uid, 0);
         let outcome = binding.run(&tail, &request).expect("run");
         assert_eq!(outcome.status, status::DONE);
         outcome.scratch[..24].to_vec()

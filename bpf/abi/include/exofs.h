@@ -55,6 +55,7 @@ struct exofs_chain_ctx {
 	__u64 map_len;
 	__u32 subject_uid;
 	__u32 subject_gid;
+	__u64 subject_cgroup;
 	__s32 status;
 	__u32 hops;
 	__u8 scratch[EXOFS_SCRATCH_SIZE];
@@ -98,6 +99,7 @@ struct exofs_batch_ctx {
 	__u64 map_len;
 	__u32 subject_uid;
 	__u32 subject_gid;
+	__u64 subject_cgroup;
 	__u32 flags;
 	__u32 done;
 	struct exofs_batch_lookup lookups[EXOFS_MAX_BATCH];

@@ -98,8 +98,12 @@ pub mod stats {
     pub const DENIED: u32 = 5;
     /// Chains `next` aborted or that hit the hop limit.
     pub const ABORTED: u32 = 6;
+    /// Chain requests the mount daemon refused before they reached the kernel (a program
+    /// or file the policy does not grant). Written by the daemon alone, on CPU 0's slot:
+    /// the driver never touches it.
+    pub const REFUSED: u32 = 7;
     /// Entries in the map.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// One file a chain may read.
@@ -138,6 +142,8 @@ pub struct ChainCtx {
     /// speaking for a FUSE caller; ignored for other callers (their own ids count).
     pub subject_uid: u32,
     pub subject_gid: u32,
+    /// In: the subject's cgroup id (0: none), as `subject_uid`.
+    pub subject_cgroup: u64,
     /// Out: a `status::*` value.
     pub status: i32,
     /// Out: hops taken.
@@ -159,6 +165,7 @@ impl Default for ChainCtx {
             map_len: 0,
             subject_uid: 0,
             subject_gid: 0,
+            subject_cgroup: 0,
             status: 0,
             hops: 0,
             scratch: [0; SCRATCH_SIZE],
@@ -213,6 +220,7 @@ pub struct BatchCtx {
     /// In: as in [`ChainCtx`].
     pub subject_uid: u32,
     pub subject_gid: u32,
+    pub subject_cgroup: u64,
     /// In: `BATCH_*` flags.
     pub flags: u32,
     /// Out: lookups that finished with status DONE.
@@ -233,6 +241,7 @@ impl Default for BatchCtx {
             map_len: 0,
             subject_uid: 0,
             subject_gid: 0,
+            subject_cgroup: 0,
             flags: 0,
             done: 0,
             lookups: [BatchLookup::default(); MAX_BATCH],
@@ -279,6 +288,6 @@ mod pod {
 
 const _: () = assert!(size_of::<ChainFile>() == 16);
 const _: () = assert!(size_of::<BatchLookup>() == 32 + BATCH_SCRATCH_SIZE);
-const _: () = assert!(size_of::<BatchCtx>() == 64 + 16 + 16 + 16 + MAX_BATCH * 64);
-const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + SCRATCH_SIZE);
+const _: () = assert!(size_of::<BatchCtx>() == 64 + 16 + 16 + 8 + 8 + 8 + MAX_BATCH * 64);
+const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + 8 + SCRATCH_SIZE);
 const _: () = assert!(size_of::<HopState>() == 24 + 16 + 32 + SCRATCH_SIZE + BLOCK_SIZE);

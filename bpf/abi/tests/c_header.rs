@@ -22,7 +22,7 @@ fn rust_layout() -> BTreeMap<String, i64> {
         files => "files", file_count => "file_count", hop_limit => "hop_limit",
         start_file => "start_file", read_len => "read_len", start_offset => "start_offset",
         map_addr => "map_addr", map_len => "map_len", subject_uid => "subject_uid",
-        subject_gid => "subject_gid", status => "status", hops => "hops", scratch => "scratch");
+        subject_gid => "subject_gid", subject_cgroup => "subject_cgroup", status => "status", hops => "hops", scratch => "scratch");
     layout!(map, "exofs_hop_state", HopState;
         hop => "hop", file => "file", offset => "offset", data_len => "data_len",
         next_count => "next_count", next_file => "next_file", next_offset => "next_offset",
@@ -41,7 +41,7 @@ fn rust_layout() -> BTreeMap<String, i64> {
     layout!(map, "exofs_batch_ctx", BatchCtx;
         files => "files", file_count => "file_count", hop_limit => "hop_limit",
         read_len => "read_len", count => "count", map_addr => "map_addr", map_len => "map_len",
-        subject_uid => "subject_uid", subject_gid => "subject_gid", flags => "flags",
+        subject_uid => "subject_uid", subject_gid => "subject_gid", subject_cgroup => "subject_cgroup", flags => "flags",
         done => "done", lookups => "lookups");
     map.insert(
         "EXOFS_STATUS_MISSING".into(),

@@ -85,18 +85,22 @@ fn grant_for(uid: u32, gid: u32, cgroup: u64, ino: u64) -> u64 {
 /// Whether the policy lets the subject run a chain of at most `hops` hops (and, for a
 /// batch, `batch` lookups) over the first `file_count` of `files`. Open when the policy
 /// map has no mode entry. The subject is the calling task, or, when the caller is the
-/// registered speaker (the mount daemon), the uid and gid it passes. Pairs of u32 travel
-/// in one u64 (`subject`: uid | gid << 32; `limits`: batch | hops << 32): with five
-/// arguments LLVM read the fifth from r5 after a helper call had clobbered it, which the
-/// verifier refused ("R5 !read_ok").
+/// registered speaker (the mount daemon), the uid, gid and cgroup it names. Small values
+/// travel packed (`limits`: hops << 32 | batch << 16 | file_count; `subject`: uid | gid <<
+/// 32): with five arguments LLVM read the fifth from r5 after a helper call had clobbered
+/// it, which the verifier refused ("R5 !read_ok").
 #[inline(never)]
 fn allowed(
     files: &[ChainFile; MAX_CHAIN_FILES],
-    file_count: u64,
-    subject: u64,
     limits: u64,
+    subject: u64,
+    subject_cgroup: u64,
 ) -> bool {
-    let (hops, batch) = ((limits >> 32) as u32, limits as u32);
+    let (hops, batch, file_count) = (
+        (limits >> 32) as u32,
+        (limits >> 16) as u32 & 0xffff,
+        limits & 0xffff,
+    );
     // SAFETY: a lookup of a plain value.
     if unsafe { EXOFS_POLICY.get(&MODE_KEY) }.is_none() {
         return true;
@@ -112,7 +116,12 @@ fn allowed(
     // SAFETY: as above.
     let speaker = unsafe { EXOFS_POLICY.get(&speaker_key) }.is_some();
     let (uid, gid, cgroup) = if speaker {
-        (subject as u32, (subject >> 32) as u32, NO_GRANT)
+        let cgroup = if subject_cgroup == 0 {
+            NO_GRANT
+        } else {
+            subject_cgroup
+        };
+        (subject as u32, (subject >> 32) as u32, cgroup)
     } else {
         // SAFETY: as above.
         let ids = unsafe { bpf_get_current_uid_gid() };
@@ -144,13 +153,20 @@ static EXOFS_ZERO: Array<[u8; BLOCK_SIZE]> = Array::with_max_entries(1, 0);
 /// `bpf_copy_from_user` from address 0, which zeroes its destination when it fails, went
 /// through a page fault: 15-20%.)
 #[inline(always)]
-fn clear_if_new_subject(state: &mut HopState, walk: &mut Walk, named: u64) {
-    // SAFETY: takes no arguments.
-    let caller = unsafe { bpf_get_current_uid_gid() };
-    if walk.last_subject[0] == caller && walk.last_subject[1] == named {
+fn clear_if_new_subject(state: &mut HopState, walk: &mut Walk, named: u64, named_cgroup: u64) {
+    // SAFETY: these helpers take no arguments.
+    let subject = unsafe {
+        [
+            bpf_get_current_uid_gid(),
+            bpf_get_current_cgroup_id(),
+            named,
+            named_cgroup,
+        ]
+    };
+    if walk.last_subject == subject {
         return;
     }
-    walk.last_subject = [caller, named];
+    walk.last_subject = subject;
     clear_block(state);
 }
 
@@ -242,9 +258,10 @@ pub struct Walk {
     count: u64,
     lookup_hop: u64,
     done: u64,
-    /// Who the task's last chain ran for: the caller's uid/gid and the subject it named.
-    /// The block buffer is cleared when this changes (see `clear_if_new_subject`).
-    last_subject: [u64; 2],
+    /// Who the task's last chain ran for: the caller's uid/gid and cgroup, and the
+    /// subject it named. The block buffer is cleared when this changes (see
+    /// `clear_if_new_subject`).
+    last_subject: [u64; 4],
     batch: [BatchLookup; MAX_BATCH],
 }
 
@@ -281,6 +298,8 @@ struct Header {
     map_len: u64,
     /// uid | gid << 32, as named by the caller (counts for the speaker only).
     subject: u64,
+    /// The cgroup id named by the caller (as `subject`).
+    subject_cgroup: u64,
 }
 
 /// Reads a [`Header`] from a `ChainCtx` or `BatchCtx` pointer, at constant offsets.
@@ -299,6 +318,7 @@ macro_rules! header_of {
             map_addr: (*$ctx).map_addr,
             map_len: (*$ctx).map_len,
             subject: (*$ctx).subject_uid as u64 | ((*$ctx).subject_gid as u64) << 32,
+            subject_cgroup: (*$ctx).subject_cgroup,
         }
     };
 }
@@ -319,8 +339,8 @@ unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut 
     } else {
         header.hop_limit
     };
-    let limits = (hop_limit as u64) << 32 | lookups;
-    if !allowed(&header.files, header.file_count, header.subject, limits) {
+    let limits = (hop_limit as u64) << 32 | lookups << 16 | header.file_count;
+    if !allowed(&header.files, limits, header.subject, header.subject_cgroup) {
         return Err(status::DENIED);
     }
     let Some(state) = EXOFS_HOP.current() else {
@@ -329,7 +349,7 @@ unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut 
     let Some(walk) = EXOFS_WALK.current() else {
         return Err(status::INVALID);
     };
-    clear_if_new_subject(&mut *state, &mut *walk, header.subject);
+    clear_if_new_subject(&mut *state, &mut *walk, header.subject, header.subject_cgroup);
     (*walk).files = header.files;
     (*walk).file_count = header.file_count;
     (*walk).read_len = header.read_len;
