@@ -606,8 +606,7 @@ fn possible_cpus() -> Result<usize, String> {
 }
 
 fn pod_bytes<T: Pod>(value: &T) -> &[u8] {
-    // SAFETY: `T: Pod` has no padding or uninitialized bytes; the slice borrows `value`.
-    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
+    exofs_abi::bytes::of(value)
 }
 
 /// The host-endian (little-endian, see `sys`) u64 form of one instruction.

@@ -237,6 +237,25 @@ impl Fs {
         Self::open_device(Arc::new(device), options)
     }
 
+    /// The uuid of the file system on `path`, read from its superblock without opening it
+    /// (no lock, no journal replay): what names a mounted image's kernel objects while the
+    /// mount daemon holds it.
+    pub fn peek_uuid(path: &Path) -> Result<[u8; 16]> {
+        use std::io::Read;
+        let mut raw = [0u8; BLOCK_SIZE];
+        std::fs::File::open(path)
+            .and_then(|mut file| file.read_exact(&mut raw))
+            .map_err(|err| {
+                Error::Io(std::io::Error::new(
+                    err.kind(),
+                    format!("{}: {err}", path.display()),
+                ))
+            })?;
+        verify_block(&raw, MAGIC_SUPER, 0, "superblock")?;
+        let superblock: Superblock = read_struct(&raw, 0, "superblock")?;
+        Ok(superblock.uuid)
+    }
+
     /// Opens a file system on any device: replays the journal, loads the bitmaps, and
     /// (read-write) frees inodes left on the orphan list by a crash.
     pub fn open_device(device: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Fs> {

@@ -13,10 +13,13 @@
 //!   caller's uid and gid.
 //! - `fsync`, and `flush` on close, make the file durable (a journal commit).
 
+use crate::chains::{Caller, ChainService};
+use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use libfs::{Attr, FallocateMode, Fs, RenameMode, SetAttr, SetTime, XattrMode};
 use std::collections::HashMap;
@@ -43,15 +46,27 @@ pub struct ExofsFuse {
     fs: Arc<Fs>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    /// The chain ioctls, when the kernel binding is available.
+    chains: Option<Arc<ChainService>>,
+    /// Bumped after every change of names (the chain service recompiles the policy's
+    /// paths when it moved).
+    namespace: Arc<AtomicU64>,
 }
 
 impl ExofsFuse {
-    pub fn new(fs: Arc<Fs>) -> Self {
+    pub fn new(fs: Arc<Fs>, chains: Option<Arc<ChainService>>, namespace: Arc<AtomicU64>) -> Self {
         Self {
             fs,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            chains,
+            namespace,
         }
+    }
+
+    /// Notes a change of names (after it is made).
+    fn names_changed(&self) {
+        self.namespace.fetch_add(1, Ordering::AcqRel);
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
@@ -69,10 +84,18 @@ impl ExofsFuse {
     }
 
     fn close_handle(&self, fh: FileHandle) -> libfs::Result<()> {
-        match self.handles().remove(&fh.0) {
-            Some(handle) => self.fs.release(handle.ino),
-            None => Ok(()),
+        let (handle, last) = {
+            let mut handles = self.handles();
+            let Some(handle) = handles.remove(&fh.0) else {
+                return Ok(());
+            };
+            let last = !handles.values().any(|other| other.ino == handle.ino);
+            (handle, last)
+        };
+        if let (true, Some(chains)) = (last, &self.chains) {
+            chains.forget_file(handle.ino);
         }
+        self.fs.release(handle.ino)
     }
 }
 
@@ -224,6 +247,7 @@ impl Filesystem for ExofsFuse {
         let result = self
             .fs
             .mknod(parent.0, name.as_bytes(), mode, rdev, req.uid(), req.gid());
+        self.names_changed();
         entry(reply, result);
     }
 
@@ -239,15 +263,20 @@ impl Filesystem for ExofsFuse {
         let result = self
             .fs
             .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid());
+        self.names_changed();
         entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+        let result = self.fs.unlink(parent.0, name.as_bytes());
+        self.names_changed();
+        empty(reply, result);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+        let result = self.fs.rmdir(parent.0, name.as_bytes());
+        self.names_changed();
+        empty(reply, result);
     }
 
     fn symlink(
@@ -265,6 +294,7 @@ impl Filesystem for ExofsFuse {
             req.uid(),
             req.gid(),
         );
+        self.names_changed();
         entry(reply, result);
     }
 
@@ -295,6 +325,7 @@ impl Filesystem for ExofsFuse {
             newname.as_bytes(),
             mode,
         );
+        self.names_changed();
         empty(reply, result);
     }
 
@@ -306,7 +337,9 @@ impl Filesystem for ExofsFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        let result = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        self.names_changed();
+        entry(reply, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -527,6 +560,7 @@ impl Filesystem for ExofsFuse {
             req.uid(),
             req.gid(),
         );
+        self.names_changed();
         let attr = match created {
             Ok(attr) => attr,
             Err(err) => return reply.error(errno(&err)),
@@ -540,6 +574,46 @@ impl Filesystem for ExofsFuse {
                 FopenFlags::empty(),
             ),
             Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        if ![IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD].contains(&cmd) {
+            return reply.error(Errno::ENOTTY);
+        }
+        let Some(chains) = &self.chains else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        };
+        let answer = match cmd {
+            IOC_CHAIN => chains
+                .chain(&caller, ino.0, in_data)
+                .map(|bytes| (0, bytes)),
+            IOC_CHAIN_BATCH => chains
+                .chain_batch(&caller, ino.0, in_data)
+                .map(|bytes| (0, bytes)),
+            _ => chains.reload_policy(&caller),
+        };
+        match answer {
+            Ok((result, bytes)) => reply.ioctl(result, &bytes),
+            Err(refusal) => {
+                log::info!("ioctl {cmd:#x}: {}", refusal.reason);
+                reply.error(Errno::from_i32(refusal.errno));
+            }
         }
     }
 

@@ -2,10 +2,11 @@
 //!
 //! Subcommands: `mkfs`, `fsck`, `bench fs|chain`, small tools to look inside an image
 //! (`ls`, `put`, `get`, `extents`), and the kernel binding's `prog load|list|unload`,
-//! `chain`, `stats` and `index`. The mount and policy commands arrive with their issue.
+//! `chain`, `stats` and `index`, `mount` / `umount` (FUSE), and `policy check|reload`.
 
 mod bench;
 mod bench_chain;
+mod chains;
 mod fuse;
 mod mount;
 mod policy;
@@ -96,7 +97,10 @@ enum Command {
     },
     /// Run one chained lookup in the kernel and print the value found (or "not found")
     /// and the hop count. Uses the example programs' scratch: key in; found, value out.
+    /// On a mounted image (or its mount point) the chain goes through the mount's ioctl,
+    /// as an unprivileged application's would.
     Chain {
+        /// The image, or the mount point of a mounted one.
         image: PathBuf,
         /// The file to look in (its path inside the image).
         path: PathBuf,
@@ -109,7 +113,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         start: u64,
     },
-    /// Chain statistics of an image's binding: chains, hops, rejects, stale retries.
+    /// Chain statistics of an image's binding (or of a mount's): chains, hops, rejects,
+    /// stale retries.
     Stats { image: PathBuf },
     /// Write an example index file (keys 1, 3, 5, ...; value = key * 7) into an image.
     Index {
@@ -134,6 +139,9 @@ enum Command {
 enum PolicyAction {
     /// Check a policy file: exit 0 if it is valid, else 1 with FILE:LINE:COL per mistake.
     Check { file: PathBuf },
+    /// Make a mount's daemon read its policy file (-o policy=FILE) again. A file with
+    /// mistakes is refused (exit 1, FILE:LINE:COL per mistake) and the old policy stays.
+    Reload { mountpoint: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,8 +186,21 @@ fn main() -> ExitCode {
             mountpoint,
             foreground,
             options,
-        } => mount::mount(&image, &mountpoint, foreground, &options),
+        } => mount::mount(&image, &mountpoint, foreground, &options, bpffs),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Policy {
+            action: PolicyAction::Reload { mountpoint },
+        } => match policy::reload(&mountpoint) {
+            Ok(()) => {
+                println!("{}: policy reloaded", mountpoint.display());
+                Ok(())
+            }
+            Err(policy::ReloadError::Mistakes(mistakes)) => {
+                println!("{mistakes}");
+                return ExitCode::from(1);
+            }
+            Err(policy::ReloadError::Failed(message)) => Err(message.into()),
+        },
         Command::Policy {
             action: PolicyAction::Check { file },
         } => match policy::load(&file) {

@@ -10,13 +10,17 @@
 //! the journal before it exits. `exofs umount` waits until the daemon has let go of the
 //! image. After a kill -9, the next mount replays the journal.
 
+use crate::chains::ChainService;
 use crate::fuse::ExofsFuse;
 use fuser::{Config, MountOption, SessionACL};
+use kernel_ext::binding::{Binding, BindingOptions};
 use libfs::{Fs, OpenOptions};
 use std::error::Error;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +39,10 @@ pub struct MountOptions {
     pub default_permissions: bool,
     /// Metadata cache budget in bytes.
     pub cache: Option<u64>,
+    /// The policy file (absolute): who may run chains on which files.
     pub policy: Option<PathBuf>,
+    /// Where a background daemon logs (appended); without it only `-f` logs (stderr).
+    pub log: Option<PathBuf>,
 }
 
 impl MountOptions {
@@ -58,12 +65,12 @@ impl MountOptions {
                             .map_err(|e| format!("-o cache={size}: {e}"))?,
                     );
                 }
-                ("policy", Some(_)) => {
-                    return Err(
-                        "-o policy=FILE: policy files are not supported yet (issue 4 in progress)"
-                            .into(),
-                    )
+                ("policy", Some(file)) => {
+                    let path = absolute(file, "policy")?;
+                    crate::policy::load(&path)?;
+                    options.policy = Some(path);
                 }
+                ("log", Some(file)) => options.log = Some(absolute(file, "log")?),
                 // Options mount(8) passes that mean nothing here.
                 ("dev" | "suid" | "exec" | "auto" | "nouser" | "async" | "defaults", None) => {}
                 _ => return Err(format!("unknown mount option `{option}`").into()),
@@ -73,23 +80,70 @@ impl MountOptions {
     }
 }
 
+/// `file` made absolute (the daemon reads it again on `policy reload`).
+fn absolute(file: &str, option: &str) -> Result<PathBuf> {
+    if file.is_empty() {
+        return Err(format!("-o {option}=: give a file").into());
+    }
+    Ok(std::path::absolute(file).map_err(|e| format!("-o {option}={file}: {e}"))?)
+}
+
 /// `exofs mount`.
-pub fn mount(image: &Path, mountpoint: &Path, foreground: bool, options: &str) -> Result<()> {
+pub fn mount(
+    image: &Path,
+    mountpoint: &Path,
+    foreground: bool,
+    options: &str,
+    bpffs: &Path,
+) -> Result<()> {
     let parsed = MountOptions::parse(options)?;
     if !mountpoint.is_dir() {
         return Err(format!("{}: not a directory", mountpoint.display()).into());
     }
     if foreground {
-        return serve(image, mountpoint, &parsed);
+        return serve(image, mountpoint, &parsed, bpffs);
     }
-    spawn_daemon(image, mountpoint, options)
+    spawn_daemon(image, mountpoint, &parsed, bpffs)
+}
+
+/// The options again as `-o` text, with files made absolute (the daemon starts in its
+/// own session; its working directory is the same, but absolute paths read better in
+/// `ps`).
+fn option_text(options: &MountOptions) -> String {
+    let mut list = Vec::new();
+    if options.read_only {
+        list.push("ro".to_owned());
+    }
+    if options.allow_other {
+        list.push("allow_other".to_owned());
+    }
+    if options.default_permissions {
+        list.push("default_permissions".to_owned());
+    }
+    if let Some(cache) = options.cache {
+        list.push(format!("cache={cache}"));
+    }
+    if let Some(policy) = &options.policy {
+        list.push(format!("policy={}", policy.display()));
+    }
+    if let Some(log) = &options.log {
+        list.push(format!("log={}", log.display()));
+    }
+    list.join(",")
 }
 
 /// Starts `exofs mount -f` detached and waits for it to report the mount up.
-fn spawn_daemon(image: &Path, mountpoint: &Path, options: &str) -> Result<()> {
+fn spawn_daemon(
+    image: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+    bpffs: &Path,
+) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut command = Command::new(exe);
     command
+        .arg("--bpffs")
+        .arg(bpffs)
         .arg("mount")
         .arg(image)
         .arg(mountpoint)
@@ -98,6 +152,7 @@ fn spawn_daemon(image: &Path, mountpoint: &Path, options: &str) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let options = option_text(options);
     if !options.is_empty() {
         command.arg("-o").arg(options);
     }
@@ -149,8 +204,32 @@ fn stop_on_signals(mut unmounter: fuser::SessionUnmounter) -> Result<()> {
     Ok(())
 }
 
+/// The kernel binding's chain service, if BPF is available here. Without a policy file a
+/// mount serves files without chains when BPF is missing; with one, that is an error.
+fn chain_service(
+    fs: &Arc<Fs>,
+    options: &MountOptions,
+    bpffs: &Path,
+    namespace: &Arc<AtomicU64>,
+) -> Result<Option<Arc<ChainService>>> {
+    let binding_options = BindingOptions {
+        pin: true,
+        bpffs: bpffs.to_owned(),
+    };
+    let binding = match Binding::open(fs.clone(), &binding_options) {
+        Ok(binding) => binding,
+        Err(err) if options.policy.is_none() => {
+            log::warn!("no kernel binding ({err}): chain ioctls answer EOPNOTSUPP");
+            return Ok(None);
+        }
+        Err(err) => return Err(format!("the kernel binding for the policy: {err}").into()),
+    };
+    let service = ChainService::new(binding, options.policy.clone(), namespace.clone())?;
+    Ok(Some(Arc::new(service)))
+}
+
 /// The daemon: mounts, serves until unmounted, then checkpoints and closes.
-fn serve(image: &Path, mountpoint: &Path, options: &MountOptions) -> Result<()> {
+fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) -> Result<()> {
     let mut open = if options.read_only {
         OpenOptions::read_only()
     } else {
@@ -160,6 +239,8 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions) -> Result<()> 
         open.cache_bytes = usize::try_from(cache)?;
     }
     let fs = Arc::new(Fs::open(image, &open).map_err(|e| format!("{}: {e}", image.display()))?);
+    let namespace = Arc::new(AtomicU64::new(0));
+    let chains = chain_service(&fs, options, bpffs, &namespace)?;
     let mut mount_options = vec![
         MountOption::FSName(image.display().to_string()),
         MountOption::Subtype("exofs".into()),
@@ -181,34 +262,47 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions) -> Result<()> 
     // Blocked before fuser starts its threads (they inherit the mask), so only the
     // waiting thread takes them.
     stop_signals().thread_block()?;
-    let mut session = fuser::Session::new(ExofsFuse::new(fs.clone()), mountpoint, &config)
-        .map_err(|e| {
-            format!(
-                "mounting {} on {}: {e}",
-                image.display(),
-                mountpoint.display()
-            )
-        })?;
+    let served = ExofsFuse::new(fs.clone(), chains.clone(), namespace);
+    let mut session = fuser::Session::new(served, mountpoint, &config).map_err(|e| {
+        format!(
+            "mounting {} on {}: {e}",
+            image.display(),
+            mountpoint.display()
+        )
+    })?;
     stop_on_signals(session.unmount_callable())?;
     if std::env::var_os(REPORT_READY).is_some() {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "{READY}")?;
         stdout.flush()?;
-        // SAFETY: closing our stdout (the parent's pipe) and stderr: the parent stops
-        // reading once it has the ready line; from here the daemon logs nowhere.
-        unsafe {
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            if null >= 0 {
-                libc::dup2(null, 1);
-                libc::dup2(null, 2);
-                libc::close(null);
-            }
-        }
+        detach_output(options.log.as_deref())?;
     }
     log::info!("{} mounted on {}", image.display(), mountpoint.display());
     session.run()?;
     // The session ended (unmounted): the file system's `destroy` has checkpointed.
+    if let Some(chains) = chains {
+        if let Err(err) = chains.remove_pins() {
+            log::error!("removing the pinned maps and programs: {err}");
+        }
+    }
     drop(fs);
+    Ok(())
+}
+
+/// Replaces stdout (the parent's pipe) and stderr: the parent stops reading once it has
+/// the ready line. Logs go to `log` (appended) if given, else nowhere.
+fn detach_output(log: Option<&Path>) -> Result<()> {
+    let target = match log {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("-o log={}: {e}", path.display()))?,
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null")?,
+    };
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), 1)?;
+    nix::unistd::dup2(target.as_raw_fd(), 2)?;
     Ok(())
 }
 
@@ -235,6 +329,21 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         image.display()
     )
     .into())
+}
+
+/// Every exofs mount as (image, mount point), from /proc/self/mounts.
+pub fn exofs_mounts() -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    Ok(mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let source = PathBuf::from(unescape(fields.first()?));
+            let mountpoint = PathBuf::from(unescape(fields.get(1)?));
+            (fields.get(2)?.starts_with("fuse") && is_exofs_image(&source))
+                .then_some((source, mountpoint))
+        })
+        .collect())
 }
 
 /// The image of the exofs mount at `mountpoint`, from /proc/self/mounts.

@@ -258,6 +258,38 @@ pub fn load(path: &Path) -> Result<Policy, String> {
     })
 }
 
+/// Why `exofs policy reload` did not put a new policy in force.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file has mistakes (one `FILE:LINE:COL: ...` per line); the old policy stays.
+    Mistakes(String),
+    /// The request failed (not an exofs mount, not allowed, no policy file...).
+    Failed(String),
+}
+
+/// Asks the daemon of the exofs mount at `mountpoint` to read its policy file again.
+pub fn reload(mountpoint: &Path) -> Result<(), ReloadError> {
+    let root = std::fs::File::open(mountpoint)
+        .map_err(|e| ReloadError::Failed(format!("{}: {e}", mountpoint.display())))?;
+    exofs_client::reload_policy(&root).map_err(|err| match err.kind() {
+        std::io::ErrorKind::InvalidInput if err.raw_os_error().is_none() => {
+            ReloadError::Mistakes(err.to_string())
+        }
+        _ => ReloadError::Failed(match err.raw_os_error() {
+            Some(libc::ENOTTY) => format!("{}: not an exofs mount", mountpoint.display()),
+            Some(libc::EPERM) => format!(
+                "{}: only root or the mount's owner reloads its policy",
+                mountpoint.display()
+            ),
+            Some(libc::EINVAL) => format!(
+                "{}: the mount has no policy file (mount with -o policy=FILE)",
+                mountpoint.display()
+            ),
+            _ => format!("{}: {err}", mountpoint.display()),
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

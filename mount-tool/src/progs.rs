@@ -1,13 +1,15 @@
 //! The kernel-binding commands: `prog load|list|unload`, `chain`, `stats`, and `index`
 //! (writes an example index file to run chains on).
 
+use crate::mount;
 use exofs_abi::chain::status;
 use exofs_abi::formats::Lookup;
-use kernel_ext::binding::{Binding, BindingError, BindingOptions, ChainRequest};
+use kernel_ext::binding::{Binding, BindingError, BindingOptions, ChainRequest, Store};
 use kernel_ext::{examples, index};
 use libfs::{Fs, OpenOptions};
 use std::error::Error;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -22,18 +24,64 @@ const EXAMPLES: &[(&str, &[u8])] = &[
     ("linked_list", examples::LINKED_LIST),
 ];
 
-fn open_binding(image: &Path, bpffs: &Path, writable: bool) -> Result<Binding> {
-    let options = if writable {
-        OpenOptions::default()
-    } else {
-        OpenOptions::read_only()
+/// What the prog and stats commands work on: an image no one has open (this process
+/// opens it and its binding), or a mounted one (the daemon holds the file system and the
+/// maps; this process attaches to the pinned maps).
+enum Target {
+    Image(Binding),
+    Mounted { store: Store, mountpoint: PathBuf },
+}
+
+impl Target {
+    fn store(&self) -> &Store {
+        match self {
+            Self::Image(binding) => binding,
+            Self::Mounted { store, .. } => store,
+        }
+    }
+}
+
+/// Opens `path`, an image or the mount point of a mounted one.
+fn open_target(path: &Path, bpffs: &Path) -> Result<Target> {
+    let mounts = mount::exofs_mounts()?;
+    let mounted = |image: &Path| {
+        let uuid = Fs::peek_uuid(image)?;
+        let store = Store::attach(uuid, bpffs).map_err(explain)?;
+        let mountpoint = mounts
+            .iter()
+            .find(|(source, _)| same_file(source, image))
+            .map(|(_, mountpoint)| mountpoint.clone())
+            .unwrap_or_default();
+        Ok::<_, Box<dyn Error>>(Target::Mounted { store, mountpoint })
     };
-    let fs = Arc::new(Fs::open(image, &options)?);
-    let options = BindingOptions {
-        pin: true,
-        bpffs: bpffs.to_owned(),
-    };
-    Binding::open(fs, &options).map_err(|err| explain(err).into())
+    if let Some((image, _)) = mounts
+        .iter()
+        .find(|(_, mountpoint)| same_file(mountpoint, path))
+    {
+        return mounted(image);
+    }
+    match Fs::open(path, &OpenOptions::read_only()) {
+        Ok(fs) => {
+            let options = BindingOptions {
+                pin: true,
+                bpffs: bpffs.to_owned(),
+            };
+            Ok(Target::Image(
+                Binding::open(Arc::new(fs), &options).map_err(explain)?,
+            ))
+        }
+        // A read-write mount's daemon holds the image's lock.
+        Err(libfs::Error::Busy(_)) => mounted(path),
+        Err(err) => Err(format!("{}: {err}", path.display()).into()),
+    }
+}
+
+/// Whether two paths name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Adds what to do to a refusal for lack of privilege.
@@ -58,12 +106,13 @@ pub fn load(image: &Path, bpffs: &Path, name: &str, object: &str) -> Result<()> 
             })?,
         None => std::fs::read(object).map_err(|err| format!("{object}: {err}"))?,
     };
-    let binding = open_binding(image, bpffs, false)?;
-    let program = binding.bind(name, &bytes).map_err(explain)?;
+    let target = open_target(image, bpffs)?;
+    let store = target.store();
+    let program = store.bind(name, &bytes).map_err(explain)?;
     println!(
         "{name}: bound ({} instructions with the driver), pinned at {}",
         program.insn_count().unwrap_or(0),
-        binding
+        store
             .pin_dir()
             .map(|dir| dir.join("progs").join(name).display().to_string())
             .unwrap_or_default()
@@ -73,8 +122,8 @@ pub fn load(image: &Path, bpffs: &Path, name: &str, object: &str) -> Result<()> 
 
 /// `exofs prog list IMAGE`.
 pub fn list(image: &Path, bpffs: &Path) -> Result<()> {
-    let binding = open_binding(image, bpffs, false)?;
-    let names = binding.program_names().map_err(explain)?;
+    let target = open_target(image, bpffs)?;
+    let names = target.store().program_names().map_err(explain)?;
     if names.is_empty() {
         println!("no programs loaded");
     }
@@ -86,8 +135,8 @@ pub fn list(image: &Path, bpffs: &Path) -> Result<()> {
 
 /// `exofs prog unload IMAGE NAME`.
 pub fn unload(image: &Path, bpffs: &Path, name: &str) -> Result<()> {
-    let binding = open_binding(image, bpffs, false)?;
-    binding.unload(name).map_err(explain)?;
+    let target = open_target(image, bpffs)?;
+    target.store().unload(name).map_err(explain)?;
     println!("{name}: unloaded");
     Ok(())
 }
@@ -102,49 +151,80 @@ pub fn chain(
     key: u64,
     start: u64,
 ) -> Result<ExitCode> {
-    let binding = open_binding(image, bpffs, false)?;
+    let binding = match open_target(image, bpffs)? {
+        Target::Image(binding) => binding,
+        Target::Mounted { mountpoint, .. } => {
+            return chain_through_mount(&mountpoint, path, prog, key, start)
+        }
+    };
     let program = binding.program(prog).map_err(explain)?;
     let ino = binding.fs().resolve(path)?.ino;
-    let lookup = Lookup {
-        key,
-        found: 0,
-        value: 0,
-    };
-    let mut scratch = [0u8; 24];
-    scratch[..8].copy_from_slice(&lookup.key.to_le_bytes());
     let outcome = binding
-        .run(&program, &ChainRequest::new(ino, start, &scratch))
+        .run(&program, &ChainRequest::new(ino, start, &Lookup::ask(key)))
         .map_err(explain)?;
-    let word = |i: usize| {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&outcome.scratch[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(bytes)
-    };
-    if outcome.status != status::DONE {
-        println!(
-            "key {key}: {} after {} hops",
-            status::name(outcome.status),
-            outcome.hops
-        );
-        return Ok(ExitCode::from(1));
-    }
-    if word(1) == 1 {
-        println!("key {key}: value {} ({} hops)", word(2), outcome.hops);
-    } else {
-        println!("key {key}: not found ({} hops)", outcome.hops);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(report_lookup(
+        key,
+        outcome.status,
+        outcome.hops,
+        &outcome.scratch,
+    ))
 }
 
-/// `exofs stats IMAGE`.
+/// A chain through the mount's ioctl, as any unprivileged application runs it.
+fn chain_through_mount(
+    mountpoint: &Path,
+    path: &Path,
+    prog: &str,
+    key: u64,
+    start: u64,
+) -> Result<ExitCode> {
+    let inside = mountpoint.join(path.strip_prefix("/").unwrap_or(path));
+    let file = std::fs::File::open(&inside).map_err(|e| format!("{}: {e}", inside.display()))?;
+    let ask = Lookup::ask(key);
+    let answer = exofs_client::chain(&file, &exofs_client::Chain::new(prog, start, &ask))
+        .map_err(|e| format!("{}: chain ioctl: {e}", inside.display()))?;
+    Ok(report_lookup(
+        key,
+        answer.status,
+        answer.hops,
+        &answer.scratch,
+    ))
+}
+
+/// Prints a lookup's answer; exit 0 found or not found, 1 if the chain did not finish.
+fn report_lookup(key: u64, chain_status: i32, hops: u32, scratch: &[u8]) -> ExitCode {
+    if chain_status != status::DONE {
+        println!(
+            "key {key}: {} after {hops} hops",
+            status::name(chain_status)
+        );
+        return ExitCode::from(1);
+    }
+    let lookup = Lookup::from_scratch(scratch);
+    if lookup.is_found() {
+        println!("key {key}: value {} ({hops} hops)", lookup.value);
+    } else {
+        println!("key {key}: not found ({hops} hops)");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `exofs stats IMAGE|MOUNTPOINT`.
 pub fn stats(image: &Path, bpffs: &Path) -> Result<()> {
-    let binding = open_binding(image, bpffs, false)?;
-    let stats = binding.stats().map_err(explain)?;
+    let target = open_target(image, bpffs)?;
+    let stats = target.store().stats().map_err(explain)?;
     println!("chains    {}", stats.chains);
     println!("hops      {}", stats.hops);
     println!("done      {}", stats.done);
-    println!("rejects   {}", stats.rejected + stats.denied);
-    println!("  denied  {}", stats.denied);
+    println!(
+        "rejects   {}",
+        stats.rejected + stats.denied + stats.refused
+    );
+    println!("  denied  {} (by the kernel policy)", stats.denied);
+    println!(
+        "  refused {} (by the mount daemon's policy check)",
+        stats.refused
+    );
     println!("stale     {} (each retried)", stats.stale);
     println!("aborted   {}", stats.aborted);
     Ok(())

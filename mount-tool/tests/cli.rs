@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{exofs, text};
+use common::{exofs, text, BpfFs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -144,16 +144,6 @@ fn mkfs_and_fsck_on_a_block_device() {
     roundtrip(&device.0, &source.0);
 }
 
-/// A private bpffs mount for the prog commands, unmounted on drop.
-struct BpfFs(PathBuf);
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn prog_chain_stats_and_unload() {
     // SAFETY: geteuid has no preconditions.
@@ -162,15 +152,8 @@ fn prog_chain_stats_and_unload() {
         return;
     }
     let image = Scratch::new("prog.img");
-    let bpffs = BpfFs(std::env::temp_dir().join(format!("exofs-cli-bpffs-{}", std::process::id())));
-    std::fs::create_dir_all(&bpffs.0).expect("bpffs dir");
-    let mounted = Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&bpffs.0)
-        .output()
-        .expect("mount");
-    assert!(mounted.status.success(), "mount bpffs: {}", text(&mounted));
-    let bpffs_arg = bpffs.0.to_str().expect("path");
+    let bpffs = BpfFs::new("cli");
+    let bpffs_arg = bpffs.path();
     let run = |args: &[&str]| {
         let mut all = vec!["--bpffs", bpffs_arg];
         all.extend_from_slice(args);
@@ -223,12 +206,7 @@ fn prog_chain_stats_and_unload() {
     assert!(stats.contains("rejects   1"), "{stats}");
     let unload = run(&["prog", "unload", image.path(), "tree"]);
     assert!(unload.status.success(), "{}", text(&unload));
-    let left: Vec<_> = std::fs::read_dir(&bpffs.0)
-        .expect("bpffs")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.ends_with(".debug"))
-        .collect();
+    let left = bpffs.pinned();
     assert!(left.is_empty(), "nothing is left pinned: {left:?}");
 }
 

@@ -6,96 +6,15 @@
 
 mod common;
 
-use common::{exofs, text};
+use common::{can_mount, exofs, text, Mounted};
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn can_mount(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED {test}: FUSE mounts need root and /dev/fuse (CI has both)");
-        return false;
-    }
-    true
-}
-
-/// A fresh image and mount point; unmounts (lazily, if need be) and removes both on drop.
-struct Mounted {
-    image: PathBuf,
-    dir: PathBuf,
-}
-
-impl Mounted {
-    fn new(test: &str, size: &str) -> Self {
-        let base = std::env::temp_dir().join(format!("exofs-mount-{}-{test}", std::process::id()));
-        let dir = base.with_extension("mnt");
-        let image = base.with_extension("img");
-        fs::create_dir_all(&dir).expect("mount point");
-        let made = exofs(&["mkfs", image.to_str().expect("utf-8"), "--size", size]);
-        assert!(made.status.success(), "mkfs: {}", text(&made));
-        Self { image, dir }
-    }
-
-    fn image(&self) -> &str {
-        self.image.to_str().expect("utf-8")
-    }
-
-    fn dir(&self) -> &str {
-        self.dir.to_str().expect("utf-8")
-    }
-
-    fn mount(&self) {
-        let out = exofs(&["mount", self.image(), self.dir()]);
-        assert!(out.status.success(), "mount: {}", text(&out));
-        assert!(self.is_mounted(), "mounted once `exofs mount` returns");
-    }
-
-    fn umount(&self) {
-        let out = exofs(&["umount", self.dir()]);
-        assert!(out.status.success(), "umount: {}", text(&out));
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn fsck_clean(&self) {
-        let out = exofs(&["fsck", self.image()]);
-        assert!(out.status.success(), "fsck: {}", text(&out));
-    }
-
-    fn is_mounted(&self) -> bool {
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let dir = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
-        mounts
-            .lines()
-            .any(|line| line.split_whitespace().nth(1) == Some(dir.to_str().unwrap_or("")))
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.is_mounted() {
-            let target = CString::new(self.dir.as_os_str().as_bytes()).expect("path");
-            // SAFETY: a live NUL-terminated path.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-        // Wait for the daemon to let go of the image before removing it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && !exofs(&["fsck", self.image()]).status.success() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = fs::remove_dir(&self.dir);
-        let _ = fs::remove_file(&self.image);
-    }
-}
 
 fn errno_of(result: std::io::Result<impl Sized>) -> i32 {
     match result {
@@ -134,7 +53,7 @@ fn mount_umount_and_remount_keep_data() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Bad arguments are named.
-    let bad = exofs(&["mount", m.image(), m.dir(), "-o", "bogus"]);
+    let bad = m.run(&["mount", m.image(), m.dir(), "-o", "bogus"]);
     assert!(!bad.status.success());
     assert!(
         text(&bad).contains("unknown mount option `bogus`"),
@@ -151,7 +70,7 @@ fn mount_umount_and_remount_keep_data() {
 
 fn daemon(m: &Mounted) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_exofs"))
-        .args(["mount", m.image(), m.dir(), "-f"])
+        .args(["--bpffs", m.bpffs(), "mount", m.image(), m.dir(), "-f"])
         .spawn()
         .expect("start the daemon");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -202,7 +121,7 @@ fn sigterm_unmounts_cleanly_and_kill_9_recovers() {
     child.kill().expect("kill -9");
     child.wait().expect("wait");
     let _ = writer.join();
-    let target = CString::new(m.dir.as_os_str().as_bytes()).expect("path");
+    let target = CString::new(m.dir().as_bytes()).expect("path");
     // SAFETY: a live NUL-terminated path; the daemon is gone, the mount is dead.
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     m.mount();
@@ -318,7 +237,7 @@ fn ordinary_tools_find_what_they_expect() {
         )
     };
     assert_eq!(&value[..got as usize], b"blue");
-    let stat = nix::sys::statvfs::statvfs(m.dir.as_path()).expect("statvfs");
+    let stat = nix::sys::statvfs::statvfs(m.dir()).expect("statvfs");
     assert_eq!(stat.block_size(), 4096);
     assert!(stat.blocks() > 0 && stat.blocks_free() > 0);
     fs::File::open(p("f"))

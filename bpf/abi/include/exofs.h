@@ -190,4 +190,44 @@ struct exofs_list_node {
 	__u64 value;
 };
 
+/*
+ * The chain ioctls on a file open on an exofs mount (Rust: exofs_abi::ioctl). The
+ * mount daemon runs the chain after checking the policy. errno: EACCES (not granted),
+ * ENOENT (no such program), EINVAL (malformed), ENOTTY (unknown request or layout),
+ * EOPNOTSUPP (the daemon has no kernel binding). _IOWR and _IOR come from
+ * <sys/ioctl.h>.
+ */
+#define EXOFS_IOCTL_TYPE 'E'
+#define EXOFS_PROGRAM_NAME_SIZE 64
+struct exofs_chain_ioctl {
+	char program[EXOFS_PROGRAM_NAME_SIZE]; /* in: NUL-terminated */
+	__u64 start;                           /* in: offset of the first hop */
+	__u32 hop_limit;                       /* in: 1..EXOFS_MAX_HOPS, 0: the grant's */
+	__u32 read_len;                        /* in: 1..EXOFS_BLOCK_SIZE */
+	__s32 status;                          /* out: EXOFS_STATUS_* */
+	__u32 hops;                            /* out */
+	__u8 scratch[EXOFS_SCRATCH_SIZE];      /* in and out */
+};
+struct exofs_ioctl_lookup {
+	__u64 start;
+	__s32 status;
+	__u32 hops;
+	__u8 scratch[EXOFS_BATCH_SCRATCH_SIZE];
+};
+struct exofs_batch_ioctl {
+	char program[EXOFS_PROGRAM_NAME_SIZE];
+	__u32 hop_limit;
+	__u32 read_len;
+	__u32 count; /* in: 1..EXOFS_MAX_BATCH */
+	__u32 done;  /* out: lookups with status DONE */
+	struct exofs_ioctl_lookup lookups[EXOFS_MAX_BATCH];
+};
+#define EXOFS_MESSAGE_SIZE 1024
+struct exofs_policy_reload {
+	char message[EXOFS_MESSAGE_SIZE]; /* out: empty, or what was wrong */
+};
+#define EXOFS_IOC_CHAIN _IOWR(EXOFS_IOCTL_TYPE, 1, struct exofs_chain_ioctl)
+#define EXOFS_IOC_CHAIN_BATCH _IOWR(EXOFS_IOCTL_TYPE, 2, struct exofs_batch_ioctl)
+#define EXOFS_IOC_POLICY_RELOAD _IOR(EXOFS_IOCTL_TYPE, 3, struct exofs_policy_reload)
+
 #endif /* EXOFS_H */

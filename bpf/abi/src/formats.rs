@@ -15,6 +15,39 @@ pub struct Lookup {
     pub value: u64,
 }
 
+impl Lookup {
+    /// Bytes of a lookup in a scratch.
+    pub const SIZE: usize = 24;
+
+    /// The scratch bytes asking for `key` (little-endian, as the examples read them).
+    pub fn ask(key: u64) -> [u8; Self::SIZE] {
+        let mut bytes = [0u8; Self::SIZE];
+        bytes[..8].copy_from_slice(&key.to_le_bytes());
+        bytes
+    }
+
+    /// The lookup a scratch holds (its first SIZE bytes; missing bytes read as zero).
+    pub fn from_scratch(scratch: &[u8]) -> Self {
+        let word = |index: usize| {
+            let mut bytes = [0u8; 8];
+            if let Some(source) = scratch.get(index * 8..index * 8 + 8) {
+                bytes.copy_from_slice(source);
+            }
+            u64::from_le_bytes(bytes)
+        };
+        Self {
+            key: word(0),
+            found: word(1),
+            value: word(2),
+        }
+    }
+
+    /// Whether the lookup found its key.
+    pub fn is_found(&self) -> bool {
+        self.found == 1
+    }
+}
+
 /// B-tree nodes: a 16-byte header, then `count` entries of (key u64, value u64) sorted by
 /// key. In a leaf (level 0) the value is the key's value; in an inner node it is the byte
 /// offset, in the same file, of the child whose smallest key is `key`. A node is 512 or

@@ -7,7 +7,32 @@
 pub mod chain;
 pub mod extents;
 pub mod formats;
+pub mod ioctl;
 pub mod policy;
+
+/// Byte views of the ABI's `Pod` types, for user space (the `user` feature).
+#[cfg(feature = "user")]
+pub mod bytes {
+    use core::mem::size_of;
+
+    /// The bytes of `value`.
+    pub fn of<T: aya::Pod>(value: &T) -> &[u8] {
+        // SAFETY: `T: Pod` has no padding or uninitialized bytes; the slice borrows `value`.
+        unsafe {
+            core::slice::from_raw_parts(core::ptr::from_ref(value).cast::<u8>(), size_of::<T>())
+        }
+    }
+
+    /// A `T` read from exactly `size_of::<T>()` bytes; None for any other length.
+    pub fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+        if bytes.len() != size_of::<T>() {
+            return None;
+        }
+        // SAFETY: `T: Pod` is valid for any bit pattern, and `bytes` holds exactly one
+        // (unaligned) `T`.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+}
 
 /// The toolchain probe's context (`exofs_probe` in bpf/driver): the smallest program that
 /// exercises the whole load path (map relocation, sleepable syscall program,

@@ -4,6 +4,7 @@
 use exofs_abi::chain::{self, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState};
 use exofs_abi::extents::{self, ExtentChunk, ExtentEntry, ExtentKey, FileInfo, FileKey};
 use exofs_abi::formats::{self, btree::BtreeHeader, hash, list, Lookup};
+use exofs_abi::ioctl;
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::process::Command;
@@ -43,6 +44,31 @@ fn rust_layout() -> BTreeMap<String, i64> {
         read_len => "read_len", count => "count", map_addr => "map_addr", map_len => "map_len",
         subject_uid => "subject_uid", subject_gid => "subject_gid", subject_cgroup => "subject_cgroup", flags => "flags",
         done => "done", lookups => "lookups");
+    layout!(map, "exofs_chain_ioctl", ioctl::ChainIoctl;
+        program => "program", start => "start", hop_limit => "hop_limit",
+        read_len => "read_len", status => "status", hops => "hops", scratch => "scratch");
+    layout!(map, "exofs_ioctl_lookup", ioctl::IoctlLookup;
+        start => "start", status => "status", hops => "hops", scratch => "scratch");
+    layout!(map, "exofs_batch_ioctl", ioctl::BatchIoctl;
+        program => "program", hop_limit => "hop_limit", read_len => "read_len",
+        count => "count", done => "done", lookups => "lookups");
+    layout!(map, "exofs_policy_reload", ioctl::PolicyReload; message => "message");
+    // The ioctl numbers as <sys/ioctl.h> computes them (unsigned: print as long).
+    map.insert("EXOFS_IOC_CHAIN".into(), i64::from(ioctl::IOC_CHAIN));
+    map.insert(
+        "EXOFS_IOC_CHAIN_BATCH".into(),
+        i64::from(ioctl::IOC_CHAIN_BATCH),
+    );
+    map.insert(
+        "EXOFS_IOC_POLICY_RELOAD".into(),
+        i64::from(ioctl::IOC_POLICY_RELOAD),
+    );
+    map.insert(
+        "EXOFS_PROGRAM_NAME_SIZE".into(),
+        ioctl::PROGRAM_NAME_SIZE as i64,
+    );
+    map.insert("EXOFS_MESSAGE_SIZE".into(), ioctl::MESSAGE_SIZE as i64);
+    map.insert("EXOFS_IOCTL_TYPE".into(), i64::from(ioctl::IOCTL_TYPE));
     map.insert(
         "EXOFS_STATUS_MISSING".into(),
         i64::from(chain::status::MISSING),
@@ -140,7 +166,7 @@ fn c_program(names: &BTreeMap<String, i64>) -> String {
             "    printf(\"%s=%ld\\n\", \"{name}\", {expression});\n"
         ));
     }
-    format!("#include <stddef.h>\n#include <stdio.h>\n#include \"exofs.h\"\nint main(void) {{\n{body}    return 0;\n}}\n")
+    format!("#include <stddef.h>\n#include <stdio.h>\n#include <sys/ioctl.h>\n#include \"exofs.h\"\nint main(void) {{\n{body}    return 0;\n}}\n")
 }
 
 #[test]

@@ -79,9 +79,7 @@ pub fn reader(fs: &Fs, ino: u64) -> impl FnMut(u64, &mut [u8]) -> Result<usize, 
 
 /// The example programs' scratch for a lookup of `key`.
 pub fn lookup_scratch(key: u64) -> [u8; 24] {
-    let mut scratch = [0u8; 24];
-    scratch[..8].copy_from_slice(&key.to_le_bytes());
-    scratch
+    exofs_abi::formats::Lookup::ask(key)
 }
 
 /// Compiles `source` (after an `#include "exofs.h"`) into a BPF object with clang.

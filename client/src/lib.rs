@@ -1,0 +1,209 @@
+//! exofs-client: run chained lookups over a file of an exofs mount from an ordinary,
+//! unprivileged process. Open the file on the mount, then call [`chain`] or
+//! [`chain_batch`] with the name of a program loaded with `exofs prog load`: the mount
+//! daemon runs it in the kernel (one FUSE round trip per call, however many hops) if the
+//! mount's policy grants it to you.
+//!
+//! ```no_run
+//! use exofs_abi::formats::Lookup;
+//! let file = std::fs::File::open("/mnt/exofs/index")?;
+//! let ask = Lookup::ask(4243);
+//! let answer = exofs_client::chain(&file, &exofs_client::Chain::new("btree", 0, &ask))?;
+//! if answer.is_done() && Lookup::from_scratch(&answer.scratch).is_found() {
+//!     println!("value {}", Lookup::from_scratch(&answer.scratch).value);
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! The wire format is `exofs_abi::ioctl` (the same structs as `include/exofs.h` for C).
+//! Errors are the ioctl's errno as `std::io::Error`: PermissionDenied (EACCES) when the
+//! policy refuses, NotFound (ENOENT) for an unknown program, InvalidInput (EINVAL).
+
+use exofs_abi::chain::{status, BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH, SCRATCH_SIZE};
+use exofs_abi::ioctl::{
+    self, BatchIoctl, ChainIoctl, IoctlLookup, PolicyReload, IOC_CHAIN, IOC_CHAIN_BATCH,
+    IOC_POLICY_RELOAD,
+};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+/// One chain to run.
+#[derive(Debug, Clone)]
+pub struct Chain<'a> {
+    /// The program's name.
+    pub program: &'a str,
+    /// Byte offset of the first hop in the file.
+    pub start: u64,
+    /// Hops at most (0: as many as the caller's grant allows).
+    pub hop_limit: u32,
+    /// Bytes copied per hop.
+    pub read_len: u32,
+    /// The program's scratch (at most SCRATCH_SIZE bytes; the rest starts zeroed).
+    pub scratch: &'a [u8],
+}
+
+impl<'a> Chain<'a> {
+    /// A chain of `program` from `start` with `scratch`: whole blocks, as many hops as
+    /// the caller's grant allows.
+    pub fn new(program: &'a str, start: u64, scratch: &'a [u8]) -> Self {
+        Self {
+            program,
+            start,
+            hop_limit: 0,
+            read_len: BLOCK_SIZE as u32,
+            scratch,
+        }
+    }
+}
+
+/// What a chain returned.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// A `exofs_abi::chain::status` value (DONE when the program answered).
+    pub status: i32,
+    pub hops: u32,
+    /// The scratch as the program left it.
+    pub scratch: [u8; SCRATCH_SIZE],
+}
+
+impl Answer {
+    /// Whether the program ran to its answer.
+    pub fn is_done(&self) -> bool {
+        self.status == status::DONE
+    }
+}
+
+/// What one lookup of a batch returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchAnswer {
+    pub status: i32,
+    pub hops: u32,
+    pub scratch: [u8; BATCH_SCRATCH_SIZE],
+}
+
+fn program_field(name: &str) -> io::Result<[u8; ioctl::PROGRAM_NAME_SIZE]> {
+    ioctl::program_field(name).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("program name `{name}` is too long for the ioctl"),
+        )
+    })
+}
+
+/// Issues `request` with its struct, checking the return value.
+///
+/// # Safety
+/// `request` must be an exofs ioctl number whose size is `size_of::<T>()`.
+unsafe fn issue<T>(file: &impl AsFd, request: u32, value: &mut T) -> io::Result<i32> {
+    // SAFETY: the caller pairs the request with its struct: the kernel copies exactly
+    // size_of::<T>() bytes in and out of `value`.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_fd().as_raw_fd(),
+            request as libc::Ioctl,
+            std::ptr::from_mut(value),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Runs one chain over `file` (open on an exofs mount).
+pub fn chain(file: &impl AsFd, chain: &Chain<'_>) -> io::Result<Answer> {
+    if chain.scratch.len() > SCRATCH_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "scratch of {} bytes; at most {SCRATCH_SIZE}",
+                chain.scratch.len()
+            ),
+        ));
+    }
+    let mut request = ChainIoctl {
+        program: program_field(chain.program)?,
+        start: chain.start,
+        hop_limit: chain.hop_limit,
+        read_len: chain.read_len,
+        ..ChainIoctl::default()
+    };
+    request.scratch[..chain.scratch.len()].copy_from_slice(chain.scratch);
+    // SAFETY: IOC_CHAIN encodes size_of::<ChainIoctl>().
+    unsafe { issue(file, IOC_CHAIN, &mut request) }?;
+    Ok(Answer {
+        status: request.status,
+        hops: request.hops,
+        scratch: request.scratch,
+    })
+}
+
+/// Runs independent lookups over `file`, up to MAX_BATCH per ioctl: each is a start
+/// offset and the first bytes (at most BATCH_SCRATCH_SIZE) of its scratch. `hop_limit`
+/// caps every lookup (0: the grant's maximum).
+pub fn chain_batch(
+    file: &impl AsFd,
+    program: &str,
+    hop_limit: u32,
+    lookups: &[(u64, &[u8])],
+) -> io::Result<Vec<BatchAnswer>> {
+    let name = program_field(program)?;
+    let mut answers = Vec::with_capacity(lookups.len());
+    for group in lookups.chunks(MAX_BATCH) {
+        let mut request = BatchIoctl {
+            program: name,
+            hop_limit,
+            read_len: BLOCK_SIZE as u32,
+            count: group.len() as u32,
+            ..BatchIoctl::default()
+        };
+        for (slot, (start, scratch)) in request.lookups.iter_mut().zip(group) {
+            if scratch.len() > BATCH_SCRATCH_SIZE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "batch scratch of {} bytes; at most {BATCH_SCRATCH_SIZE}",
+                        scratch.len()
+                    ),
+                ));
+            }
+            *slot = IoctlLookup {
+                start: *start,
+                ..IoctlLookup::default()
+            };
+            slot.scratch[..scratch.len()].copy_from_slice(scratch);
+        }
+        // SAFETY: IOC_CHAIN_BATCH encodes size_of::<BatchIoctl>().
+        unsafe { issue(file, IOC_CHAIN_BATCH, &mut request) }?;
+        answers.extend(
+            request.lookups[..group.len()]
+                .iter()
+                .map(|lookup| BatchAnswer {
+                    status: lookup.status,
+                    hops: lookup.hops,
+                    scratch: lookup.scratch,
+                }),
+        );
+    }
+    Ok(answers)
+}
+
+/// Asks the daemon of the mount that `file` (any file or directory on it, the root for
+/// instance) belongs to to read its policy file again. Root or the mount's owner only.
+/// A policy with mistakes is refused (InvalidInput, naming each) and the old one stays.
+pub fn reload_policy(file: &impl AsFd) -> io::Result<()> {
+    let mut answer = PolicyReload::default();
+    // SAFETY: IOC_POLICY_RELOAD encodes size_of::<PolicyReload>().
+    let refused = unsafe { issue(file, IOC_POLICY_RELOAD, &mut answer) }?;
+    if refused == 0 {
+        return Ok(());
+    }
+    let end = answer
+        .message
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(answer.message.len());
+    let message = String::from_utf8_lossy(&answer.message[..end]).into_owned();
+    Err(io::Error::new(io::ErrorKind::InvalidInput, message))
+}

@@ -1,0 +1,553 @@
+//! The mount daemon's chain service: the chain ioctls (`exofs_abi::ioctl`) on files of
+//! the mount, checked against the mount's policy and run through the daemon's kernel
+//! binding.
+//!
+//! Layer: mount-tool, called by the FUSE layer (`fuse.rs`) for ioctls; below it the
+//! kernel binding (kernel-ext) and libfs.
+//!
+//! Enforcement happens twice (DESIGN "Policy"):
+//! - here, for every request: the caller's uid, groups and cgroup must have a grant that
+//!   covers the file, the program, the hops and the batch size; a refusal is EACCES,
+//!   counted (`stats::REFUSED`) and logged;
+//! - in the driver, for every chain: the daemon is the policy's registered speaker and
+//!   names the caller as the subject; the kernel grants are the policy's paths compiled
+//!   to inode numbers. A kernel denial is EACCES too (counted by the driver as DENIED).
+//!
+//! Invariants:
+//! - The compiled policy (paths resolved to inodes, here and in the kernel map) is
+//!   recompiled before a request whenever the namespace changed since (any create, link,
+//!   unlink, rename...), so a file moved out of a granted directory is not granted to the
+//!   next request.
+//! - Without a policy file the policy is empty: every request is refused (default deny).
+
+use crate::policy::{self, Policy, Who};
+use exofs_abi::chain::{status, BLOCK_SIZE, MAX_BATCH, MAX_HOPS};
+use exofs_abi::ioctl::{self, BatchIoctl, ChainIoctl, PolicyReload};
+use exofs_abi::policy::PolicyGrant;
+use kernel_ext::binding::{
+    BatchItem, BatchRequest, Binding, BindingError, ChainRequest, NamedSubject, PolicyEntry,
+    Subject,
+};
+use libfs::Fs;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Who sent a FUSE request.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A refused request: the errno for the caller and what to log.
+#[derive(Debug)]
+pub struct Refusal {
+    pub errno: i32,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(errno: i32, reason: impl Into<String>) -> Self {
+        Self {
+            errno,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A subject of the policy, resolved: a cgroup by its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Resolved {
+    Uid(u32),
+    Gid(u32),
+    Cgroup(u64),
+}
+
+/// One grant with its paths resolved to inode numbers.
+#[derive(Debug)]
+struct CompiledGrant {
+    who: Resolved,
+    inos: HashSet<u64>,
+    programs: Vec<String>,
+    max_hops: u32,
+    max_batch: u32,
+}
+
+/// The policy as enforced: the file it came from, its grants compiled at `namespace`.
+#[derive(Debug, Default)]
+struct Compiled {
+    policy: Policy,
+    /// The namespace generation the grants were compiled at (None: never).
+    namespace: Option<u64>,
+    grants: Vec<CompiledGrant>,
+}
+
+/// The daemon's chain service (see the module documentation).
+#[derive(Debug)]
+pub struct ChainService {
+    binding: Binding,
+    policy_path: Option<PathBuf>,
+    compiled: Mutex<Compiled>,
+    /// Bumped by the FUSE layer on every change of the namespace.
+    namespace: Arc<AtomicU64>,
+    /// The mount's owner: may reload the policy, as root may.
+    owner: u32,
+    /// Where cgroup2 is mounted, to resolve callers' and subjects' cgroups.
+    cgroup2: Option<PathBuf>,
+}
+
+impl ChainService {
+    /// The service over `binding` (which it holds: maps pinned until it is dropped) with
+    /// the policy read from `policy_path` (none: deny everything).
+    pub fn new(
+        binding: Binding,
+        policy_path: Option<PathBuf>,
+        namespace: Arc<AtomicU64>,
+    ) -> Result<Self, String> {
+        let policy = match &policy_path {
+            Some(path) => policy::load(path)?,
+            None => Policy::default(),
+        };
+        binding.hold().map_err(|e| e.to_string())?;
+        let service = Self {
+            binding,
+            policy_path,
+            compiled: Mutex::new(Compiled {
+                policy,
+                ..Compiled::default()
+            }),
+            namespace,
+            // SAFETY: getuid has no preconditions.
+            owner: unsafe { libc::getuid() },
+            cgroup2: cgroup2_mount(),
+        };
+        drop(service.compiled_now().map_err(|r| r.reason)?);
+        Ok(service)
+    }
+
+    fn fs(&self) -> &Arc<Fs> {
+        self.binding.fs()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Compiled> {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The compiled policy, recompiled first (and the kernel's grants replaced) if the
+    /// namespace changed since it was compiled.
+    fn compiled_now(&self) -> Result<MutexGuard<'_, Compiled>, Refusal> {
+        let mut compiled = self.lock();
+        let namespace = self.namespace.load(Ordering::Acquire);
+        if compiled.namespace == Some(namespace) {
+            return Ok(compiled);
+        }
+        let grants = self.compile(&compiled.policy);
+        let mut kernel: HashMap<(Resolved, u64), PolicyGrant> = HashMap::new();
+        for grant in &grants {
+            for ino in &grant.inos {
+                let entry = kernel.entry((grant.who, *ino)).or_default();
+                entry.max_hops = entry.max_hops.max(grant.max_hops);
+                entry.max_batch = entry.max_batch.max(grant.max_batch);
+            }
+        }
+        let entries: Vec<PolicyEntry> = kernel
+            .into_iter()
+            .map(|((who, ino), grant)| PolicyEntry {
+                subject: match who {
+                    Resolved::Uid(uid) => Subject::Uid(uid),
+                    Resolved::Gid(gid) => Subject::Gid(gid),
+                    Resolved::Cgroup(id) => Subject::Cgroup(id),
+                },
+                ino,
+                grant,
+            })
+            .collect();
+        self.binding
+            .load_policy(&entries, Some(std::process::id()))
+            .map_err(|err| Refusal::new(libc::EIO, format!("loading the kernel policy: {err}")))?;
+        compiled.grants = grants;
+        compiled.namespace = Some(namespace);
+        Ok(compiled)
+    }
+
+    /// Resolves every grant's paths to the regular files they cover now.
+    fn compile(&self, policy: &Policy) -> Vec<CompiledGrant> {
+        let mut compiled = Vec::new();
+        for subject in &policy.subjects {
+            let who = match &subject.who {
+                Who::Uid(uid) => Resolved::Uid(*uid),
+                Who::Gid(gid) => Resolved::Gid(*gid),
+                Who::Cgroup(path) => match std::fs::metadata(path) {
+                    Ok(metadata) => Resolved::Cgroup(metadata.ino()),
+                    Err(err) => {
+                        log::warn!(
+                            "policy: cgroup {}: {err}; its grants are skipped",
+                            path.display()
+                        );
+                        continue;
+                    }
+                },
+            };
+            for grant in &subject.grants {
+                let mut inos = HashSet::new();
+                for path in &grant.paths {
+                    self.files_under(Path::new(path), &mut inos);
+                }
+                compiled.push(CompiledGrant {
+                    who,
+                    inos,
+                    programs: grant.programs.clone(),
+                    max_hops: grant.max_hops,
+                    max_batch: grant.max_batch,
+                });
+            }
+        }
+        compiled
+    }
+
+    /// Adds the regular files at `path` (a file, or every file under a directory).
+    fn files_under(&self, path: &Path, inos: &mut HashSet<u64>) {
+        let Ok(attr) = self.fs().resolve(path) else {
+            return;
+        };
+        let mut pending = vec![attr];
+        let mut seen = HashSet::new();
+        while let Some(attr) = pending.pop() {
+            if attr.is_file() {
+                inos.insert(attr.ino);
+            } else if attr.is_dir() && seen.insert(attr.ino) {
+                let Ok(entries) = self.fs().list_dir(attr.ino) else {
+                    continue;
+                };
+                for entry in entries {
+                    if let Ok(child) = self.fs().getattr(entry.ino) {
+                        pending.push(child);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The caller's supplementary groups and cgroup id, from /proc.
+    fn identify(&self, caller: &Caller) -> (Vec<u32>, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", caller.pid));
+        let groups = status
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("Groups:"))
+                    .map(|list| {
+                        list.split_whitespace()
+                            .filter_map(|g| g.parse().ok())
+                            .collect()
+                    })
+            })
+            .unwrap_or_default();
+        let cgroup = self
+            .cgroup2
+            .as_ref()
+            .and_then(|mount| {
+                let text = std::fs::read_to_string(format!("/proc/{}/cgroup", caller.pid)).ok()?;
+                let relative = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+                let dir = mount.join(relative.trim_start_matches('/'));
+                std::fs::metadata(dir).ok().map(|m| m.ino())
+            })
+            .unwrap_or(0);
+        (groups, cgroup)
+    }
+
+    /// Checks a request against the compiled policy: the subject to name to the kernel
+    /// and the hop limit to run with (`hops`, or for 0 the most the grants allow).
+    fn check(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        program: &str,
+        hops: u32,
+        batch: u32,
+    ) -> Result<(NamedSubject, u32), Refusal> {
+        let compiled = self.compiled_now()?;
+        let (groups, cgroup) = self.identify(caller);
+        let matches = |who: &Resolved| match who {
+            Resolved::Uid(uid) => *uid == caller.uid,
+            Resolved::Gid(gid) => *gid == caller.gid || groups.contains(gid),
+            Resolved::Cgroup(id) => *id == cgroup && cgroup != 0,
+        };
+        let mine: Vec<&CompiledGrant> =
+            compiled.grants.iter().filter(|g| matches(&g.who)).collect();
+        let refuse = |reason: String| {
+            Err(Refusal::new(
+                libc::EACCES,
+                format!(
+                    "uid {} (pid {}), inode {ino}, program `{program}`: {reason}",
+                    caller.uid, caller.pid
+                ),
+            ))
+        };
+        if mine.is_empty() {
+            return refuse("the policy grants this caller nothing".into());
+        }
+        let for_file: Vec<&&CompiledGrant> =
+            mine.iter().filter(|g| g.inos.contains(&ino)).collect();
+        if for_file.is_empty() {
+            return refuse("the file is not granted".into());
+        }
+        let for_program: Vec<&&&CompiledGrant> = for_file
+            .iter()
+            .filter(|g| g.programs.iter().any(|p| p == program))
+            .collect();
+        let Some(widest) = for_program.iter().max_by_key(|g| (g.max_hops, g.max_batch)) else {
+            return refuse("the program is not granted for this file".into());
+        };
+        let hops = if hops == 0 { widest.max_hops } else { hops };
+        if let Some(grant) = for_program
+            .iter()
+            .find(|g| hops <= g.max_hops && batch <= g.max_batch)
+        {
+            let gid = match grant.who {
+                Resolved::Gid(gid) => gid,
+                _ => caller.gid,
+            };
+            let subject = NamedSubject {
+                uid: caller.uid,
+                gid,
+                cgroup,
+            };
+            return Ok((subject, hops));
+        }
+        if hops > widest.max_hops {
+            return refuse(format!("{hops} hops exceed max_hops {}", widest.max_hops));
+        }
+        refuse(format!(
+            "a batch of {batch} exceeds max_batch {}",
+            widest.max_batch
+        ))
+    }
+
+    /// Counts and logs a refusal.
+    fn refused(&self, refusal: &Refusal) {
+        log::warn!("chain refused: {}", refusal.reason);
+        if let Err(err) = self.binding.count_refused() {
+            log::error!("counting a refusal: {err}");
+        }
+    }
+
+    fn run_error(err: BindingError) -> Refusal {
+        match err {
+            BindingError::NoProgram(name) => {
+                Refusal::new(libc::ENOENT, format!("no program `{name}`"))
+            }
+            BindingError::BadName(name) => {
+                Refusal::new(libc::EINVAL, format!("invalid program name `{name}`"))
+            }
+            err => Refusal::new(libc::EIO, err.to_string()),
+        }
+    }
+
+    /// `IOC_CHAIN` on inode `ino`: the answer's bytes, or a refusal.
+    pub fn chain(&self, caller: &Caller, ino: u64, input: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let mut request: ChainIoctl = read_struct(input)?;
+        let name = program_of(&request.program)?;
+        check_limits(request.hop_limit, request.read_len)?;
+        let outcome = self
+            .check(caller, ino, name, request.hop_limit, 1)
+            .and_then(|(subject, hop_limit)| {
+                let program = self.binding.program(name).map_err(Self::run_error)?;
+                let mut chain = ChainRequest::new(ino, request.start, &request.scratch);
+                chain.hop_limit = hop_limit;
+                chain.read_len = request.read_len;
+                chain.subject = Some(subject);
+                self.binding.run(&program, &chain).map_err(Self::run_error)
+            });
+        let outcome = match outcome {
+            Ok(outcome) if outcome.status == status::DENIED => Err(Refusal::new(
+                libc::EACCES,
+                format!(
+                    "uid {} (pid {}), inode {ino}: the kernel policy denied the chain",
+                    caller.uid, caller.pid
+                ),
+            )),
+            other => other,
+        };
+        let outcome = outcome.inspect_err(|refusal| {
+            if refusal.errno == libc::EACCES {
+                self.refused(refusal);
+            }
+        })?;
+        request.status = outcome.status;
+        request.hops = outcome.hops;
+        request.scratch = outcome.scratch;
+        Ok(struct_bytes(&request))
+    }
+
+    /// `IOC_CHAIN_BATCH` on inode `ino`.
+    pub fn chain_batch(&self, caller: &Caller, ino: u64, input: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let mut request: BatchIoctl = read_struct(input)?;
+        let name = program_of(&request.program)?;
+        check_limits(request.hop_limit, request.read_len)?;
+        let count = request.count as usize;
+        if count == 0 || count > MAX_BATCH {
+            return Err(Refusal::new(
+                libc::EINVAL,
+                format!("a batch of {count} lookups; send 1..={MAX_BATCH}"),
+            ));
+        }
+        let result = self
+            .check(caller, ino, name, request.hop_limit, request.count)
+            .and_then(|(subject, hop_limit)| {
+                let program = self.binding.program(name).map_err(Self::run_error)?;
+                let mut batch = BatchRequest::new(ino);
+                batch.hop_limit = hop_limit;
+                batch.read_len = request.read_len;
+                batch.subject = Some(subject);
+                let items: Vec<BatchItem> = request.lookups[..count]
+                    .iter()
+                    .map(|lookup| BatchItem::new(lookup.start, &lookup.scratch))
+                    .collect();
+                self.binding
+                    .run_batch(&program, &batch, &items)
+                    .map_err(Self::run_error)
+            });
+        let result = match result {
+            Ok((outcomes, _)) if outcomes.iter().all(|o| o.status == status::DENIED) => {
+                Err(Refusal::new(
+                    libc::EACCES,
+                    format!(
+                        "uid {} (pid {}), inode {ino}: the kernel policy denied the batch",
+                        caller.uid, caller.pid
+                    ),
+                ))
+            }
+            other => other,
+        };
+        let (outcomes, _) = result.inspect_err(|refusal| {
+            if refusal.errno == libc::EACCES {
+                self.refused(refusal);
+            }
+        })?;
+        request.done = 0;
+        for (slot, outcome) in request.lookups.iter_mut().zip(&outcomes) {
+            slot.status = outcome.status;
+            slot.hops = outcome.hops;
+            slot.scratch = outcome.scratch;
+            request.done += u32::from(outcome.status == status::DONE);
+        }
+        Ok(struct_bytes(&request))
+    }
+
+    /// `IOC_POLICY_RELOAD`: (0, empty answer) when the new policy is in force, (1, the
+    /// mistakes) when the file has some and the old policy stays.
+    pub fn reload_policy(&self, caller: &Caller) -> Result<(i32, Vec<u8>), Refusal> {
+        if caller.uid != 0 && caller.uid != self.owner {
+            return Err(Refusal::new(
+                libc::EPERM,
+                format!(
+                    "uid {}: only root or the mount's owner reloads the policy",
+                    caller.uid
+                ),
+            ));
+        }
+        let Some(path) = &self.policy_path else {
+            return Err(Refusal::new(
+                libc::EINVAL,
+                "the mount has no policy file (-o policy=FILE)",
+            ));
+        };
+        let mut answer = PolicyReload::default();
+        match policy::load(path) {
+            Ok(policy) => {
+                {
+                    let mut compiled = self.lock();
+                    compiled.policy = policy;
+                    compiled.namespace = None;
+                }
+                drop(self.compiled_now()?);
+                log::info!("policy reloaded from {}", path.display());
+                Ok((0, struct_bytes(&answer)))
+            }
+            Err(mistakes) => {
+                log::warn!("policy reload refused:\n{mistakes}");
+                let bytes = mistakes.as_bytes();
+                let len = bytes.len().min(ioctl::MESSAGE_SIZE - 1);
+                answer.message[..len].copy_from_slice(&bytes[..len]);
+                Ok((1, struct_bytes(&answer)))
+            }
+        }
+    }
+
+    /// Takes `ino` out of the kernel maps (its last handle closed).
+    pub fn forget_file(&self, ino: u64) {
+        if let Err(err) = self.binding.unregister(ino) {
+            log::error!("unregistering inode {ino}: {err}");
+        }
+    }
+
+    /// Removes every pin (programs included): at unmount. The files are unregistered when
+    /// the service is dropped.
+    pub fn remove_pins(&self) -> Result<(), BindingError> {
+        self.binding.remove_all_pins()
+    }
+}
+
+fn check_limits(hop_limit: u32, read_len: u32) -> Result<(), Refusal> {
+    if hop_limit > MAX_HOPS {
+        return Err(Refusal::new(
+            libc::EINVAL,
+            format!("hop_limit {hop_limit}; use 1..={MAX_HOPS}, or 0 for the grant's"),
+        ));
+    }
+    if !(1..=BLOCK_SIZE as u32).contains(&read_len) {
+        return Err(Refusal::new(
+            libc::EINVAL,
+            format!("read_len {read_len}; use 1..={BLOCK_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
+fn program_of(field: &[u8; ioctl::PROGRAM_NAME_SIZE]) -> Result<&str, Refusal> {
+    ioctl::program_name(field)
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| {
+            Refusal::new(
+                libc::EINVAL,
+                "the program name is empty or not NUL-terminated",
+            )
+        })
+}
+
+/// A request struct from the ioctl's input, which FUSE sized from the ioctl number.
+fn read_struct<T: aya::Pod>(input: &[u8]) -> Result<T, Refusal> {
+    exofs_abi::bytes::read(input).ok_or_else(|| {
+        Refusal::new(
+            libc::EINVAL,
+            format!(
+                "{} bytes of request; expected {}",
+                input.len(),
+                std::mem::size_of::<T>()
+            ),
+        )
+    })
+}
+
+/// The bytes of a request struct.
+fn struct_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
+    exofs_abi::bytes::of(value).to_vec()
+}
+
+/// Where cgroup2 is mounted (the unified hierarchy), from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let fs_type = after.split_whitespace().next()?;
+        let mount_point = before.split_whitespace().nth(4)?;
+        (fs_type == "cgroup2").then(|| PathBuf::from(mount_point.replace("\\040", " ")))
+    })
+}
