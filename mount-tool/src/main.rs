@@ -112,6 +112,9 @@ enum Command {
         /// Byte offset of the first hop (the examples start at 0).
         #[arg(long, default_value_t = 0)]
         start: u64,
+        /// Hops at most (default: 64; through a mount, as many as your grant allows).
+        #[arg(long)]
+        hops: Option<u32>,
     },
     /// Chain statistics of an image's binding (or of a mount's): chains, hops, rejects,
     /// stale retries.
@@ -233,7 +236,8 @@ fn main() -> ExitCode {
             prog,
             key,
             start,
-        } => match progs::chain(&image, bpffs, &path, &prog, key, start) {
+            hops,
+        } => match progs::chain(&image, bpffs, &path, &prog, key, start, hops) {
             Ok(code) => return code,
             Err(e) => Err(e),
         },

@@ -29,36 +29,35 @@ const EXAMPLES: &[(&str, &[u8])] = &[
 /// maps; this process attaches to the pinned maps).
 enum Target {
     Image(Binding),
-    Mounted { store: Store, mountpoint: PathBuf },
+    Mounted(Store),
 }
 
 impl Target {
     fn store(&self) -> &Store {
         match self {
             Self::Image(binding) => binding,
-            Self::Mounted { store, .. } => store,
+            Self::Mounted(store) => store,
         }
     }
 }
 
+/// Where `path` (an image, or the mount point of a mounted one) is mounted, if it is:
+/// (image, mount point).
+fn mounted(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+    Ok(mount::exofs_mounts()?
+        .into_iter()
+        .find(|(image, mountpoint)| same_file(mountpoint, path) || same_file(image, path)))
+}
+
 /// Opens `path`, an image or the mount point of a mounted one.
 fn open_target(path: &Path, bpffs: &Path) -> Result<Target> {
-    let mounts = mount::exofs_mounts()?;
-    let mounted = |image: &Path| {
+    let attach = |image: &Path| {
         let uuid = Fs::peek_uuid(image)?;
         let store = Store::attach(uuid, bpffs).map_err(explain)?;
-        let mountpoint = mounts
-            .iter()
-            .find(|(source, _)| same_file(source, image))
-            .map(|(_, mountpoint)| mountpoint.clone())
-            .unwrap_or_default();
-        Ok::<_, Box<dyn Error>>(Target::Mounted { store, mountpoint })
+        Ok::<_, Box<dyn Error>>(Target::Mounted(store))
     };
-    if let Some((image, _)) = mounts
-        .iter()
-        .find(|(_, mountpoint)| same_file(mountpoint, path))
-    {
-        return mounted(image);
+    if let Some((image, _)) = mounted(path)? {
+        return attach(&image);
     }
     match Fs::open(path, &OpenOptions::read_only()) {
         Ok(fs) => {
@@ -70,8 +69,8 @@ fn open_target(path: &Path, bpffs: &Path) -> Result<Target> {
                 Binding::open(Arc::new(fs), &options).map_err(explain)?,
             ))
         }
-        // A read-write mount's daemon holds the image's lock.
-        Err(libfs::Error::Busy(_)) => mounted(path),
+        // Held by a process that is not a mount daemon (or one whose mount is gone).
+        Err(libfs::Error::Busy(_)) => attach(path),
         Err(err) => Err(format!("{}: {err}", path.display()).into()),
     }
 }
@@ -150,18 +149,22 @@ pub fn chain(
     prog: &str,
     key: u64,
     start: u64,
+    hops: Option<u32>,
 ) -> Result<ExitCode> {
-    let binding = match open_target(image, bpffs)? {
-        Target::Image(binding) => binding,
-        Target::Mounted { mountpoint, .. } => {
-            return chain_through_mount(&mountpoint, path, prog, key, start)
-        }
+    // A mounted image: through the mount, as any unprivileged application (no BPF here).
+    if let Some((_, mountpoint)) = mounted(image)? {
+        return chain_through_mount(&mountpoint, path, prog, key, start, hops);
+    }
+    let Target::Image(binding) = open_target(image, bpffs)? else {
+        return Err(format!("{}: in use by another process", image.display()).into());
     };
     let program = binding.program(prog).map_err(explain)?;
     let ino = binding.fs().resolve(path)?.ino;
-    let outcome = binding
-        .run(&program, &ChainRequest::new(ino, start, &Lookup::ask(key)))
-        .map_err(explain)?;
+    let mut request = ChainRequest::new(ino, start, &Lookup::ask(key));
+    if let Some(hops) = hops {
+        request.hop_limit = hops;
+    }
+    let outcome = binding.run(&program, &request).map_err(explain)?;
     Ok(report_lookup(
         key,
         outcome.status,
@@ -177,11 +180,16 @@ fn chain_through_mount(
     prog: &str,
     key: u64,
     start: u64,
+    hops: Option<u32>,
 ) -> Result<ExitCode> {
     let inside = mountpoint.join(path.strip_prefix("/").unwrap_or(path));
     let file = std::fs::File::open(&inside).map_err(|e| format!("{}: {e}", inside.display()))?;
     let ask = Lookup::ask(key);
-    let answer = exofs_client::chain(&file, &exofs_client::Chain::new(prog, start, &ask))
+    let mut chain = exofs_client::Chain::new(prog, start, &ask);
+    if let Some(hops) = hops {
+        chain.hop_limit = hops;
+    }
+    let answer = exofs_client::chain(&file, &chain)
         .map_err(|e| format!("{}: chain ioctl: {e}", inside.display()))?;
     Ok(report_lookup(
         key,
