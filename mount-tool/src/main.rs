@@ -165,6 +165,20 @@ enum ProgAction {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args: Vec<String> = std::env::args().collect();
+    let called = args
+        .first()
+        .map(|arg0| arg0.rsplit('/').next().unwrap_or(arg0));
+    if called == Some("mount.exofs") {
+        return match mount::helper(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mount.exofs: {e}");
+                // mount(8)'s "mount failure".
+                ExitCode::from(32)
+            }
+        };
+    }
     let cli = Cli::parse();
     let bpffs = cli.bpffs.as_path();
     let result = match cli.command {

@@ -43,6 +43,8 @@ pub struct MountOptions {
     pub policy: Option<PathBuf>,
     /// Where a background daemon logs (appended); without it only `-f` logs (stderr).
     pub log: Option<PathBuf>,
+    /// Where bpffs is mounted (overrides `--bpffs`; for fstab lines).
+    pub bpffs: Option<PathBuf>,
 }
 
 impl MountOptions {
@@ -71,8 +73,14 @@ impl MountOptions {
                     options.policy = Some(path);
                 }
                 ("log", Some(file)) => options.log = Some(absolute(file, "log")?),
-                // Options mount(8) passes that mean nothing here.
-                ("dev" | "suid" | "exec" | "auto" | "nouser" | "async" | "defaults", None) => {}
+                ("bpffs", Some(dir)) => options.bpffs = Some(absolute(dir, "bpffs")?),
+                // Options mount(8) and fstab pass that mean nothing here.
+                (
+                    "dev" | "suid" | "exec" | "auto" | "noauto" | "nouser" | "async" | "defaults"
+                    | "nofail" | "_netdev" | "relatime" | "noatime",
+                    None,
+                ) => {}
+                _ if name.starts_with("x-") => {}
                 _ => return Err(format!("unknown mount option `{option}`").into()),
             }
         }
@@ -100,6 +108,7 @@ pub fn mount(
     if !mountpoint.is_dir() {
         return Err(format!("{}: not a directory", mountpoint.display()).into());
     }
+    let bpffs = parsed.bpffs.as_deref().unwrap_or(bpffs);
     if foreground {
         return serve(image, mountpoint, &parsed, bpffs);
     }
@@ -128,6 +137,9 @@ fn option_text(options: &MountOptions) -> String {
     }
     if let Some(log) = &options.log {
         list.push(format!("log={}", log.display()));
+    }
+    if let Some(bpffs) = &options.bpffs {
+        list.push(format!("bpffs={}", bpffs.display()));
     }
     list.join(",")
 }
@@ -306,6 +318,52 @@ fn detach_output(log: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// `mount.exofs SOURCE DIR [-sfnv] [-o OPTIONS]`: what mount(8) runs for `mount -t exofs`
+/// and for fstab lines of type exofs (install with `ln -s $(which exofs)
+/// /sbin/mount.exofs`). `-f` (fake) does nothing, `-s` (sloppy) ignores unknown options,
+/// `-n` and `-v` are accepted; the daemon runs in the background as for `exofs mount`.
+pub fn helper(args: &[String]) -> Result<()> {
+    let mut positional = Vec::new();
+    let mut options = String::new();
+    let (mut fake, mut sloppy) = (false, false);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "-o" => options = rest.next().ok_or("-o needs a value")?.clone(),
+            "-t" => {
+                rest.next().ok_or("-t needs a value")?;
+            }
+            flags if flags.starts_with('-') && flags.len() > 1 => {
+                for flag in flags[1..].chars() {
+                    match flag {
+                        'f' => fake = true,
+                        's' => sloppy = true,
+                        'n' | 'v' => {}
+                        other => return Err(format!("unknown flag -{other}").into()),
+                    }
+                }
+            }
+            _ => positional.push(arg.clone()),
+        }
+    }
+    let [source, dir] = positional.as_slice() else {
+        return Err("usage: mount.exofs SOURCE DIR [-sfnv] [-o OPTIONS]".into());
+    };
+    if sloppy {
+        options = options
+            .split(',')
+            .filter(|option| MountOptions::parse(option).is_ok())
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    MountOptions::parse(&options)?;
+    if fake {
+        return Ok(());
+    }
+    let bpffs = Path::new(kernel_ext::binding::DEFAULT_BPFFS);
+    mount(Path::new(source), Path::new(dir), false, &options, bpffs)
+}
+
 /// `exofs umount MOUNTPOINT`: unmounts and waits (up to a minute) until the daemon has
 /// checkpointed and released the image.
 pub fn umount(mountpoint: &Path) -> Result<()> {
@@ -416,6 +474,9 @@ mod tests {
             .expect_err("bad size")
             .to_string();
         assert!(err.contains("cache=lots"), "{err}");
+        let fstab = MountOptions::parse("defaults,noauto,nofail,x-systemd.automount,rw")
+            .expect("fstab options");
+        assert_eq!(fstab, MountOptions::default());
     }
 
     #[test]

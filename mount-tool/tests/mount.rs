@@ -12,7 +12,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -287,4 +287,90 @@ fn ordinary_tools_find_what_they_expect() {
 
     m.umount();
     m.fsck_clean();
+}
+
+/// /sbin/mount.exofs pointing at the binary under test while the guard lives; whatever was
+/// there before comes back on drop.
+struct Helper {
+    previous: Option<PathBuf>,
+}
+
+const HELPER: &str = "/sbin/mount.exofs";
+
+impl Helper {
+    fn install() -> Self {
+        let previous = fs::read_link(HELPER).ok();
+        if Path::new(HELPER).exists() && previous.is_none() {
+            panic!("{HELPER} is a regular file; move it away to run this test");
+        }
+        let _ = fs::remove_file(HELPER);
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_exofs"), HELPER).expect("install helper");
+        Self { previous }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(HELPER);
+        if let Some(previous) = &self.previous {
+            let _ = std::os::unix::fs::symlink(previous, HELPER);
+        }
+    }
+}
+
+#[test]
+fn mount_t_exofs_and_fstab_use_the_helper() {
+    if !can_mount("mount_t_exofs_and_fstab_use_the_helper") {
+        return;
+    }
+    let _helper = Helper::install();
+    let m = Mounted::new("helper", "64M");
+    let bpffs = format!("bpffs={}", m.bpffs());
+    let out = Command::new("mount")
+        .args(["-t", "exofs", m.image(), m.dir(), "-o", &bpffs])
+        .output()
+        .expect("mount(8)");
+    assert!(out.status.success(), "mount -t exofs: {}", text(&out));
+    assert!(m.is_mounted());
+    fs::write(m.path("via-helper"), b"mount -t exofs").expect("write");
+    m.umount();
+    // An fstab line (in a private fstab: mount -T), with options fstab users write.
+    let fstab = PathBuf::from(format!("{}.fstab", m.image()));
+    fs::write(
+        &fstab,
+        format!(
+            "# exofs test\n{} {} exofs defaults,noauto,nofail,allow_other,{bpffs} 0 0\n",
+            m.image(),
+            m.dir()
+        ),
+    )
+    .expect("fstab");
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(m.dir())
+        .output()
+        .expect("mount(8)");
+    let _ = fs::remove_file(&fstab);
+    assert!(out.status.success(), "mount from fstab: {}", text(&out));
+    assert_eq!(
+        fs::read(m.path("via-helper")).expect("read"),
+        b"mount -t exofs"
+    );
+    let out = Command::new("umount")
+        .arg(m.dir())
+        .output()
+        .expect("umount");
+    assert!(out.status.success(), "{}", text(&out));
+    // A bad option from mount(8) is named, with mount's failure code.
+    let out = Command::new("mount")
+        .args(["-t", "exofs", m.image(), m.dir(), "-o", "bogus"])
+        .output()
+        .expect("mount(8)");
+    assert_eq!(out.status.code(), Some(32), "{}", text(&out));
+    assert!(
+        text(&out).contains("unknown mount option `bogus`"),
+        "{}",
+        text(&out)
+    );
 }
