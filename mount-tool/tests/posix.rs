@@ -262,7 +262,7 @@ fn random_workload_matches_a_model() {
     let seed: u64 = std::env::var("EXOFS_MODEL_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("random_workload_matches_a_model: seed {seed} (EXOFS_MODEL_SEED), {ops} operations");
     let mut rng = StdRng::seed_from_u64(seed);
     let m = Mounted::new("model", "128M");
