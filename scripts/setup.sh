@@ -2,7 +2,9 @@
 # Installs what building exofs needs on a fresh machine (idempotent; run as root):
 # rustfmt and clippy, and for the BPF programs: LLVM 22, nightly with rust-src
 # (build-std for bpfel-unknown-none) and bpf-linker built against LLVM 22 (without
-# LLVM_PREFIX it picks LLVM 14 and fails to link).
+# LLVM_PREFIX it picks LLVM 14 and fails to link). The tests also use gcc (the C ABI
+# header and the C ioctl example), useradd (passwd: an unprivileged test user) and mount
+# tools; `exofs bench mount` compares with fuse2fs and mkfs.ext4 (e2fsprogs).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -15,7 +17,7 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 
 need_apt=()
-for package in llvm-22-dev clang-22 libzstd-dev zlib1g-dev; do
+for package in llvm-22-dev clang-22 libzstd-dev zlib1g-dev gcc passwd util-linux e2fsprogs fuse2fs; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' \
         || need_apt+=("$package")
 done

@@ -27,31 +27,49 @@ type Result<T> = std::result::Result<T, Box<dyn Error>>;
 pub struct ChainArgs {
     /// B-tree depth (hops per lookup), 1..=8.
     #[arg(long, default_value_t = 6)]
-    depth: u32,
+    pub(crate) depth: u32,
     /// Node size: 512 or 4096.
     #[arg(long, default_value_t = 4096)]
-    node_size: usize,
+    pub(crate) node_size: usize,
     /// Threads per path.
     #[arg(long, default_value_t = 1)]
-    threads: usize,
+    pub(crate) threads: usize,
     /// Lookups per warm phase (cold phases run a tenth, at least 500).
     #[arg(long, default_value_t = 100_000)]
-    lookups: usize,
+    pub(crate) lookups: usize,
     /// Index size to aim for (the tree is full: the size follows from depth and fanout).
     #[arg(long, default_value = "64M", value_parser = crate::size::parse_size)]
-    index_size: u64,
+    pub(crate) index_size: u64,
     /// Image file to build the index in (created; removed afterwards).
     #[arg(long, default_value = "/tmp/exofs-bench-chain.img")]
-    image: PathBuf,
+    pub(crate) image: PathBuf,
     /// Only these paths (comma-separated), e.g. chain,mmap.
     #[arg(long, value_delimiter = ',')]
-    paths: Vec<String>,
+    pub(crate) paths: Vec<String>,
     /// Only warm or cold phases.
     #[arg(long)]
-    mode: Option<String>,
+    pub(crate) mode: Option<String>,
     /// Write the results as JSON here.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
+    /// Through an exofs FUSE mount, as an unprivileged user: FUSE pread per hop, FUSE
+    /// mmap, the chain ioctl and the batch ioctl (see bench_via_mount.rs).
+    #[arg(long)]
+    pub(crate) via_mount: bool,
+    /// The user the --via-mount lookups run as.
+    #[arg(long, default_value = "nobody")]
+    pub(crate) user: String,
+    /// (Internal: one --via-mount phase, run as the user, on this file of the mount.)
+    #[arg(long, hide = true)]
+    pub(crate) client: Option<PathBuf>,
+    #[arg(long, hide = true, default_value = "")]
+    pub(crate) client_path: String,
+    #[arg(long, hide = true, default_value = "warm")]
+    pub(crate) client_mode: String,
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub(crate) client_seed: u64,
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub(crate) client_keys: u64,
 }
 
 const PATHS: [&str; 5] = ["pread", "io_uring", "chain", "chain_batch", "mmap"];
@@ -60,14 +78,14 @@ const PATHS: [&str; 5] = ["pread", "io_uring", "chain", "chain_batch", "mmap"];
 const BATCH_WINDOW: usize = 32;
 
 /// One measured phase.
-struct Phase {
-    path: &'static str,
-    mode: &'static str,
-    lookups: usize,
-    elapsed: Duration,
+pub(crate) struct Phase {
+    pub(crate) path: &'static str,
+    pub(crate) mode: &'static str,
+    pub(crate) lookups: usize,
+    pub(crate) elapsed: Duration,
     /// Per-lookup latencies in ns (for batches: the call's time, for each lookup in it).
-    latencies: Vec<u64>,
-    cpu: Duration,
+    pub(crate) latencies: Vec<u64>,
+    pub(crate) cpu: Duration,
 }
 
 impl Phase {
@@ -84,7 +102,7 @@ impl Phase {
 }
 
 /// User + system CPU time of this process.
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct it is given.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
@@ -118,7 +136,7 @@ struct Setup {
 }
 
 /// Expected answer of a key (the index maps key k to k * 7 + 1).
-fn value_of(key: u64) -> u64 {
+pub(crate) fn value_of(key: u64) -> u64 {
     key.wrapping_mul(7) + 1
 }
 
@@ -317,6 +335,20 @@ fn phase_chain(
     run_threads(threads, keys.len(), &body)
 }
 
+/// `n` random keys of an index of `count` keys (0, 2, 4, ...), from `seed` (xorshift64*):
+/// the same keys for every path that uses the same seed.
+pub(crate) fn index_keys(seed: u64, count: u64, n: usize) -> Vec<u64> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            2 * (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % count)
+        })
+        .collect()
+}
+
 /// The fanout whose full tree of `depth` levels is closest to `target` bytes.
 fn pick_fanout(depth: u32, node_size: usize, target: u64) -> usize {
     let nodes = |f: u64| (0..depth).map(|level| f.pow(level)).sum::<u64>();
@@ -329,6 +361,9 @@ fn pick_fanout(depth: u32, node_size: usize, target: u64) -> usize {
 pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     if !(1..=8).contains(&args.depth) || !btree::NODE_SIZES.contains(&args.node_size) {
         return Err("--depth must be 1..=8 and --node-size 512 or 4096".into());
+    }
+    if let Some(file) = &args.client {
+        return crate::bench_via_mount::client(args, file);
     }
     let threads = args.threads.max(1);
     let paths: Vec<&'static str> = PATHS
@@ -358,6 +393,12 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         fs.write_at(ino, (i << 20) as u64, chunk)?;
     }
     fs.sync()?;
+    if args.via_mount {
+        drop(fs);
+        let phases = crate::bench_via_mount::run(args, &args.image, count, tree.depth);
+        std::fs::remove_file(&args.image)?;
+        return report(args, &phases?, 1, ("fuse_pread", "fuse_mmap"));
+    }
     let extents = fs.extents(ino)?;
     println!(
         "index: {} keys, depth {}, {}-byte nodes (fanout {fanout}), {:.1} MiB in {} extents; \
@@ -384,16 +425,10 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     let mut binding = Binding::open(fs.clone(), &options)?;
     let program = binding.bind("bench_btree", examples::BTREE)?;
 
-    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut seed = 0;
     let mut random_keys = |n: usize| -> Vec<u64> {
-        (0..n)
-            .map(|_| {
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                2 * (state.wrapping_mul(0x2545_f491_4f6c_dd1d) % count)
-            })
-            .collect()
+        seed += 1;
+        index_keys(seed, count, n)
     };
     let mut phases: Vec<Phase> = Vec::new();
     for mode in &modes {
@@ -428,7 +463,7 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     drop(setup);
     drop(fs);
     std::fs::remove_file(&args.image)?;
-    report(args, &phases, threads)
+    report(args, &phases, threads, ("pread", "mmap"))
 }
 
 fn measure(
@@ -446,7 +481,14 @@ fn measure(
     }
 }
 
-fn report(args: &ChainArgs, phases: &[Phase], threads: usize) -> Result<()> {
+/// Prints the table (ratios against the `bases`: the pread and the mmap path) and
+/// writes the JSON if asked.
+fn report(
+    args: &ChainArgs,
+    phases: &[Phase],
+    threads: usize,
+    (pread, mmap): (&str, &str),
+) -> Result<()> {
     println!(
         "{:<12} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}",
         "path", "mode", "lookups/s", "p50 us", "p99 us", "cpu us/op", "vs pread", "vs mmap"
@@ -469,8 +511,8 @@ fn report(args: &ChainArgs, phases: &[Phase], threads: usize) -> Result<()> {
             phase.percentile_us(0.5),
             phase.percentile_us(0.99),
             phase.cpu.as_secs_f64() * 1e6 / phase.lookups as f64,
-            ratio("pread"),
-            ratio("mmap"),
+            ratio(pread),
+            ratio(mmap),
         );
     }
     if let Some(path) = &args.json {

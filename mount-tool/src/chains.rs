@@ -273,7 +273,17 @@ impl ChainService {
         batch: u32,
     ) -> Result<(NamedSubject, u32), Refusal> {
         let compiled = self.compiled_now()?;
-        let (groups, cgroup) = self.identify(caller);
+        // /proc is read only when a grant could match through it.
+        let needs_proc = compiled.grants.iter().any(|g| match g.who {
+            Resolved::Uid(_) => false,
+            Resolved::Gid(gid) => gid != caller.gid,
+            Resolved::Cgroup(_) => true,
+        });
+        let (groups, cgroup) = if needs_proc {
+            self.identify(caller)
+        } else {
+            (Vec::new(), 0)
+        };
         let matches = |who: &Resolved| match who {
             Resolved::Uid(uid) => *uid == caller.uid,
             Resolved::Gid(gid) => *gid == caller.gid || groups.contains(gid),

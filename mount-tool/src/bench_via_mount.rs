@@ -1,0 +1,373 @@
+//! `exofs bench chain --via-mount`: B-tree lookups through an exofs FUSE mount, run by an
+//! unprivileged user (`--user`, default nobody), the way an application without any
+//! privilege reaches the index:
+//!   fuse_pread   one pread per hop on the file on the mount (one FUSE read per hop
+//!                when the page cache does not have the node);
+//!   fuse_mmap    a shared read mapping of the file on the mount, walked in place;
+//!   ioctl_chain  the chain ioctl: one FUSE round trip per lookup, however many hops;
+//!   ioctl_batch  the batch ioctl: 32 lookups per round trip.
+//!
+//! Method: the index is built as for `bench chain`; the image is mounted with a policy
+//! granting the user the index and the program. Each phase runs in a child process
+//! with the user's uid (this same binary, `--client`), which prints its timings. Warm
+//! phases follow an untimed pass over the same keys; before each cold phase the mount is
+//! remounted (a fresh daemon, whose device mapping is empty) and the page cache dropped.
+
+use crate::bench_chain::{index_keys, ChainArgs, Phase};
+use exofs_abi::chain::status;
+use exofs_abi::formats::Lookup;
+use kernel_ext::index;
+use std::error::Error;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+pub const PATHS: [&str; 4] = ["fuse_pread", "fuse_mmap", "ioctl_chain", "ioctl_batch"];
+const PROGRAM: &str = "bench_btree";
+
+/// The mount and everything it needs; unmounted and removed on drop.
+struct Mount {
+    image: PathBuf,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    policy: PathBuf,
+}
+
+impl Mount {
+    fn exofs(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new(std::env::current_exe()?)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "exofs {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    fn path(path: &Path) -> Result<&str> {
+        path.to_str().ok_or_else(|| "non-UTF-8 path".into())
+    }
+
+    /// Mounts (a fresh daemon) and loads the program.
+    fn up(&self) -> Result<()> {
+        let options = format!("allow_other,policy={}", Self::path(&self.policy)?);
+        let (image, dir) = (Self::path(&self.image)?, Self::path(&self.dir)?);
+        self.exofs(&["mount", image, dir, "-o", &options])?;
+        self.exofs(&["prog", "load", dir, PROGRAM, "example:btree"])
+    }
+
+    fn down(&self) -> Result<()> {
+        self.exofs(&["umount", Self::path(&self.dir)?])
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(err) = self.down() {
+            log::warn!("unmounting the bench mount: {err}");
+        }
+        if let Ok(target) = CString::new(self.bpffs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a live NUL-terminated path.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.bpffs);
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_file(&self.policy);
+    }
+}
+
+/// The user's (uid, gid), from `id`.
+fn user_ids(user: &str) -> Result<(u32, u32)> {
+    let id = |flag: &str| -> Result<u32> {
+        let out = Command::new("id").args([flag, user]).output()?;
+        if !out.status.success() {
+            return Err(format!("no user `{user}`").into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+/// The parent: mounts the index built by `bench chain` and runs each phase as the user.
+pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result<Vec<Phase>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("--via-mount mounts and loads BPF: run it as root".into());
+    }
+    let (uid, gid) = user_ids(&args.user)?;
+    let base = std::env::temp_dir().join(format!("exofs-bench-mount-{}", std::process::id()));
+    let mount = Mount {
+        image: image.to_owned(),
+        dir: base.with_extension("mnt"),
+        bpffs: base.with_extension("bpffs"),
+        policy: base.with_extension("toml"),
+    };
+    std::fs::create_dir_all(&mount.dir)?;
+    std::fs::create_dir_all(&mount.bpffs)?;
+    nix::mount::mount(
+        Some("bpf"),
+        &mount.bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )?;
+    std::fs::write(
+        &mount.policy,
+        format!(
+            "[[subject]]\nuid = {uid}\n\n[[subject.grant]]\npaths = [\"/index\"]\n\
+             programs = [\"{PROGRAM}\"]\nmax_hops = 64\nmax_batch = 32\n"
+        ),
+    )?;
+    mount.up()?;
+    let file = mount.dir.join("index");
+    let paths: Vec<&'static str> = PATHS
+        .iter()
+        .copied()
+        .filter(|p| args.paths.is_empty() || args.paths.iter().any(|q| q == p))
+        .collect();
+    let mut phases = Vec::new();
+    let mut seed = 1u64;
+    for mode in ["warm", "cold"] {
+        if args.mode.as_deref().is_some_and(|wanted| wanted != mode) {
+            continue;
+        }
+        let lookups = if mode == "warm" {
+            args.lookups
+        } else {
+            (args.lookups / 10).max(500)
+        };
+        for path in &paths {
+            if mode == "cold" {
+                mount.down()?;
+                drop_page_cache()?;
+                mount.up()?;
+            }
+            seed += 1;
+            let phase = client_phase(
+                &file, path, mode, lookups, seed, key_count, depth, args, uid, gid,
+            )?;
+            phases.push(phase);
+        }
+    }
+    drop(mount);
+    Ok(phases)
+}
+
+/// Writes back and drops the whole page cache (root).
+fn drop_page_cache() -> Result<()> {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+    Ok(())
+}
+
+/// Runs one phase in a child process as `uid`/`gid`, and reads its timings.
+#[allow(clippy::too_many_arguments)]
+fn client_phase(
+    file: &Path,
+    path: &'static str,
+    mode: &'static str,
+    lookups: usize,
+    seed: u64,
+    key_count: u64,
+    depth: u32,
+    args: &ChainArgs,
+    uid: u32,
+    gid: u32,
+) -> Result<Phase> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["bench", "chain", "--client"])
+        .arg(file)
+        .args(["--client-path", path, "--client-mode", mode])
+        .args(["--lookups", &lookups.to_string()])
+        .args(["--client-seed", &seed.to_string()])
+        .args(["--client-keys", &key_count.to_string()])
+        .args(["--depth", &depth.to_string()])
+        .args(["--node-size", &args.node_size.to_string()])
+        .uid(uid)
+        .gid(gid)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "the {path} client failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let mut head = lines
+        .next()
+        .ok_or("no output from the client")?
+        .split_whitespace();
+    let mut number = || -> Result<u64> { Ok(head.next().ok_or("short client output")?.parse()?) };
+    let (elapsed, cpu) = (
+        Duration::from_nanos(number()?),
+        Duration::from_nanos(number()?),
+    );
+    let latencies = lines
+        .map(str::parse)
+        .collect::<std::result::Result<Vec<u64>, _>>()?;
+    Ok(Phase {
+        path,
+        mode,
+        lookups,
+        elapsed,
+        latencies,
+        cpu,
+    })
+}
+
+/// The client (`bench chain --client FILE`, run as the unprivileged user): one phase,
+/// printed as "elapsed_ns cpu_ns" then one latency in ns per line.
+pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
+    let keys = index_keys(args.client_seed, args.client_keys, args.lookups);
+    let index = File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let node_size = args.node_size;
+    let map = if args.client_path == "fuse_mmap" {
+        Some(FileMapping::new(&index)?)
+    } else {
+        None
+    };
+    let lookup = |key: u64| -> Result<index::Answer> {
+        match args.client_path.as_str() {
+            "fuse_pread" => Ok(index::btree_lookup(
+                &mut |offset, buf: &mut [u8]| index.read_at(buf, offset).map_err(|e| e.to_string()),
+                node_size,
+                key,
+            )?),
+            "fuse_mmap" => {
+                let bytes = map.as_ref().ok_or("no mapping")?.bytes();
+                Ok(index::btree_lookup(
+                    &mut |offset, buf: &mut [u8]| {
+                        let at = offset as usize;
+                        let source = bytes.get(at..at + buf.len()).ok_or("past the end")?;
+                        buf.copy_from_slice(source);
+                        Ok(buf.len())
+                    },
+                    node_size,
+                    key,
+                )?)
+            }
+            "ioctl_chain" => {
+                let ask = Lookup::ask(key);
+                let mut chain = exofs_client::Chain::new(PROGRAM, 0, &ask);
+                chain.read_len = node_size as u32;
+                let answer = exofs_client::chain(&index, &chain)?;
+                let found = Lookup::from_scratch(&answer.scratch);
+                Ok(index::Answer {
+                    value: (answer.is_done() && found.is_found()).then_some(found.value),
+                    hops: answer.hops,
+                })
+            }
+            other => Err(format!("unknown client path {other}").into()),
+        }
+    };
+    let check = |key: u64, answer: &index::Answer| -> Result<()> {
+        if answer.value != Some(crate::bench_chain::value_of(key)) || answer.hops != args.depth {
+            return Err(format!("key {key}: wrong answer {answer:?}").into());
+        }
+        Ok(())
+    };
+    let run = |latencies: &mut Vec<u64>| -> Result<()> {
+        if args.client_path == "ioctl_batch" {
+            for group in keys.chunks(32) {
+                let asks: Vec<[u8; Lookup::SIZE]> = group.iter().map(|k| Lookup::ask(*k)).collect();
+                let lookups: Vec<(u64, &[u8])> = asks.iter().map(|a| (0, &a[..])).collect();
+                let start = Instant::now();
+                let answers = exofs_client::chain_batch(&index, PROGRAM, 0, &lookups)?;
+                let ns = start.elapsed().as_nanos() as u64;
+                for (key, answer) in group.iter().zip(answers) {
+                    let found = Lookup::from_scratch(&answer.scratch);
+                    let value =
+                        (answer.status == status::DONE && found.is_found()).then_some(found.value);
+                    check(
+                        *key,
+                        &index::Answer {
+                            value,
+                            hops: answer.hops,
+                        },
+                    )?;
+                    latencies.push(ns);
+                }
+            }
+            return Ok(());
+        }
+        for key in &keys {
+            let start = Instant::now();
+            let answer = lookup(*key)?;
+            latencies.push(start.elapsed().as_nanos() as u64);
+            check(*key, &answer)?;
+        }
+        Ok(())
+    };
+    if args.client_mode == "warm" {
+        run(&mut Vec::new())?;
+    }
+    let mut latencies = Vec::with_capacity(keys.len());
+    let cpu_before = crate::bench_chain::cpu_time();
+    let start = Instant::now();
+    run(&mut latencies)?;
+    let elapsed = start.elapsed();
+    let cpu = crate::bench_chain::cpu_time().saturating_sub(cpu_before);
+    let mut out = format!("{} {}\n", elapsed.as_nanos(), cpu.as_nanos());
+    for latency in latencies {
+        out.push_str(&latency.to_string());
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(())
+}
+
+/// A shared read mapping of a whole file, unmapped on drop.
+struct FileMapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl FileMapping {
+    fn new(file: &File) -> Result<Self> {
+        let len = usize::try_from(file.metadata()?.len())?;
+        // SAFETY: a fresh shared read-only mapping of an open file, checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()).into());
+        }
+        Ok(Self { addr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is live and `len` bytes long while `self` is; read only.
+        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, once.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
