@@ -1,8 +1,10 @@
 //! `exofs bench chain --via-mount`: B-tree lookups through an exofs FUSE mount, run by an
 //! unprivileged user (`--user`, default nobody), the way an application without any
 //! privilege reaches the index:
-//!   fuse_pread   one pread per hop on the file on the mount (one FUSE read per hop
-//!                when the page cache does not have the node);
+//!   fuse_pread   one pread per hop on the file on the mount (a FUSE read only when
+//!                the page cache does not have the node);
+//!   fuse_direct  one pread per hop with O_DIRECT: one FUSE round trip per hop, what
+//!                the chain ioctl saves;
 //!   fuse_mmap    a shared read mapping of the file on the mount, walked in place;
 //!   ioctl_chain  the chain ioctl: one FUSE round trip per lookup, however many hops;
 //!   ioctl_batch  the batch ioctl: 32 lookups per round trip.
@@ -21,7 +23,7 @@ use std::error::Error;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,7 +31,13 @@ use std::time::{Duration, Instant};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-pub const PATHS: [&str; 4] = ["fuse_pread", "fuse_mmap", "ioctl_chain", "ioctl_batch"];
+pub const PATHS: [&str; 5] = [
+    "fuse_pread",
+    "fuse_direct",
+    "fuse_mmap",
+    "ioctl_chain",
+    "ioctl_batch",
+];
 const PROGRAM: &str = "bench_btree";
 
 /// The mount and everything it needs; unmounted and removed on drop.
@@ -236,7 +244,16 @@ fn client_phase(
 /// printed as "elapsed_ns cpu_ns" then one latency in ns per line.
 pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
     let keys = index_keys(args.client_seed, args.client_keys, args.lookups);
-    let index = File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let direct = if args.client_path == "fuse_direct" {
+        libc::O_DIRECT
+    } else {
+        0
+    };
+    let index = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(direct)
+        .open(file)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
     let node_size = args.node_size;
     let map = if args.client_path == "fuse_mmap" {
         Some(FileMapping::new(&index)?)
@@ -245,7 +262,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
     };
     let lookup = |key: u64| -> Result<index::Answer> {
         match args.client_path.as_str() {
-            "fuse_pread" => Ok(index::btree_lookup(
+            "fuse_pread" | "fuse_direct" => Ok(index::btree_lookup(
                 &mut |offset, buf: &mut [u8]| index.read_at(buf, offset).map_err(|e| e.to_string()),
                 node_size,
                 key,

@@ -263,8 +263,28 @@ impl ChainService {
     }
 
     /// Checks a request against the compiled policy: the subject to name to the kernel
-    /// and the hop limit to run with (`hops`, or for 0 the most the grants allow).
+    /// and the hop limit to run with (`hops`, or for 0 the most the grants allow). A
+    /// refusal is logged and counted (`stats::REFUSED`).
     fn check(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        program: &str,
+        hops: u32,
+        batch: u32,
+    ) -> Result<(NamedSubject, u32), Refusal> {
+        self.decide(caller, ino, program, hops, batch)
+            .inspect_err(|refusal| {
+                if refusal.errno == libc::EACCES {
+                    log::warn!("chain refused: {}", refusal.reason);
+                    if let Err(err) = self.binding.count_refused() {
+                        log::error!("counting a refusal: {err}");
+                    }
+                }
+            })
+    }
+
+    fn decide(
         &self,
         caller: &Caller,
         ino: u64,
@@ -340,12 +360,15 @@ impl ChainService {
         ))
     }
 
-    /// Counts and logs a refusal.
-    fn refused(&self, refusal: &Refusal) {
-        log::warn!("chain refused: {}", refusal.reason);
-        if let Err(err) = self.binding.count_refused() {
-            log::error!("counting a refusal: {err}");
-        }
+    /// A kernel denial of a request the daemon allowed: the driver counted it (DENIED);
+    /// logged here.
+    fn kernel_denied(caller: &Caller, ino: u64, what: &str) -> Refusal {
+        let reason = format!(
+            "uid {} (pid {}), inode {ino}: the kernel policy denied the {what}",
+            caller.uid, caller.pid
+        );
+        log::warn!("chain denied: {reason}");
+        Refusal::new(libc::EACCES, reason)
     }
 
     fn run_error(err: BindingError) -> Refusal {
@@ -376,20 +399,11 @@ impl ChainService {
                 self.binding.run(&program, &chain).map_err(Self::run_error)
             });
         let outcome = match outcome {
-            Ok(outcome) if outcome.status == status::DENIED => Err(Refusal::new(
-                libc::EACCES,
-                format!(
-                    "uid {} (pid {}), inode {ino}: the kernel policy denied the chain",
-                    caller.uid, caller.pid
-                ),
-            )),
-            other => other,
-        };
-        let outcome = outcome.inspect_err(|refusal| {
-            if refusal.errno == libc::EACCES {
-                self.refused(refusal);
+            Ok(outcome) if outcome.status == status::DENIED => {
+                Err(Self::kernel_denied(caller, ino, "chain"))
             }
-        })?;
+            other => other,
+        }?;
         request.status = outcome.status;
         request.hops = outcome.hops;
         request.scratch = outcome.scratch;
@@ -426,21 +440,11 @@ impl ChainService {
             });
         let result = match result {
             Ok((outcomes, _)) if outcomes.iter().all(|o| o.status == status::DENIED) => {
-                Err(Refusal::new(
-                    libc::EACCES,
-                    format!(
-                        "uid {} (pid {}), inode {ino}: the kernel policy denied the batch",
-                        caller.uid, caller.pid
-                    ),
-                ))
+                Err(Self::kernel_denied(caller, ino, "batch"))
             }
             other => other,
         };
-        let (outcomes, _) = result.inspect_err(|refusal| {
-            if refusal.errno == libc::EACCES {
-                self.refused(refusal);
-            }
-        })?;
+        let (outcomes, _) = result?;
         request.done = 0;
         for (slot, outcome) in request.lookups.iter_mut().zip(&outcomes) {
             slot.status = outcome.status;
