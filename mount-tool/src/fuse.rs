@@ -11,7 +11,8 @@
 //!   (`Fs::append`), whatever offset the kernel sends.
 //! - Permission checks are the kernel's (`default_permissions`); new files belong to the
 //!   caller's uid and gid.
-//! - `fsync`, and `flush` on close, make the file durable (a journal commit).
+//! - `fsync` makes the file durable (a journal commit); otherwise the daemon commits every
+//!   few seconds (mount.rs).
 
 use crate::chains::{Caller, ChainService};
 use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD};

@@ -274,6 +274,9 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
     // Blocked before fuser starts its threads (they inherit the mask), so only the
     // waiting thread takes them.
     stop_signals().thread_block()?;
+    if !options.read_only {
+        commit_periodically(&fs)?;
+    }
     let served = ExofsFuse::new(fs.clone(), chains.clone(), namespace);
     let mut session = fuser::Session::new(served, mountpoint, &config).map_err(|e| {
         format!(
@@ -298,6 +301,27 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
         }
     }
     drop(fs);
+    Ok(())
+}
+
+/// How often the daemon commits the journal when nothing else did (as ext4's default
+/// `commit=5`): a crash loses at most this much of what was not fsynced.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts a thread that commits every COMMIT_INTERVAL while the file system is open.
+fn commit_periodically(fs: &Arc<Fs>) -> Result<()> {
+    let fs = Arc::downgrade(fs);
+    std::thread::Builder::new()
+        .name("exofs-commit".into())
+        .spawn(move || loop {
+            std::thread::sleep(COMMIT_INTERVAL);
+            let Some(fs) = fs.upgrade() else {
+                return;
+            };
+            if let Err(err) = fs.sync() {
+                log::error!("periodic commit: {err}");
+            }
+        })?;
     Ok(())
 }
 

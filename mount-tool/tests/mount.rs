@@ -374,3 +374,31 @@ fn mount_t_exofs_and_fstab_use_the_helper() {
         text(&out)
     );
 }
+
+/// What was written without fsync is committed by the daemon within a few seconds: it
+/// survives a kill -9 that comes after that.
+#[test]
+fn unsynced_writes_are_committed_within_seconds() {
+    if !can_mount("unsynced_writes_are_committed_within_seconds") {
+        return;
+    }
+    let m = Mounted::new("periodic", "64M");
+    let mut child = daemon(&m);
+    fs::write(m.path("unsynced"), vec![3u8; 50_000]).expect("write");
+    fs::create_dir(m.path("dir")).expect("mkdir");
+    // The commit interval is 5 s.
+    std::thread::sleep(Duration::from_millis(6500));
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    let target = CString::new(m.dir().as_bytes()).expect("path");
+    // SAFETY: a live NUL-terminated path; the daemon is gone, the mount is dead.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    m.mount();
+    assert_eq!(
+        fs::read(m.path("unsynced")).expect("read"),
+        vec![3u8; 50_000]
+    );
+    assert!(m.path("dir").is_dir());
+    m.umount();
+    m.fsck_clean();
+}
