@@ -323,13 +323,17 @@ impl ChainService {
         if mine.is_empty() {
             return refuse("the policy grants this caller nothing".into());
         }
-        let for_file: Vec<&&CompiledGrant> =
-            mine.iter().filter(|g| g.inos.contains(&ino)).collect();
+        let for_file: Vec<&CompiledGrant> = mine
+            .iter()
+            .copied()
+            .filter(|g| g.inos.contains(&ino))
+            .collect();
         if for_file.is_empty() {
             return refuse("the file is not granted".into());
         }
-        let for_program: Vec<&&&CompiledGrant> = for_file
+        let for_program: Vec<&CompiledGrant> = for_file
             .iter()
+            .copied()
             .filter(|g| g.programs.iter().any(|p| p == program))
             .collect();
         let Some(widest) = for_program.iter().max_by_key(|g| (g.max_hops, g.max_batch)) else {
