@@ -349,7 +349,12 @@ unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut 
     let Some(walk) = EXOFS_WALK.current() else {
         return Err(status::INVALID);
     };
-    clear_if_new_subject(&mut *state, &mut *walk, header.subject, header.subject_cgroup);
+    clear_if_new_subject(
+        &mut *state,
+        &mut *walk,
+        header.subject,
+        header.subject_cgroup,
+    );
     (*walk).files = header.files;
     (*walk).file_count = header.file_count;
     (*walk).read_len = header.read_len;
