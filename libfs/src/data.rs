@@ -19,6 +19,33 @@ use crate::inode::{blocks_for, Extent, Inode};
 /// Blocks allocated per step of a large write or fallocate.
 const ALLOCATION_STEP: u64 = 8192;
 
+/// One piece of a planned read: `len` bytes at `start` of the caller's buffer, read from
+/// the device at byte `device`, or zeros (a hole or an unwritten extent).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadPiece {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) device: Option<u64>,
+}
+
+impl ReadPiece {
+    /// Fills this piece of `buf`, reading device bytes with `read_at(chunk, offset)`.
+    pub(crate) fn read(
+        &self,
+        buf: &mut [u8],
+        mut read_at: impl FnMut(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let chunk = &mut buf[self.start..self.start + self.len];
+        match self.device {
+            Some(at) => read_at(chunk, at),
+            None => {
+                chunk.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Inner {
     /// Reads from `offset`, clipped to the file size; holes and unwritten extents read
     /// as zeros.
@@ -28,15 +55,33 @@ impl Inner {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        if offset >= inode.size {
-            return Ok(0);
+        let (len, pieces) = self.plan_read(inode, offset, buf.len())?;
+        for piece in &pieces {
+            piece.read(buf, |chunk, at| self.meta.journal.read_data(chunk, at))?;
         }
-        let len = (inode.size - offset).min(buf.len() as u64) as usize;
+        Ok(len)
+    }
+
+    /// Where the bytes of a read from `offset` of up to `wanted` bytes are: the count
+    /// (clipped to the file size) and the pieces, each on the device or zeros. The plan
+    /// stays valid while the blocks cannot be reused (the caller holds the lock, or an
+    /// epoch pin taken under it).
+    pub(crate) fn plan_read(
+        &mut self,
+        inode: &Inode,
+        offset: u64,
+        wanted: usize,
+    ) -> Result<(usize, Vec<ReadPiece>)> {
+        if offset >= inode.size {
+            return Ok((0, Vec::new()));
+        }
+        let len = (inode.size - offset).min(wanted as u64) as usize;
+        let mut pieces = Vec::new();
         let mut done = 0;
         while done < len {
             let pos = offset + done as u64;
             let block = pos / BLOCK_SIZE_U64;
-            let (run_end, physical) = match extent::lookup(&mut self.meta, inode, block)? {
+            let (run_end, device) = match extent::lookup(&mut self.meta, inode, block)? {
                 Mapping::Mapped(e) => {
                     let start =
                         (e.physical + (block - e.logical)) * BLOCK_SIZE_U64 + pos % BLOCK_SIZE_U64;
@@ -48,17 +93,17 @@ impl Inner {
                 Mapping::Hole { next } => (next.map_or(u64::MAX, |n| n * BLOCK_SIZE_U64), None),
             };
             let n = (run_end - pos).min((len - done) as u64) as usize;
-            let chunk = &mut buf[done..done + n];
-            match physical {
-                Some(at) => {
-                    self.check_data_range(at, n as u64, inode)?;
-                    self.meta.journal.read_data(chunk, at)?;
-                }
-                None => chunk.fill(0),
+            if let Some(at) = device {
+                self.check_data_range(at, n as u64, inode)?;
             }
+            pieces.push(ReadPiece {
+                start: done,
+                len: n,
+                device,
+            });
             done += n;
         }
-        Ok(len)
+        Ok((len, pieces))
     }
 
     fn check_data_range(&self, at: u64, len: u64, inode: &Inode) -> Result<()> {

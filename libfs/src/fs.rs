@@ -520,14 +520,22 @@ impl Fs {
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).
+    /// Only the mapping is looked up under the lock; the device is read after it is
+    /// released (with an epoch pin, so the blocks are not reused meanwhile), so reads run
+    /// in parallel with each other and with other operations.
     pub fn read_at(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        self.query(|inner| {
+        let (len, pieces, _pin) = self.query(|inner| {
             let inode = inner.get(ino)?;
             if inode.is_dir() {
                 return Err(Error::IsDir);
             }
-            inner.read_data(&inode, offset, buf)
-        })
+            let (len, pieces) = inner.plan_read(&inode, offset, buf.len())?;
+            Ok((len, pieces, self.epochs.pin()))
+        })?;
+        for piece in &pieces {
+            piece.read(buf, |chunk, at| Ok(self.device.read_at(chunk, at)?))?;
+        }
+        Ok(len)
     }
 
     /// Writes `data` at `offset`; returns the count written (short only when the device

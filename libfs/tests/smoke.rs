@@ -210,3 +210,109 @@ fn concurrent_appends_never_overlap() {
     }
     assert_eq!(per_writer, [RECORDS; THREADS as usize]);
 }
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A device whose large reads take a millisecond: a read planned under the lock then
+/// reads its blocks long after, while the writer frees and reuses them.
+#[derive(Debug)]
+struct SlowReads(Arc<MemDevice>);
+
+impl libfs::BlockDevice for SlowReads {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if buf.len() >= 64 << 10 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+}
+
+/// Reads run outside the file-system lock; a read concurrent with a truncate whose blocks
+/// are at once reused by another file must still never return that file's bytes (the
+/// read's epoch pin holds them back).
+#[test]
+fn reads_outside_the_lock_never_see_reused_blocks() {
+    let device = Arc::new(SlowReads(fresh(8 << 20)));
+    let fs = Arc::new(Fs::open_device(device, &OpenOptions::default()).expect("open"));
+    let victim = fs
+        .create(ROOT_INO, b"victim", 0o644, 0, 0)
+        .expect("create")
+        .ino;
+    fs.write_at(victim, 0, &vec![b'v'; 256 << 10])
+        .expect("write victim");
+    // Fill the device so that the blocks the victim frees are the only ones to reuse.
+    let filler = fs
+        .create(ROOT_INO, b"filler", 0o644, 0, 0)
+        .expect("create")
+        .ino;
+    fs.checkpoint().expect("checkpoint");
+    let free = fs.statfs().expect("statfs").free_blocks;
+    let keep = 64 + 16;
+    fs.fallocate(filler, 0, (free - keep) * 4096, Default::default())
+        .expect("fill");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; 256 << 10];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = fs.read_at(victim, 0, &mut buf).expect("read");
+                    if let Some(bad) = buf[..n].iter().position(|&b| b != b'v' && b != 0) {
+                        panic!(
+                            "a read of {n} bytes returned byte {:?} at {bad}: another file's",
+                            buf[bad] as char
+                        );
+                    }
+                    reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The lock is not fair: give the writer its turn.
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            });
+        }
+        // Stops the readers even if a step below panics (else the scope waits forever).
+        let _stop = StopOnDrop(&stop);
+        // Out of space while a read pins the freed blocks is the pin working.
+        let tolerate = |result: libfs::Result<usize>| match result {
+            Ok(_) | Err(libfs::Error::NoSpace) => {}
+            Err(err) => panic!("{err}"),
+        };
+        for round in 0..300 {
+            tolerate(fs.write_at(victim, 0, &vec![b'v'; 256 << 10]));
+            std::thread::sleep(std::time::Duration::from_micros(500));
+            fs.setattr(
+                victim,
+                &SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                },
+            )
+            .expect("truncate");
+            // Make the freed blocks reusable and fill them with another file.
+            fs.checkpoint().expect("checkpoint");
+            fs.reclaim();
+            let name = format!("other{round}");
+            if let Ok(other) = fs.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0) {
+                tolerate(fs.write_at(other.ino, 0, &vec![b'X'; 256 << 10]));
+                fs.unlink(ROOT_INO, name.as_bytes()).expect("unlink");
+            }
+        }
+    });
+    assert!(reads.load(std::sync::atomic::Ordering::Relaxed) > 10);
+}

@@ -26,6 +26,8 @@ pub enum Which {
     Fs(FsArgs),
     /// B-tree lookups: pread, io_uring, in-kernel chain, batched chains, mmap walk.
     Chain(crate::bench_chain::ChainArgs),
+    /// File-system workloads through FUSE mounts: exofs vs fuse2fs vs kernel ext4 on a loop device.
+    Mount(crate::bench_mount::MountArgs),
 }
 
 #[derive(Args, Debug)]
@@ -53,11 +55,12 @@ pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Fs(args) => bench_fs(&args),
         Which::Chain(args) => crate::bench_chain::bench_chain(&args),
+        Which::Mount(args) => crate::bench_mount::bench_mount(&args),
     }
 }
 
-const CHUNK: usize = 1 << 20;
-const PAGE: u64 = 4096;
+pub(crate) const CHUNK: usize = 1 << 20;
+pub(crate) const PAGE: u64 = 4096;
 
 /// One measured figure.
 struct Row {
@@ -68,10 +71,10 @@ struct Row {
 }
 
 /// A tiny deterministic generator (xorshift64*), so both sides see the same offsets.
-struct Offsets(u64);
+pub(crate) struct Offsets(pub(crate) u64);
 
 impl Offsets {
-    fn next(&mut self, pages: u64) -> u64 {
+    pub(crate) fn next(&mut self, pages: u64) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -82,7 +85,7 @@ impl Offsets {
 /// How long to let the host finish writing back before a read phase. Measured here: the
 /// first cold read of 1 GiB right after writing it ran at 530 MiB/s, the same read
 /// three seconds later at 1900-2000 MiB/s — the virtual disk's host was still flushing.
-const SETTLE: Duration = Duration::from_secs(3);
+pub(crate) const SETTLE: Duration = Duration::from_secs(3);
 
 /// Syncs, drops the image's pages from the page cache and waits for the device to
 /// settle, so the next phase reads from the device under the same conditions for both
@@ -100,15 +103,15 @@ pub(crate) fn drop_cache(fd: i32) -> Result<()> {
     Ok(())
 }
 
-fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
+pub(crate) fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
 }
 
-fn per_s(ops: u64, elapsed: Duration) -> f64 {
+pub(crate) fn per_s(ops: u64, elapsed: Duration) -> f64 {
     ops as f64 / elapsed.as_secs_f64()
 }
 
-fn pattern(seed: u64) -> Vec<u8> {
+pub(crate) fn pattern(seed: u64) -> Vec<u8> {
     (0..CHUNK)
         .map(|i| (i as u64).wrapping_mul(31).wrapping_add(seed) as u8)
         .collect()

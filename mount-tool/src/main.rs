@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_chain;
+mod bench_mount;
 mod bench_via_mount;
 mod chains;
 mod fuse;
