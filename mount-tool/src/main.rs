@@ -1,8 +1,9 @@
 //! `exofs`: the command line of the exofs file system.
 //!
-//! Subcommands: `mkfs`, `fsck`, `bench fs|chain`, small tools to look inside an image
-//! (`ls`, `put`, `get`, `extents`), and the kernel binding's `prog load|list|unload`,
+//! Subcommands: `mkfs`, `fsck`, `bench fs|chain|mount`, small tools to look inside an
+//! image (`ls`, `put`, `get`, `extents`), the kernel binding's `prog load|list|unload`,
 //! `chain`, `stats` and `index`, `mount` / `umount` (FUSE), and `policy check|reload`.
+//! Called as `mount.exofs`, it is mount(8)'s helper for `mount -t exofs` and fstab.
 
 mod bench;
 mod bench_chain;
