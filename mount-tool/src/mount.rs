@@ -504,6 +504,16 @@ mod tests {
     }
 
     #[test]
+    fn options_survive_the_daemon_restart() {
+        let parsed = MountOptions::parse(
+            "ro,allow_other,default_permissions,cache=16M,log=/tmp/exofs.log,bpffs=/tmp/bpf",
+        )
+        .expect("parse");
+        let again = MountOptions::parse(&option_text(&parsed)).expect("parse again");
+        assert_eq!(again, parsed);
+    }
+
+    #[test]
     fn mount_paths_are_unescaped() {
         assert_eq!(unescape("/tmp/a\\040b"), "/tmp/a b");
         assert_eq!(unescape("/plain"), "/plain");
