@@ -395,9 +395,6 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     let image = mounted_image(&mountpoint)?;
     nix::mount::umount2(&mountpoint, nix::mount::MntFlags::empty())
         .map_err(|e| format!("umount {}: {e}", mountpoint.display()))?;
-    let Some(image) = image else {
-        return Ok(());
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         // The daemon holds an exclusive lock on a read-write image until it exits.
@@ -413,43 +410,62 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     .into())
 }
 
-/// Every exofs mount as (image, mount point), from /proc/self/mounts.
-pub fn exofs_mounts() -> Result<Vec<(PathBuf, PathBuf)>> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    Ok(mounts
+/// One line of /proc/self/mounts.
+struct MountEntry {
+    source: PathBuf,
+    mountpoint: PathBuf,
+    fs_type: String,
+}
+
+impl MountEntry {
+    /// Mounted without libfuse the type shows as plain `fuse`: the source, the image,
+    /// tells an exofs mount apart.
+    fn is_exofs(&self) -> bool {
+        self.fs_type.starts_with("fuse") && is_exofs_image(&self.source)
+    }
+}
+
+/// Every mount of this process's namespace, from /proc/self/mounts.
+fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mounts")?;
+    Ok(text
         .lines()
         .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let source = PathBuf::from(unescape(fields.first()?));
-            let mountpoint = PathBuf::from(unescape(fields.get(1)?));
-            (fields.get(2)?.starts_with("fuse") && is_exofs_image(&source))
-                .then_some((source, mountpoint))
+            let mut fields = line.split_whitespace();
+            Some(MountEntry {
+                source: PathBuf::from(unescape(fields.next()?)),
+                mountpoint: PathBuf::from(unescape(fields.next()?)),
+                fs_type: fields.next()?.to_owned(),
+            })
         })
         .collect())
 }
 
-/// The image of the exofs mount at `mountpoint`, from /proc/self/mounts.
-fn mounted_image(mountpoint: &Path) -> Result<Option<PathBuf>> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    for line in mounts.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() >= 3 && Path::new(&unescape(fields[1])) == mountpoint {
-            // Mounted without libfuse the type shows as plain `fuse`: the source, the
-            // image, tells an exofs mount apart.
-            let source = PathBuf::from(unescape(fields[0]));
-            if !fields[2].starts_with("fuse") || !is_exofs_image(&source) {
-                return Err(format!(
-                    "{} is not an exofs mount ({} from {})",
-                    mountpoint.display(),
-                    fields[2],
-                    source.display()
-                )
-                .into());
-            }
-            return Ok(Some(source));
-        }
+/// Every exofs mount as (image, mount point).
+pub fn exofs_mounts() -> Result<Vec<(PathBuf, PathBuf)>> {
+    Ok(mounts()?
+        .into_iter()
+        .filter(MountEntry::is_exofs)
+        .map(|entry| (entry.source, entry.mountpoint))
+        .collect())
+}
+
+/// The image of the exofs mount at `mountpoint`.
+fn mounted_image(mountpoint: &Path) -> Result<PathBuf> {
+    let entry = mounts()?
+        .into_iter()
+        .find(|entry| entry.mountpoint == mountpoint)
+        .ok_or_else(|| format!("{} is not mounted", mountpoint.display()))?;
+    if !entry.is_exofs() {
+        return Err(format!(
+            "{} is not an exofs mount ({} from {})",
+            mountpoint.display(),
+            entry.fs_type,
+            entry.source.display()
+        )
+        .into());
     }
-    Err(format!("{} is not mounted", mountpoint.display()).into())
+    Ok(entry.source)
 }
 
 /// Whether `path` starts with an exofs superblock (block 0 begins with its magic).
