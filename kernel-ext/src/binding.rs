@@ -157,15 +157,23 @@ impl DeviceMapping {
             .device()
             .raw_fd()
             .ok_or_else(|| BindingError::Invalid("the device has no file descriptor".into()))?;
-        let len = fs.device().size() as usize;
-        // SAFETY: a fresh read-only mapping of a descriptor the Fs keeps open; the kernel
-        // picks the address; it is only read, and unmapped once.
+        Self::map_fd(fd, fs.device().size() as usize, flags)
+            .map_err(|err| BindingError::Invalid(format!("cannot map the device: {err}")))
+    }
+
+    /// Maps a whole open file read-only and shared (the same walk over a file on a
+    /// mount, for instance).
+    pub fn map_file(file: &std::fs::File) -> std::io::Result<Self> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+        Self::map_fd(std::os::fd::AsRawFd::as_raw_fd(file), len, libc::MAP_SHARED)
+    }
+
+    fn map_fd(fd: std::os::fd::RawFd, len: usize, flags: libc::c_int) -> std::io::Result<Self> {
+        // SAFETY: a fresh read-only mapping of a descriptor the caller keeps open; the
+        // kernel picks the address; it is only read, and unmapped once.
         let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, fd, 0) };
         if addr == libc::MAP_FAILED {
-            return Err(BindingError::Invalid(format!(
-                "cannot map the device: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(std::io::Error::last_os_error());
         }
         Ok(Self { addr, len })
     }

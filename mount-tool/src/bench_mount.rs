@@ -296,7 +296,7 @@ fn wait_for_exit(mut child: Child) -> Result<()> {
 
 /// Writes back everything, drops the page, dentry and inode caches (all file systems at
 /// once, so the FUSE daemons' image files too) and waits for the host as bench fs does.
-fn drop_all_caches() -> Result<()> {
+pub(crate) fn drop_all_caches() -> Result<()> {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3")?;
     std::thread::sleep(SETTLE);

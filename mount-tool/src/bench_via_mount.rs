@@ -13,16 +13,16 @@
 //! granting the user the index and the program. Each phase runs in a child process
 //! with the user's uid (this same binary, `--client`), which prints its timings. Warm
 //! phases follow an untimed pass over the same keys; before each cold phase the mount is
-//! remounted (a fresh daemon, whose device mapping is empty) and the page cache dropped.
+//! remounted (a fresh daemon, whose device mapping is empty) and the caches dropped as
+//! `bench mount` drops them (sync, drop_caches, a pause for the host's write-back).
 
 use crate::bench_chain::{index_keys, ChainArgs, Phase};
 use exofs_abi::chain::status;
 use exofs_abi::formats::Lookup;
+use kernel_ext::binding::DeviceMapping;
 use kernel_ext::index;
 use std::error::Error;
 use std::ffi::CString;
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -161,7 +161,7 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         for path in &paths {
             if mode == "cold" {
                 mount.down()?;
-                drop_page_cache()?;
+                crate::bench_mount::drop_all_caches()?;
                 mount.up()?;
             }
             seed += 1;
@@ -173,14 +173,6 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
     }
     drop(mount);
     Ok(phases)
-}
-
-/// Writes back and drops the whole page cache (root).
-fn drop_page_cache() -> Result<()> {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
-    Ok(())
 }
 
 /// Runs one phase in a child process as `uid`/`gid`, and reads its timings.
@@ -256,7 +248,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         .map_err(|e| format!("{}: {e}", file.display()))?;
     let node_size = args.node_size;
     let map = if args.client_path == "fuse_mmap" {
-        Some(FileMapping::new(&index)?)
+        Some(DeviceMapping::map_file(&index)?)
     } else {
         None
     };
@@ -348,43 +340,4 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
     }
     print!("{out}");
     Ok(())
-}
-
-/// A shared read mapping of a whole file, unmapped on drop.
-struct FileMapping {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-impl FileMapping {
-    fn new(file: &File) -> Result<Self> {
-        let len = usize::try_from(file.metadata()?.len())?;
-        // SAFETY: a fresh shared read-only mapping of an open file, checked below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", std::io::Error::last_os_error()).into());
-        }
-        Ok(Self { addr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is live and `len` bytes long while `self` is; read only.
-        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for FileMapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`, once.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
 }
