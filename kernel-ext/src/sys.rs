@@ -42,6 +42,10 @@ pub const BPF_PROG_TYPE_SYSCALL: u32 = 31;
 pub const BPF_F_SLEEPABLE: u32 = 1 << 4;
 /// `BPF_ANY` (map update flags): create or replace.
 pub const BPF_ANY: u64 = 0;
+/// `BPF_F_MMAPABLE` (map_flags): an array map whose values can be mmap-ed.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_MAP_TYPE_ARRAY`.
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 /// `BPF_EXIST` (map update flags): replace only.
 pub const BPF_EXIST: u64 = 2;
 /// Largest context BPF_PROG_TEST_RUN accepts for a syscall program (`U16_MAX`).

@@ -13,11 +13,12 @@ use kernel_ext::binding::{
     BatchItem, BatchRequest, BindingError, BindingOptions, ChainRequest, NamedSubject, PolicyEntry,
     Subject,
 };
+use kernel_ext::store::Store;
 use kernel_ext::{examples, index};
 use libfs::{FallocateMode, SetAttr, ROOT_INO};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The subject a speaker names.
@@ -88,6 +89,57 @@ fn pins_live_as_long_as_programs() {
         Err(BindingError::NoProgram(_))
     ));
     drop(binding);
+    assert!(!dir.exists());
+}
+
+/// The mount daemon and `exofs prog` are two processes over the same pins: a program the
+/// other one unloads, or loads again under the same name, is seen at the next lookup,
+/// although the daemon looks at the pins only when the programs' generation moves.
+#[test]
+fn programs_changed_by_another_process_are_seen_at_once() {
+    let Some(bpffs) = BpfFs::mount("replace") else {
+        return;
+    };
+    let (_image, fs) = common::image("replace", 32 << 20);
+    let options = BindingOptions {
+        pin: true,
+        bpffs: bpffs.dir.clone(),
+    };
+    let Some(daemon) = common::binding("replace", &fs, &options) else {
+        return;
+    };
+    daemon.hold().expect("hold");
+    let cli = Store::attach(fs.uuid(), &bpffs.dir).expect("attach to the held pins");
+
+    cli.bind("p", examples::LINKED_LIST).expect("bind");
+    let first = daemon.program("p").expect("pinned by the other store");
+    assert!(Arc::ptr_eq(&first, &daemon.program("p").expect("again")));
+
+    cli.unload("p").expect("unload");
+    assert!(matches!(
+        daemon.program("p"),
+        Err(BindingError::NoProgram(_))
+    ));
+    cli.bind("p", examples::BTREE).expect("bind again");
+    let second = daemon.program("p").expect("the new program");
+    assert!(!Arc::ptr_eq(&first, &second), "the old program was kept");
+
+    // A pin removed by hand, not through a store, is not seen until the next change
+    // made through one (the documented cost of not looking at the pin every time).
+    let dir = daemon.pin_dir().expect("pinning").to_owned();
+    std::fs::remove_file(dir.join("progs/p")).expect("remove the pin");
+    std::fs::remove_file(dir.join("batch/p")).expect("remove the batch pin");
+    assert!(Arc::ptr_eq(
+        &second,
+        &daemon.program("p").expect("remembered")
+    ));
+    cli.bind("q", examples::LINKED_LIST).expect("bind another");
+    assert!(matches!(
+        daemon.program("p"),
+        Err(BindingError::NoProgram(_))
+    ));
+
+    daemon.remove_all_pins().expect("remove the pins");
     assert!(!dir.exists());
 }
 
