@@ -280,15 +280,15 @@ fn host_metadata(beside: &Path, files: u64) -> Result<[f64; 3]> {
     Ok([create, stat, unlink])
 }
 
+/// The median of `values` (the upper middle one of an even count); 0 for none.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Per-column median of the rounds.
-fn medians(rounds: &[[f64; 4]]) -> [f64; 4] {
-    let mut out = [0.0; 4];
-    for (column, slot) in out.iter_mut().enumerate() {
-        let mut values: Vec<f64> = rounds.iter().map(|r| r[column]).collect();
-        values.sort_by(f64::total_cmp);
-        *slot = values.get(values.len() / 2).copied().unwrap_or(0.0);
-    }
-    out
+pub(crate) fn medians<const N: usize>(rounds: &[[f64; N]]) -> [f64; N] {
+    std::array::from_fn(|column| median(rounds.iter().map(|r| r[column]).collect()))
 }
 
 fn bench_fs(args: &FsArgs) -> Result<()> {

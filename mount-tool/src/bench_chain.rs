@@ -56,6 +56,10 @@ pub struct ChainArgs {
     /// mmap, the chain ioctl and the batch ioctl (see bench_via_mount.rs).
     #[arg(long)]
     pub(crate) via_mount: bool,
+    /// With --via-mount: rounds of every phase, the paths taking turns; the table shows
+    /// each phase's median round.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
     /// The user the --via-mount lookups run as.
     #[arg(long, default_value = "nobody")]
     pub(crate) user: String,
@@ -89,7 +93,7 @@ pub(crate) struct Phase {
 }
 
 impl Phase {
-    fn per_sec(&self) -> f64 {
+    pub(crate) fn per_sec(&self) -> f64 {
         self.lookups as f64 / self.elapsed.as_secs_f64()
     }
 

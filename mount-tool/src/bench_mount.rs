@@ -16,6 +16,9 @@
 //!   is undone by its `Target` guard, on success, on error and on panic.
 //! - Read phases start from cold caches: a sync, then every clean page, dentry and inode
 //!   dropped, then a pause for the host to finish writing back.
+//! - All targets are mounted at once; the data workloads run in `--rounds` rounds in
+//!   which the targets take turns, and the table shows each figure's median. The
+//!   small-file workloads run once per target, after the rounds.
 
 use crate::bench::{mib_per_s, pattern, per_s, Offsets, CHUNK, PAGE, SETTLE};
 use clap::Args;
@@ -48,6 +51,11 @@ pub struct MountArgs {
     /// Small files for the create / stat / unlink phases.
     #[arg(long, default_value_t = 100_000)]
     files: u64,
+    /// Rounds of the four data workloads, the targets taking turns (the table shows
+    /// medians). The small-file workloads run once: fuse2fs needs about 25 minutes for
+    /// them.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Only these targets (comma-separated): exofs, fuse2fs, ext4.
     #[arg(long, value_delimiter = ',', default_value = "exofs,fuse2fs,ext4")]
     targets: Vec<String>,
@@ -68,6 +76,9 @@ const WORKLOADS: [(&str, &str); 7] = [
     ("stat", "files/s"),
     ("unlink", "files/s"),
 ];
+/// The data workloads (sequential and random), which run in rounds; the small-file
+/// workloads follow them.
+const DATA: usize = 4;
 /// The sequential workloads, held to a fraction of kernel ext4.
 const SEQUENTIAL: usize = 2;
 const SEQUENTIAL_GOAL_VS_EXT4: f64 = 0.7;
@@ -309,8 +320,8 @@ fn timed(work: impl FnOnce() -> Result<()>) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// The seven workloads on a mounted file system, in `WORKLOADS` order.
-fn workloads(name: &str, root: &Path, args: &MountArgs) -> Result<[f64; 7]> {
+/// The data workloads on a mounted file system, in `WORKLOADS` order.
+fn data_workloads(name: &str, root: &Path, args: &MountArgs) -> Result<[f64; DATA]> {
     let seq_path = root.join("seq");
     let chunks = || {
         (0..args.seq)
@@ -362,7 +373,16 @@ fn workloads(name: &str, root: &Path, args: &MountArgs) -> Result<[f64; 7]> {
     let random_write = random(true)?;
     drop_all_caches()?;
     let random_read = random(false)?;
+    Ok([
+        mib_per_s(args.seq, seq_write),
+        mib_per_s(args.seq, seq_read),
+        per_s(args.random_ops, random_write),
+        per_s(args.random_ops, random_read),
+    ])
+}
 
+/// The small-file workloads: create, stat, unlink.
+fn small_file_workloads(name: &str, root: &Path, args: &MountArgs) -> Result<[f64; 3]> {
     eprintln!("{name}: create, stat, unlink of {} files ...", args.files);
     let many = root.join("many");
     std::fs::create_dir(&many).map_err(|e| format!("{}: {e}", many.display()))?;
@@ -378,29 +398,12 @@ fn workloads(name: &str, root: &Path, args: &MountArgs) -> Result<[f64; 7]> {
     let create = each_file(&|path| File::create(path)?.write_all(&contents))?;
     let stat = each_file(&|path| std::fs::symlink_metadata(path).map(drop))?;
     let unlink = each_file(&|path| std::fs::remove_file(path))?;
+    std::fs::remove_dir(&many)?;
     Ok([
-        mib_per_s(args.seq, seq_write),
-        mib_per_s(args.seq, seq_read),
-        per_s(args.random_ops, random_write),
-        per_s(args.random_ops, random_read),
         per_s(args.files, create),
         per_s(args.files, stat),
         per_s(args.files, unlink),
     ])
-}
-
-fn run_target(name: &'static str, args: &MountArgs) -> Result<[f64; 7]> {
-    eprintln!(
-        "{name}: making a {} MiB image and mounting it ...",
-        args.size >> 20
-    );
-    // Enough inodes for the small files plus room; never fewer than ext4's default.
-    let inodes = (args.files + 1024).max(args.size / 16384);
-    let mut target = Target::set_up(name, args, inodes)?;
-    let figures = workloads(name, &target.mount_point, args)?;
-    eprintln!("{name}: unmounting ...");
-    target.release()?;
-    Ok(figures)
 }
 
 pub fn bench_mount(args: &MountArgs) -> Result<()> {
@@ -414,13 +417,18 @@ pub fn bench_mount(args: &MountArgs) -> Result<()> {
     if args.seq + args.files * PAGE + args.size / 8 > args.size {
         return Err("--size is too small for --seq and --files".into());
     }
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err("exofs bench mount needs root: it mounts and drops the caches".into());
     }
     std::fs::create_dir_all(&args.dir)?;
-    let mut results: Vec<(&str, [f64; 7])> = Vec::new();
+    // Enough inodes for the small files plus room; never fewer than ext4's default.
+    let inodes = (args.files + 1024).max(args.size / 16384);
     let mut failed = Vec::new();
+    let mut targets = Vec::new();
     for name in TARGETS {
         if !args.targets.iter().any(|t| t == name) {
             continue;
@@ -434,11 +442,59 @@ pub fn bench_mount(args: &MountArgs) -> Result<()> {
             eprintln!("{name}: skipped: {} not found", missing.join(", "));
             continue;
         }
-        match run_target(name, args) {
-            Ok(figures) => results.push((name, figures)),
+        eprintln!(
+            "{name}: making a {} MiB image and mounting it ...",
+            args.size >> 20
+        );
+        match Target::set_up(name, args, inodes) {
+            Ok(target) => targets.push((target, Vec::new())),
             Err(err) => {
                 eprintln!("{name}: failed, left out of the results: {err}");
                 failed.push(name);
+            }
+        }
+    }
+    // The targets take turns, each round starting with the next one, so that none is
+    // always measured first or right after the same neighbour.
+    for round in 0..args.rounds {
+        for turn in 0..targets.len() {
+            let index = (round + turn) % targets.len();
+            let (target, rounds): &mut (Target, Vec<[f64; DATA]>) = &mut targets[index];
+            if failed.contains(&target.name) {
+                continue;
+            }
+            eprintln!(
+                "{}: round {} of {} ...",
+                target.name,
+                round + 1,
+                args.rounds
+            );
+            match data_workloads(target.name, &target.mount_point, args) {
+                Ok(figures) => rounds.push(figures),
+                Err(err) => {
+                    eprintln!("{}: failed, left out of the results: {err}", target.name);
+                    failed.push(target.name);
+                }
+            }
+        }
+    }
+    let mut results: Vec<TargetFigures> = Vec::new();
+    for (mut target, rounds) in targets {
+        if failed.contains(&target.name) {
+            continue;
+        }
+        let outcome = small_file_workloads(target.name, &target.mount_point, args);
+        eprintln!("{}: unmounting ...", target.name);
+        let released = target.release();
+        match outcome.and_then(|small| released.map(|()| small)) {
+            Ok(small) => results.push(TargetFigures {
+                name: target.name,
+                rounds,
+                small,
+            }),
+            Err(err) => {
+                eprintln!("{}: failed, left out of the results: {err}", target.name);
+                failed.push(target.name);
             }
         }
     }
@@ -451,14 +507,28 @@ pub fn bench_mount(args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// One target's figures: the data workloads per round, the small-file workloads once.
+struct TargetFigures {
+    name: &'static str,
+    rounds: Vec<[f64; DATA]>,
+    small: [f64; 3],
+}
+
+impl TargetFigures {
+    /// The figure of `workload` in the table: the median over the rounds for the data
+    /// workloads.
+    fn figure(&self, workload: usize) -> f64 {
+        match workload.checked_sub(DATA) {
+            None => crate::bench::medians(&self.rounds)[workload],
+            Some(small) => self.small[small],
+        }
+    }
+}
+
 /// Prints the table and writes the JSON file, if asked for.
-fn report(args: &MountArgs, results: &[(&str, [f64; 7])]) -> Result<()> {
-    let figure = |target: &str, workload: usize| {
-        results
-            .iter()
-            .find(|(name, _)| *name == target)
-            .map(|(_, figures)| figures[workload])
-    };
+fn report(args: &MountArgs, results: &[TargetFigures]) -> Result<()> {
+    let of = |target: &str| results.iter().find(|r| r.name == target);
+    let figure = |target: &str, workload: usize| of(target).map(|r| r.figure(workload));
     let ratio =
         |workload: usize, base: &str| Some(figure("exofs", workload)? / figure(base, workload)?);
     let text = |value: Option<f64>, precision: usize| {
@@ -479,12 +549,14 @@ fn report(args: &MountArgs, results: &[(&str, [f64; 7])]) -> Result<()> {
         }
     };
     println!(
-        "exofs bench mount: {} MiB images in {}, {} MiB sequential, {} random ops, {} files",
+        "exofs bench mount: {} MiB images in {}, {} MiB sequential, {} random ops, {} files; \
+         data workloads: medians of {} rounds",
         args.size >> 20,
         args.dir.display(),
         args.seq >> 20,
         args.random_ops,
-        args.files
+        args.files,
+        args.rounds
     );
     println!(
         "{:<24} {:>8} {:>12} {:>12} {:>12} {:>10} {:>10} {:>7}",
@@ -502,6 +574,23 @@ fn report(args: &MountArgs, results: &[(&str, [f64; 7])]) -> Result<()> {
             text(ratio(workload, "ext4"), 2),
             goal(workload)
         );
+    }
+    // Each round's ratios, so the spread behind the medians shows.
+    if let Some(exofs) = of("exofs") {
+        for base in ["fuse2fs", "ext4"] {
+            let Some(base_figures) = of(base) else {
+                continue;
+            };
+            for (workload, (label, _)) in WORKLOADS.iter().enumerate().take(DATA) {
+                let ratios: Vec<String> = exofs
+                    .rounds
+                    .iter()
+                    .zip(&base_figures.rounds)
+                    .map(|(e, b)| format!("{:.2}", e[workload] / b[workload]))
+                    .collect();
+                println!("  vs {base:<8} {label:<24} by round: {}", ratios.join(" "));
+            }
+        }
     }
     if let Some(path) = &args.json {
         let json = |value: Option<f64>| value.map_or("null".to_owned(), |v| format!("{v:.3}"));
@@ -524,11 +613,13 @@ fn report(args: &MountArgs, results: &[(&str, [f64; 7])]) -> Result<()> {
         std::fs::write(
             path,
             format!(
-                "{{\"size\":{},\"seq\":{},\"random_ops\":{},\"files\":{},\"results\":[{}]}}\n",
+                "{{\"size\":{},\"seq\":{},\"random_ops\":{},\"files\":{},\"rounds\":{},\
+                 \"results\":[{}]}}\n",
                 args.size,
                 args.seq,
                 args.random_ops,
                 args.files,
+                args.rounds,
                 items.join(",")
             ),
         )?;

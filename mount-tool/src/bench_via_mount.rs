@@ -15,6 +15,9 @@
 //! phases follow an untimed pass over the same keys; before each cold phase the mount is
 //! remounted (a fresh daemon, whose device mapping is empty) and the caches dropped as
 //! `bench mount` drops them (sync, drop_caches, a pause for the host's write-back).
+//! Every phase runs `--rounds` times, the paths taking turns (each round starts with the
+//! next path); the table shows each phase's median round, and the ratio the goal is
+//! about (ioctl_chain against fuse_direct) is printed for every round.
 
 use crate::bench_chain::{index_keys, ChainArgs, Phase};
 use exofs_abi::chain::status;
@@ -147,7 +150,10 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         .copied()
         .filter(|p| args.paths.is_empty() || args.paths.iter().any(|q| q == p))
         .collect();
-    let mut phases = Vec::new();
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
+    let mut rounds: Vec<Vec<Phase>> = Vec::new();
     let mut seed = 1u64;
     for mode in ["warm", "cold"] {
         if args.mode.as_deref().is_some_and(|wanted| wanted != mode) {
@@ -158,21 +164,68 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         } else {
             (args.lookups / 10).max(500)
         };
-        for path in &paths {
-            if mode == "cold" {
-                mount.down()?;
-                crate::bench_mount::drop_all_caches()?;
-                mount.up()?;
+        for round in 0..args.rounds {
+            let mut phases = Vec::new();
+            for turn in 0..paths.len() {
+                let path = paths[(round + turn) % paths.len()];
+                if mode == "cold" {
+                    mount.down()?;
+                    crate::bench_mount::drop_all_caches()?;
+                    mount.up()?;
+                }
+                seed += 1;
+                phases.push(client_phase(
+                    &file, path, mode, lookups, seed, key_count, depth, args, uid, gid,
+                )?);
             }
-            seed += 1;
-            let phase = client_phase(
-                &file, path, mode, lookups, seed, key_count, depth, args, uid, gid,
-            )?;
-            phases.push(phase);
+            rounds.push(phases);
         }
     }
     drop(mount);
-    Ok(phases)
+    print_rounds(&rounds);
+    // Per phase, its median round, in the order of PATHS.
+    let mut medians = Vec::new();
+    for mode in ["warm", "cold"] {
+        for path in &paths {
+            let mut runs: Vec<Phase> = rounds
+                .iter_mut()
+                .flat_map(|round| {
+                    let at = round.iter().position(|p| p.path == *path && p.mode == mode);
+                    at.map(|at| round.swap_remove(at))
+                })
+                .collect();
+            runs.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
+            let middle = runs.len() / 2;
+            if let Some(median) = runs.into_iter().nth(middle) {
+                medians.push(median);
+            }
+        }
+    }
+    Ok(medians)
+}
+
+/// Each round's rates, and its ratio of the chain ioctl to one FUSE round trip per hop.
+fn print_rounds(rounds: &[Vec<Phase>]) {
+    for (index, round) in rounds.iter().enumerate() {
+        let rate = |path: &str| round.iter().find(|p| p.path == path).map(Phase::per_sec);
+        let rates: Vec<String> = round
+            .iter()
+            .map(|p| format!("{} {:.0}", p.path, p.per_sec()))
+            .collect();
+        let mode = round.first().map_or("", |p| p.mode);
+        let number = rounds[..index]
+            .iter()
+            .filter(|r| r.first().is_some_and(|p| p.mode == mode))
+            .count()
+            + 1;
+        let ratio = match (rate("ioctl_chain"), rate("fuse_direct")) {
+            (Some(chain), Some(direct)) => {
+                format!("; ioctl_chain / fuse_direct {:.2}", chain / direct)
+            }
+            _ => String::new(),
+        };
+        println!("{mode} round {number}: {}{ratio}", rates.join(", "));
+    }
 }
 
 /// Runs one phase in a child process as `uid`/`gid`, and reads its timings.
