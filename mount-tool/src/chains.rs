@@ -83,7 +83,9 @@ struct Compiled {
     policy: Policy,
     /// The namespace generation the grants were compiled at (None: never).
     namespace: Option<u64>,
-    grants: Vec<CompiledGrant>,
+    /// Shared with the requests deciding on them, which hold no lock meanwhile (they may
+    /// read /proc).
+    grants: Arc<Vec<CompiledGrant>>,
 }
 
 /// The daemon's chain service (see the module documentation).
@@ -139,13 +141,13 @@ impl ChainService {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The compiled policy, recompiled first (and the kernel's grants replaced) if the
-    /// namespace changed since it was compiled.
-    fn compiled_now(&self) -> Result<MutexGuard<'_, Compiled>, Refusal> {
+    /// The compiled grants, recompiled first (and the kernel's grants replaced) if the
+    /// namespace changed since they were compiled.
+    fn compiled_now(&self) -> Result<Arc<Vec<CompiledGrant>>, Refusal> {
         let mut compiled = self.lock();
         let namespace = self.namespace.load(Ordering::Acquire);
         if compiled.namespace == Some(namespace) {
-            return Ok(compiled);
+            return Ok(compiled.grants.clone());
         }
         let grants = self.compile(&compiled.policy);
         let mut kernel: HashMap<(Resolved, u64), PolicyGrant> = HashMap::new();
@@ -171,9 +173,9 @@ impl ChainService {
         self.binding
             .load_policy(&entries, Some(std::process::id()))
             .map_err(|err| Refusal::new(libc::EIO, format!("loading the kernel policy: {err}")))?;
-        compiled.grants = grants;
+        compiled.grants = Arc::new(grants);
         compiled.namespace = Some(namespace);
-        Ok(compiled)
+        Ok(compiled.grants.clone())
     }
 
     /// Resolves every grant's paths to the regular files they cover now.
@@ -292,9 +294,9 @@ impl ChainService {
         hops: u32,
         batch: u32,
     ) -> Result<(NamedSubject, u32), Refusal> {
-        let compiled = self.compiled_now()?;
+        let grants = self.compiled_now()?;
         // /proc is read only when a grant could match through it.
-        let needs_proc = compiled.grants.iter().any(|g| match g.who {
+        let needs_proc = grants.iter().any(|g| match g.who {
             Resolved::Uid(_) => false,
             Resolved::Gid(gid) => gid != caller.gid,
             Resolved::Cgroup(_) => true,
@@ -309,8 +311,7 @@ impl ChainService {
             Resolved::Gid(gid) => *gid == caller.gid || groups.contains(gid),
             Resolved::Cgroup(id) => *id == cgroup && cgroup != 0,
         };
-        let mine: Vec<&CompiledGrant> =
-            compiled.grants.iter().filter(|g| matches(&g.who)).collect();
+        let mine: Vec<&CompiledGrant> = grants.iter().filter(|g| matches(&g.who)).collect();
         let refuse = |reason: String| {
             Err(Refusal::new(
                 libc::EACCES,

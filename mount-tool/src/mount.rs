@@ -181,6 +181,9 @@ fn spawn_daemon(
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     if line.trim() == READY {
+        // Reaped by a thread of its own: a caller that lives on (the benchmarks mount
+        // in-process) would otherwise keep the daemon, once it exits, as a zombie.
+        std::thread::spawn(move || child.wait());
         return Ok(());
     }
     let status = child.wait()?;
