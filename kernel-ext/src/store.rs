@@ -94,12 +94,12 @@ impl Generation {
             };
             sys::map_create(&spec, "exofs_progs_gen", None)?
         };
-        // SAFETY: a shared read-write mapping of the map's one page of values, which the
-        // kernel page-aligns for BPF_F_MMAPABLE arrays; unmapped once, in Drop.
+        // SAFETY: a shared read-write mapping of the map's one value (the kernel maps the
+        // page-aligned value area of BPF_F_MMAPABLE arrays); unmapped once, in Drop.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                page_size(),
+                COUNTER_LEN,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.as_raw_fd(),
@@ -136,15 +136,12 @@ impl Generation {
 impl Drop for Generation {
     fn drop(&mut self) {
         // SAFETY: the mapping made in open_or_create, not used after this.
-        unsafe { libc::munmap(self.counter.as_ptr().cast(), page_size()) };
+        unsafe { libc::munmap(self.counter.as_ptr().cast(), COUNTER_LEN) };
     }
 }
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
-}
+/// Bytes mapped for the counter (the kernel rounds the mapping up to a page).
+const COUNTER_LEN: usize = std::mem::size_of::<u64>();
 
 /// A program this process knows, and the [`Generation`] at which its pin was last seen to
 /// be this program (`None`: not checked yet, or not pinned).

@@ -182,7 +182,7 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         }
     }
     drop(mount);
-    print_rounds(&rounds);
+    print_rounds(&rounds, args.rounds);
     // Per phase, its median round, in the order of PATHS.
     let mut medians = Vec::new();
     for mode in ["warm", "cold"] {
@@ -205,7 +205,8 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
 }
 
 /// Each round's rates, and its ratio of the chain ioctl to one FUSE round trip per hop.
-fn print_rounds(rounds: &[Vec<Phase>]) {
+/// `rounds` holds `per_mode` rounds of each mode run, in order.
+fn print_rounds(rounds: &[Vec<Phase>], per_mode: usize) {
     for (index, round) in rounds.iter().enumerate() {
         let rate = |path: &str| round.iter().find(|p| p.path == path).map(Phase::per_sec);
         let rates: Vec<String> = round
@@ -213,11 +214,7 @@ fn print_rounds(rounds: &[Vec<Phase>]) {
             .map(|p| format!("{} {:.0}", p.path, p.per_sec()))
             .collect();
         let mode = round.first().map_or("", |p| p.mode);
-        let number = rounds[..index]
-            .iter()
-            .filter(|r| r.first().is_some_and(|p| p.mode == mode))
-            .count()
-            + 1;
+        let number = index % per_mode + 1;
         let ratio = match (rate("ioctl_chain"), rate("fuse_direct")) {
             (Some(chain), Some(direct)) => {
                 format!("; ioctl_chain / fuse_direct {:.2}", chain / direct)
