@@ -615,6 +615,7 @@ impl Binding {
         request: &ChainRequest,
         attempts: u32,
     ) -> Result<ChainOutcome> {
+        self.settle()?;
         let (map_addr, map_len) = self.mapping.range();
         let mut retries = 0;
         loop {
@@ -654,6 +655,12 @@ impl Binding {
         }
     }
 
+    /// Chains read the device through the mapping, past libfs: writes it accepted but
+    /// has not made yet (its write-behind queue) must reach the file first.
+    fn settle(&self) -> Result<()> {
+        Ok(self.fs.device().settle().map_err(libfs::Error::from)?)
+    }
+
     /// Runs `items` as batches of up to MAX_BATCH lookups per call. Lookups that find a
     /// file changed are run again (up to 8 times); with `overlap_misses`, lookups stopped
     /// by a block not in memory are run again once all such blocks are read in.
@@ -674,6 +681,7 @@ impl Binding {
         let mut counters = BatchCounters::default();
         let mut pending: Vec<usize> = (0..items.len()).collect();
         let mut stale_rounds = 0;
+        self.settle()?;
         let (map_addr, map_len) = self.mapping.range();
         while !pending.is_empty() {
             let files = self.register_all(&request.files)?;

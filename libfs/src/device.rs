@@ -4,11 +4,15 @@
 //! Implementations: [`FileDevice`] (image file or block device, with an advisory lock so
 //! that a second read-write open fails) and [`MemDevice`] (memory, for tests).
 //! Nothing above this layer touches a file descriptor.
+//!
+//! Large aligned writes (file data, in practice) bypass the host's page cache and are
+//! written behind: see [`FileDevice`] and the `direct` module.
 
+use crate::direct::DirectWriter;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -27,12 +31,32 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+    /// Waits until every completed write is in the file behind [`Self::raw_fd`], so that
+    /// reads past this interface (a mapping of the descriptor) see it. Reports a write
+    /// that failed after it returned.
+    fn settle(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
+/// Writes at least this long, with offset and length multiples of 4 KiB, bypass the host
+/// page cache.
+pub const DIRECT_MIN: usize = 64 << 10;
+
 /// An image file or a block device.
+///
+/// Writes of [`DIRECT_MIN`] bytes or more at aligned offsets are queued for a worker
+/// that writes them with O_DIRECT (the `direct` module): the caller copies them once into
+/// reused memory instead of into fresh host page-cache pages, and does not wait for the
+/// device. Measured through the mount, that copy was half the time of a sequential write;
+/// file data is cached above the device (in the mount's page cache), so the host's copy
+/// of it was rarely read. Smaller writes (metadata, the journal, random 4 KiB data) stay
+/// buffered. Where O_DIRECT is refused (tmpfs), every write is buffered.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
+    /// The write-behind queue, when writable and O_DIRECT is available.
+    direct: Option<DirectWriter>,
     size: u64,
     path: PathBuf,
 }
@@ -66,11 +90,32 @@ impl FileDevice {
         }
         let size = device_size(&file)
             .map_err(|e| io_context(e, format!("cannot size {}", path.display())))?;
+        let direct = if writable {
+            Self::direct_writer(&file, path)?
+        } else {
+            None
+        };
         Ok(Self {
             file,
+            direct,
             size,
             path: path.to_path_buf(),
         })
+    }
+
+    /// The write-behind queue for `path`, or None where O_DIRECT is refused.
+    fn direct_writer(file: &File, path: &Path) -> Result<Option<DirectWriter>> {
+        let Ok(direct) = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        else {
+            return Ok(None);
+        };
+        let context = |e| io_context(e, format!("cannot start writing {}", path.display()));
+        let buffered = file.try_clone().map_err(context)?;
+        let writer = DirectWriter::start(direct, buffered, path.display().to_string());
+        Ok(Some(writer.map_err(context)?))
     }
 
     /// Creates (or opens) an image file and sets its size; block devices keep theirs.
@@ -95,6 +140,11 @@ impl FileDevice {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// True when large aligned writes bypass the host page cache.
+    pub fn writes_direct(&self) -> bool {
+        self.direct.is_some()
+    }
 }
 
 fn io_context(e: io::Error, what: String) -> Error {
@@ -113,13 +163,28 @@ fn device_size(file: &File) -> io::Result<u64> {
 
 impl BlockDevice for FileDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct {
+            direct.wait_for(offset, buf.len() as u64);
+        }
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct {
+            if buf.len() >= DIRECT_MIN && DirectWriter::accepts(buf, offset) {
+                return direct.write(buf, offset);
+            }
+            direct.check()?;
+            direct.wait_for(offset, buf.len() as u64);
+        }
         self.file.write_all_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
+        self.settle()?;
+        // fdatasync on the buffered descriptor covers the direct one: the same file.
         self.file.sync_data()
+    }
+    fn settle(&self) -> io::Result<()> {
+        self.direct.as_ref().map_or(Ok(()), DirectWriter::settle)
     }
     fn size(&self) -> u64 {
         self.size

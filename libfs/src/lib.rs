@@ -36,6 +36,7 @@ pub mod crashsim;
 mod data;
 pub mod device;
 pub mod dir;
+mod direct;
 pub mod error;
 pub mod events;
 pub mod extent;

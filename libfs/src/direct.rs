@@ -1,0 +1,245 @@
+//! Write-behind through O_DIRECT, for a [`FileDevice`](crate::FileDevice)'s large
+//! aligned writes.
+//!
+//! [`DirectWriter::write`] copies the bytes into an aligned buffer, queues it and returns;
+//! one worker thread writes the queue in order with O_DIRECT. So the caller pays one copy
+//! into memory it already has, not a copy into fresh host page-cache pages nor the wait
+//! for the device; the next write's copy overlaps this one's transfer.
+//!
+//! What a buffered write would have guaranteed still holds:
+//! - Reads and buffered writes of a range wait for queued writes that overlap it
+//!   ([`DirectWriter::wait_for`]), so nothing reads old bytes or lands out of order.
+//! - [`DirectWriter::settle`] waits for the whole queue: `sync` calls it before fdatasync,
+//!   and so must anything that reads the file past the device interface (a mapping).
+//! - A write the worker could not make is reported by every later write, `settle` and
+//!   `sync` (as the kernel reports a failed writeback at fsync): the journal's next
+//!   commit fails and the file system turns read-only rather than commit over lost data.
+//!
+//! The kernel writes back and drops cached pages of the range around each direct write,
+//! so buffered readers and read-only mappings of the file see the new bytes. It fails
+//! the file's next fsync if a buffered write dirtied pages of the range while the direct
+//! write ran; that cannot happen here, as buffered writes wait for overlapping queued
+//! ones and nothing maps the file writable.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use zerocopy::IntoBytes;
+
+/// Offset, length and memory alignment of a direct write.
+pub const DIRECT_ALIGN: usize = 4096;
+/// Most bytes one queued write holds (longer writes are queued in pieces of this size).
+const CHUNK: usize = 1 << 20;
+/// Queued writes at most; a writer waits beyond that.
+const MAX_QUEUED: usize = 4;
+
+/// One aligned block of a write buffer.
+#[derive(Clone, Copy, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable)]
+#[repr(C, align(4096))]
+struct AlignedBlock([u8; DIRECT_ALIGN]);
+
+/// The write-behind queue of one file and its worker.
+pub(crate) struct DirectWriter {
+    shared: Arc<Shared>,
+    worker: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Oldest first. The worker writes the front one and pops it when done.
+    pending: VecDeque<Pending>,
+    /// Buffers to reuse.
+    spare: Vec<Vec<AlignedBlock>>,
+    /// The first write that failed, reported from then on.
+    failed: Option<(io::ErrorKind, String)>,
+    /// Set on drop: the worker writes what is queued and ends.
+    closing: bool,
+}
+
+struct Pending {
+    offset: u64,
+    len: usize,
+    /// Empty while the worker writes from it.
+    data: Vec<AlignedBlock>,
+}
+
+impl Pending {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        self.offset < offset.saturating_add(len) && offset < self.offset + self.len as u64
+    }
+}
+
+impl Queue {
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl DirectWriter {
+    /// Starts the worker for `direct` (the file opened with O_DIRECT); `buffered` is the
+    /// same file without it, for a device that refuses our alignment.
+    pub(crate) fn start(direct: File, buffered: File, name: String) -> io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let worker = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("exofs-direct".into())
+                .spawn(move || {
+                    // Signals are the application's: a library thread takes none (one
+                    // that blocks SIGTERM to wait for it elsewhere must not lose it here).
+                    let _ = nix::sys::signal::SigSet::all().thread_block();
+                    shared.work(&direct, &buffered, &name)
+                })?
+        };
+        Ok(Self {
+            shared,
+            worker: Some(worker),
+        })
+    }
+
+    /// True when `buf` at `offset` can be queued: aligned in offset and length.
+    pub(crate) fn accepts(buf: &[u8], offset: u64) -> bool {
+        buf.len().is_multiple_of(DIRECT_ALIGN) && offset.is_multiple_of(DIRECT_ALIGN as u64)
+    }
+
+    /// Queues `buf` (see [`Self::accepts`]) to be written at `offset`; returns once it is
+    /// copied, or with the error of an earlier write that failed.
+    pub(crate) fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        debug_assert!(Self::accepts(buf, offset));
+        for (i, piece) in buf.chunks(CHUNK).enumerate() {
+            let mut data = {
+                let mut queue = self.shared.lock();
+                loop {
+                    queue.check()?;
+                    if queue.pending.len() < MAX_QUEUED {
+                        break;
+                    }
+                    queue = self.shared.wait(queue);
+                }
+                queue
+                    .spare
+                    .pop()
+                    .unwrap_or_else(|| vec![AlignedBlock([0; DIRECT_ALIGN]); CHUNK / DIRECT_ALIGN])
+            };
+            data.as_mut_bytes()[..piece.len()].copy_from_slice(piece);
+            let mut queue = self.shared.lock();
+            queue.pending.push_back(Pending {
+                offset: offset + (i * CHUNK) as u64,
+                len: piece.len(),
+                data,
+            });
+            self.shared.changed.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits until no queued write overlaps `[offset, offset + len)`.
+    pub(crate) fn wait_for(&self, offset: u64, len: u64) {
+        let mut queue = self.shared.lock();
+        while queue.pending.iter().any(|p| p.overlaps(offset, len)) {
+            queue = self.shared.wait(queue);
+        }
+    }
+
+    /// Waits until every queued write is made; reports the first that failed.
+    pub(crate) fn settle(&self) -> io::Result<()> {
+        let mut queue = self.shared.lock();
+        while !queue.pending.is_empty() {
+            queue = self.shared.wait(queue);
+        }
+        queue.check()
+    }
+
+    /// The error of an earlier write that failed, if any.
+    pub(crate) fn check(&self) -> io::Result<()> {
+        self.shared.lock().check()
+    }
+}
+
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let queue = self.shared.lock();
+        f.debug_struct("DirectWriter")
+            .field("queued", &queue.pending.len())
+            .field("failed", &queue.failed)
+            .finish()
+    }
+}
+
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.changed.notify_all();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The worker: writes the queue front to back until closed and empty.
+    fn work(&self, direct: &File, buffered: &File, name: &str) {
+        let mut use_direct = true;
+        loop {
+            let (offset, len, data) = {
+                let mut queue = self.lock();
+                loop {
+                    if let Some(front) = queue.pending.front_mut() {
+                        break (front.offset, front.len, std::mem::take(&mut front.data));
+                    }
+                    if queue.closing {
+                        return;
+                    }
+                    queue = self.wait(queue);
+                }
+            };
+            let bytes = &data.as_bytes()[..len];
+            let mut result = if use_direct {
+                direct.write_all_at(bytes, offset)
+            } else {
+                buffered.write_all_at(bytes, offset)
+            };
+            if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+                // The device wants a larger alignment than ours: buffered from now on.
+                log::warn!("{name}: O_DIRECT write refused; writing through the page cache");
+                use_direct = false;
+                result = buffered.write_all_at(bytes, offset);
+            }
+            let mut queue = self.lock();
+            queue.pending.pop_front();
+            queue.spare.push(data);
+            if let Err(err) = result {
+                log::error!("{name}: write of {len} bytes at {offset} failed: {err}");
+                queue.failed.get_or_insert((
+                    err.kind(),
+                    format!("{name}: an earlier write of {len} bytes at {offset} failed: {err}"),
+                ));
+            }
+            self.changed.notify_all();
+        }
+    }
+}
