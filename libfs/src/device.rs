@@ -45,8 +45,8 @@ pub const DIRECT_MIN: usize = 64 << 10;
 
 /// An image file or a block device.
 ///
-/// Writes of [`DIRECT_MIN`] bytes or more at aligned offsets are queued for a worker
-/// that writes them with O_DIRECT (the `direct` module): the caller copies them once into
+/// Writes of [`DIRECT_MIN`] bytes or more at aligned offsets are queued for workers
+/// that write them with O_DIRECT (the `direct` module): the caller copies them once into
 /// reused memory instead of into fresh host page-cache pages, and does not wait for the
 /// device. Measured through the mount, that copy was half the time of a sequential write;
 /// file data is cached above the device (in the mount's page cache), so the host's copy

@@ -2,9 +2,14 @@
 //! aligned writes.
 //!
 //! [`DirectWriter::write`] copies the bytes into an aligned buffer, queues it and returns;
-//! one worker thread writes the queue in order with O_DIRECT. So the caller pays one copy
-//! into memory it already has, not a copy into fresh host page-cache pages nor the wait
-//! for the device; the next write's copy overlaps this one's transfer.
+//! two worker threads write the queue with O_DIRECT. So the caller pays one copy into
+//! memory it already has, not a copy into fresh host page-cache pages nor the wait for
+//! the device; the next write's copy overlaps this one's transfer, and two transfers are
+//! in flight (measured on this VM's virtio disk: 1 MiB direct writes at 1.1–1.3 GB/s one
+//! at a time, 1.7–1.9 GB/s two at a time).
+//!
+//! Order: a worker takes the oldest queued write that overlaps no older one still queued
+//! or in flight, so writes to the same bytes land in the order they were made.
 //!
 //! What a buffered write would have guaranteed still holds:
 //! - Reads and buffered writes of a range wait for queued writes that overlap it
@@ -33,18 +38,20 @@ use zerocopy::IntoBytes;
 pub const DIRECT_ALIGN: usize = 4096;
 /// Most bytes one queued write holds (longer writes are queued in pieces of this size).
 const CHUNK: usize = 1 << 20;
-/// Queued writes at most; a writer waits beyond that.
+/// Queued writes at most (in flight included); a writer waits beyond that.
 const MAX_QUEUED: usize = 4;
+/// Worker threads: writes in flight at once.
+const WORKERS: usize = 2;
 
 /// One aligned block of a write buffer.
 #[derive(Clone, Copy, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable)]
 #[repr(C, align(4096))]
 struct AlignedBlock([u8; DIRECT_ALIGN]);
 
-/// The write-behind queue of one file and its worker.
+/// The write-behind queue of one file and its workers.
 pub(crate) struct DirectWriter {
     shared: Arc<Shared>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -55,20 +62,23 @@ struct Shared {
 
 #[derive(Default)]
 struct Queue {
-    /// Oldest first. The worker writes the front one and pops it when done.
+    /// Oldest first, in flight included; a worker removes its write when done.
     pending: VecDeque<Pending>,
+    /// Number of the next write queued.
+    next_id: u64,
     /// Buffers to reuse.
     spare: Vec<Vec<AlignedBlock>>,
     /// The first write that failed, reported from then on.
     failed: Option<(io::ErrorKind, String)>,
-    /// Set on drop: the worker writes what is queued and ends.
+    /// Set on drop: the workers write what is queued and end.
     closing: bool,
 }
 
 struct Pending {
+    id: u64,
     offset: u64,
     len: usize,
-    /// Empty while the worker writes from it.
+    /// Empty once a worker took it (in flight).
     data: Vec<AlignedBlock>,
 }
 
@@ -79,6 +89,21 @@ impl Pending {
 }
 
 impl Queue {
+    /// The oldest write not yet taken that overlaps no older one: taken out for a worker.
+    fn take_next(&mut self) -> Option<(u64, u64, usize, Vec<AlignedBlock>)> {
+        let index = (0..self.pending.len()).find(|&i| {
+            let write = &self.pending[i];
+            !write.data.is_empty()
+                && !self
+                    .pending
+                    .range(..i)
+                    .any(|older| older.overlaps(write.offset, write.len as u64))
+        })?;
+        let write = &mut self.pending[index];
+        let data = std::mem::take(&mut write.data);
+        Some((write.id, write.offset, write.len, data))
+    }
+
     fn check(&self) -> io::Result<()> {
         match &self.failed {
             Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
@@ -88,25 +113,30 @@ impl Queue {
 }
 
 impl DirectWriter {
-    /// Starts the worker for `direct` (the file opened with O_DIRECT); `buffered` is the
+    /// Starts the workers for `direct` (the file opened with O_DIRECT); `buffered` is the
     /// same file without it, for a device that refuses our alignment.
     pub(crate) fn start(direct: File, buffered: File, name: String) -> io::Result<Self> {
-        let shared = Arc::new(Shared::default());
-        let worker = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("exofs-direct".into())
-                .spawn(move || {
-                    // Signals are the application's: a library thread takes none (one
-                    // that blocks SIGTERM to wait for it elsewhere must not lose it here).
-                    let _ = nix::sys::signal::SigSet::all().thread_block();
-                    shared.work(&direct, &buffered, &name)
-                })?
+        let files = Arc::new((direct, buffered, name));
+        let mut writer = Self {
+            shared: Arc::new(Shared::default()),
+            workers: Vec::with_capacity(WORKERS),
         };
-        Ok(Self {
-            shared,
-            worker: Some(worker),
-        })
+        for _ in 0..WORKERS {
+            let (shared, files) = (Arc::clone(&writer.shared), Arc::clone(&files));
+            // On an error here, dropping `writer` ends the workers already started.
+            writer.workers.push(
+                std::thread::Builder::new()
+                    .name("exofs-direct".into())
+                    .spawn(move || {
+                        // Signals are the application's: a library thread takes none (one
+                        // that blocks SIGTERM to wait for it elsewhere must not lose it).
+                        let _ = nix::sys::signal::SigSet::all().thread_block();
+                        let (direct, buffered, name) = &*files;
+                        shared.work(direct, buffered, name)
+                    })?,
+            );
+        }
+        Ok(writer)
     }
 
     /// True when `buf` at `offset` can be queued: aligned in offset and length.
@@ -135,7 +165,10 @@ impl DirectWriter {
             };
             data.as_mut_bytes()[..piece.len()].copy_from_slice(piece);
             let mut queue = self.shared.lock();
+            let id = queue.next_id;
+            queue.next_id += 1;
             queue.pending.push_back(Pending {
+                id,
                 offset: offset + (i * CHUNK) as u64,
                 len: piece.len(),
                 data,
@@ -182,7 +215,7 @@ impl Drop for DirectWriter {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.changed.notify_all();
-        if let Some(worker) = self.worker.take() {
+        for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
     }
@@ -201,17 +234,17 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The worker: writes the queue front to back until closed and empty.
+    /// A worker: writes what it can take from the queue until closed and empty.
     fn work(&self, direct: &File, buffered: &File, name: &str) {
         let mut use_direct = true;
         loop {
-            let (offset, len, data) = {
+            let (id, offset, len, data) = {
                 let mut queue = self.lock();
                 loop {
-                    if let Some(front) = queue.pending.front_mut() {
-                        break (front.offset, front.len, std::mem::take(&mut front.data));
+                    if let Some(next) = queue.take_next() {
+                        break next;
                     }
-                    if queue.closing {
+                    if queue.closing && queue.pending.is_empty() {
                         return;
                     }
                     queue = self.wait(queue);
@@ -230,7 +263,7 @@ impl Shared {
                 result = buffered.write_all_at(bytes, offset);
             }
             let mut queue = self.lock();
-            queue.pending.pop_front();
+            queue.pending.retain(|write| write.id != id);
             queue.spare.push(data);
             if let Err(err) = result {
                 log::error!("{name}: write of {len} bytes at {offset} failed: {err}");
