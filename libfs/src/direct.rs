@@ -24,7 +24,9 @@
 //! so buffered readers and read-only mappings of the file see the new bytes. It fails
 //! the file's next fsync if a buffered write dirtied pages of the range while the direct
 //! write ran; that cannot happen here, as buffered writes wait for overlapping queued
-//! ones and nothing maps the file writable.
+//! ones and nothing maps the file writable. (libfs makes every device write under its
+//! writer lock, so no buffered write is still running when an overlapping one is
+//! queued.)
 
 use std::collections::VecDeque;
 use std::fs::File;
