@@ -9,6 +9,7 @@
 //! written behind: see [`FileDevice`] and the `direct` module.
 
 use crate::direct::DirectWriter;
+pub use crate::direct::DIRECT_MIN;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -39,19 +40,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Writes at least this long, with offset and length multiples of 4 KiB, bypass the host
-/// page cache.
-pub const DIRECT_MIN: usize = 64 << 10;
-
 /// An image file or a block device.
 ///
-/// Writes of [`DIRECT_MIN`] bytes or more at aligned offsets are queued for workers
-/// that write them with O_DIRECT (the `direct` module): the caller copies them once into
-/// reused memory instead of into fresh host page-cache pages, and does not wait for the
-/// device. Measured through the mount, that copy was half the time of a sequential write;
-/// file data is cached above the device (in the mount's page cache), so the host's copy
-/// of it was rarely read. Smaller writes (metadata, the journal, random 4 KiB data) stay
-/// buffered. Where O_DIRECT is refused (tmpfs), every write is buffered.
+/// Writes of [`DIRECT_MIN`] bytes or more at aligned offsets are written behind, with
+/// O_DIRECT (the `direct` module says why and what still holds). Smaller writes
+/// (metadata, the journal, random 4 KiB data) stay buffered. Where O_DIRECT is refused
+/// (tmpfs), every write is buffered.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
@@ -170,7 +164,7 @@ impl BlockDevice for FileDevice {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Some(direct) = &self.direct {
-            if buf.len() >= DIRECT_MIN && DirectWriter::accepts(buf, offset) {
+            if DirectWriter::accepts(buf, offset) {
                 return direct.write(buf, offset);
             }
             direct.check()?;

@@ -36,6 +36,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use zerocopy::IntoBytes;
 
+/// Writes at least this long, with offset and length multiples of 4 KiB, go
+/// behind; shorter ones stay buffered.
+pub const DIRECT_MIN: usize = 64 << 10;
 /// Offset, length and memory alignment of a direct write.
 pub const DIRECT_ALIGN: usize = 4096;
 /// Most bytes one queued write holds (longer writes are queued in pieces of this size).
@@ -141,9 +144,12 @@ impl DirectWriter {
         Ok(writer)
     }
 
-    /// True when `buf` at `offset` can be queued: aligned in offset and length.
+    /// True when `buf` at `offset` goes behind: at least [`DIRECT_MIN`] bytes, aligned in
+    /// offset and length.
     pub(crate) fn accepts(buf: &[u8], offset: u64) -> bool {
-        buf.len().is_multiple_of(DIRECT_ALIGN) && offset.is_multiple_of(DIRECT_ALIGN as u64)
+        buf.len() >= DIRECT_MIN
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
     }
 
     /// Queues `buf` (see [`Self::accepts`]) to be written at `offset`; returns once it is
