@@ -9,10 +9,11 @@
 //!   the host file system holding the image as the reference.
 
 use clap::{Args, Subcommand};
+use libfs::device::DIRECT_ALIGN;
 use libfs::{FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::error::Error;
 use std::fs::{File, OpenOptions as StdOpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,14 +118,32 @@ pub(crate) fn pattern(seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// The raw side: the image file itself, no file system.
+/// The raw side: the image file itself, no file system. Its sequential writes go
+/// through O_DIRECT where the file takes it, as libfs's large writes do (libfs
+/// `direct`), so that the reference is the device rather than the host's page cache.
 fn raw_phases(path: &Path, args: &FsArgs) -> Result<[f64; 4]> {
     let file = StdOpenOptions::new().read(true).write(true).open(path)?;
+    let direct = StdOpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok();
     let fd = file.as_raw_fd();
-    let data = pattern(1);
+    let pattern = pattern(1);
+    // O_DIRECT needs an aligned buffer: the pattern copied to a 4 KiB boundary.
+    let mut backing = vec![0u8; CHUNK + DIRECT_ALIGN];
+    let skip = backing.as_ptr().align_offset(DIRECT_ALIGN);
+    let data = &mut backing[skip..skip + CHUNK];
+    data.copy_from_slice(&pattern[..CHUNK]);
     let start = Instant::now();
     for offset in (0..args.size).step_by(CHUNK) {
-        file.write_all_at(&data[..CHUNK.min((args.size - offset) as usize)], offset)?;
+        let chunk = &data[..CHUNK.min((args.size - offset) as usize)];
+        match &direct {
+            Some(direct) if chunk.len().is_multiple_of(DIRECT_ALIGN) => {
+                direct.write_all_at(chunk, offset)?
+            }
+            _ => file.write_all_at(chunk, offset)?,
+        }
     }
     file.sync_data()?;
     let seq_write = mib_per_s(args.size, start.elapsed());
