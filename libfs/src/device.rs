@@ -9,7 +9,7 @@
 //! written behind: see [`FileDevice`] and the `direct` module.
 
 use crate::direct::DirectWriter;
-pub use crate::direct::{DIRECT_ALIGN, DIRECT_MIN};
+pub use crate::direct::{AlignedBuffer, DIRECT_ALIGN, DIRECT_MIN};
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};

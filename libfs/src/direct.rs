@@ -48,10 +48,44 @@ const MAX_QUEUED: usize = 4;
 /// Worker threads: writes in flight at once.
 const WORKERS: usize = 2;
 
-/// One aligned block of a write buffer.
+/// One aligned block of an [`AlignedBuffer`].
 #[derive(Clone, Copy, zerocopy::IntoBytes, zerocopy::FromBytes, zerocopy::Immutable)]
 #[repr(C, align(4096))]
 struct AlignedBlock([u8; DIRECT_ALIGN]);
+
+/// Zeroed bytes whose address is a multiple of [`DIRECT_ALIGN`], as O_DIRECT wants;
+/// the length is rounded up to whole blocks. Dereferences to the bytes.
+#[derive(Default)]
+pub struct AlignedBuffer(Vec<AlignedBlock>);
+
+impl AlignedBuffer {
+    /// At least `len` zeroed bytes.
+    pub fn new(len: usize) -> Self {
+        Self(vec![
+            AlignedBlock([0; DIRECT_ALIGN]);
+            len.div_ceil(DIRECT_ALIGN)
+        ])
+    }
+}
+
+impl std::fmt::Debug for AlignedBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuffer({} bytes)", self.len())
+    }
+}
+
+impl std::ops::Deref for AlignedBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_mut_bytes()
+    }
+}
 
 /// The write-behind queue of one file and its workers.
 pub(crate) struct DirectWriter {
@@ -72,7 +106,7 @@ struct Queue {
     /// Number of the next write queued.
     next_id: u64,
     /// Buffers to reuse.
-    spare: Vec<Vec<AlignedBlock>>,
+    spare: Vec<AlignedBuffer>,
     /// The first write that failed, reported from then on.
     failed: Option<(io::ErrorKind, String)>,
     /// Set on drop: the workers write what is queued and end.
@@ -84,7 +118,7 @@ struct Pending {
     offset: u64,
     len: usize,
     /// Empty once a worker took it (in flight).
-    data: Vec<AlignedBlock>,
+    data: AlignedBuffer,
 }
 
 impl Pending {
@@ -95,7 +129,7 @@ impl Pending {
 
 impl Queue {
     /// The oldest write not yet taken that overlaps no older one: taken out for a worker.
-    fn take_next(&mut self) -> Option<(u64, u64, usize, Vec<AlignedBlock>)> {
+    fn take_next(&mut self) -> Option<(u64, u64, usize, AlignedBuffer)> {
         let index = (0..self.pending.len()).find(|&i| {
             let write = &self.pending[i];
             !write.data.is_empty()
@@ -169,9 +203,9 @@ impl DirectWriter {
                 queue
                     .spare
                     .pop()
-                    .unwrap_or_else(|| vec![AlignedBlock([0; DIRECT_ALIGN]); CHUNK / DIRECT_ALIGN])
+                    .unwrap_or_else(|| AlignedBuffer::new(CHUNK))
             };
-            data.as_mut_bytes()[..piece.len()].copy_from_slice(piece);
+            data[..piece.len()].copy_from_slice(piece);
             let mut queue = self.shared.lock();
             let id = queue.next_id;
             queue.next_id += 1;
@@ -258,7 +292,7 @@ impl Shared {
                     queue = self.wait(queue);
                 }
             };
-            let bytes = &data.as_bytes()[..len];
+            let bytes = &data[..len];
             let mut result = if use_direct {
                 direct.write_all_at(bytes, offset)
             } else {

@@ -9,7 +9,7 @@
 //!   the host file system holding the image as the reference.
 
 use clap::{Args, Subcommand};
-use libfs::device::DIRECT_ALIGN;
+use libfs::device::{AlignedBuffer, DIRECT_ALIGN};
 use libfs::{FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::error::Error;
 use std::fs::{File, OpenOptions as StdOpenOptions};
@@ -129,12 +129,9 @@ fn raw_phases(path: &Path, args: &FsArgs) -> Result<[f64; 4]> {
         .open(path)
         .ok();
     let fd = file.as_raw_fd();
-    let pattern = pattern(1);
-    // O_DIRECT needs an aligned buffer: the pattern copied to a 4 KiB boundary.
-    let mut backing = vec![0u8; CHUNK + DIRECT_ALIGN];
-    let skip = backing.as_ptr().align_offset(DIRECT_ALIGN);
-    let data = &mut backing[skip..skip + CHUNK];
-    data.copy_from_slice(&pattern[..CHUNK]);
+    // O_DIRECT wants an aligned buffer.
+    let mut data = AlignedBuffer::new(CHUNK);
+    data[..CHUNK].copy_from_slice(&pattern(1)[..CHUNK]);
     let start = Instant::now();
     for offset in (0..args.size).step_by(CHUNK) {
         let chunk = &data[..CHUNK.min((args.size - offset) as usize)];
