@@ -28,7 +28,10 @@ use kernel_ext::{
 const PAGE: usize = 4096;
 
 fn skip(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why} (these tests need root: CAP_BPF + CAP_PERFMON)");
+    common::skip(
+        test,
+        &format!("{why} (these tests need root: CAP_BPF + CAP_PERFMON)"),
+    );
 }
 
 /// Loads the driver, or `None` (after a SKIPPED line) when we lack the privilege.

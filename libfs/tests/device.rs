@@ -1,6 +1,8 @@
 //! The image-file device: large aligned writes go behind, through O_DIRECT, and must
 //! read back, order and sync exactly as buffered writes would.
 
+mod common;
+
 use libfs::device::DIRECT_MIN;
 use libfs::{BlockDevice, FileDevice};
 use rand::rngs::StdRng;
@@ -35,10 +37,11 @@ fn open_direct(image: &Image) -> Option<FileDevice> {
     if device.writes_direct() {
         Some(device)
     } else {
-        eprintln!(
-            "SKIPPED: {} refuses O_DIRECT, so no write goes behind",
+        let why = format!(
+            "{} refuses O_DIRECT, so no write goes behind",
             image.0.display()
         );
+        common::skip("device", &why);
         None
     }
 }

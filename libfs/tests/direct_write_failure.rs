@@ -4,6 +4,8 @@
 //! The failure is made with RLIMIT_FSIZE (writes past the limit fail with EFBIG), which
 //! is per process: this binary holds this one test only.
 
+mod common;
+
 use libfs::{format, BlockDevice, FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,8 +27,12 @@ fn failed_write_behind_is_reported_and_loses_nothing_synced() {
         .join(format!("exofs-direct-failure-{}.img", std::process::id()));
     let device = FileDevice::create(&path, 64 << 20).expect("create image");
     if !device.writes_direct() {
-        eprintln!("SKIPPED: {} refuses O_DIRECT", path.display());
         let _ = std::fs::remove_file(&path);
+        let why = format!("{} refuses O_DIRECT", path.display());
+        common::skip(
+            "failed_write_behind_is_reported_and_loses_nothing_synced",
+            &why,
+        );
         return;
     }
     // SAFETY: ignoring SIGXFSZ (sent with EFBIG) is process-wide and harmless here.

@@ -9,18 +9,23 @@
 //!   file unlinked while open stays readable and writable until its last handle closes.
 //! - Writes on a handle opened with O_APPEND go to the end of the file in one libfs operation
 //!   (`Fs::append`), whatever offset the kernel sends.
-//! - Permission checks are the kernel's (`default_permissions`); new files belong to the
-//!   caller's uid and gid.
+//! - Every request is checked against its caller's credentials (`access.rs`) before libfs
+//!   runs it, whatever the mount options; with `default_permissions` (the default) the
+//!   kernel has checked first. New files belong to the caller's uid, and to its gid or the
+//!   setgid parent directory's.
+//! - A handle remembers whether it was opened for writing: writes, fallocate and
+//!   ftruncate through a read-only handle are refused.
 //! - `fsync` makes the file durable (a journal commit); otherwise the daemon commits every
 //!   few seconds (mount.rs).
 
+use crate::access::{self, Credentials, SetattrRequest, TimeChange, MAY_EXEC, MAY_READ};
 use crate::chains::{Caller, ChainService};
 use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use libfs::{Attr, FallocateMode, Fs, RenameMode, SetAttr, SetTime, XattrMode};
 use std::collections::HashMap;
@@ -35,11 +40,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// daemon, which the kernel invalidates on its own writes, so a second is safe.
 const TTL: Duration = Duration::from_secs(1);
 
+/// How long the kernel may cache a name when it does not check permissions itself: not
+/// at all, since a path walk through cached names sends the daemon no request, so search
+/// permission would go unchecked.
+const UNCHECKED_ENTRY_TTL: Duration = Duration::ZERO;
+
 /// One open file or directory.
 #[derive(Debug, Clone, Copy)]
 struct Handle {
     ino: u64,
     append: bool,
+    /// Opened for writing (O_WRONLY or O_RDWR).
+    writable: bool,
 }
 
 /// libfs served over FUSE.
@@ -52,16 +64,30 @@ pub struct ExofsFuse {
     /// Bumped after every change of names (the chain service recompiles the policy's
     /// paths when it moved).
     namespace: Arc<AtomicU64>,
+    /// How long the kernel may cache a name (TTL, or none when it does not check
+    /// permissions itself).
+    entry_ttl: Duration,
 }
 
 impl ExofsFuse {
-    pub fn new(fs: Arc<Fs>, chains: Option<Arc<ChainService>>, namespace: Arc<AtomicU64>) -> Self {
+    /// `kernel_checks`: the mount has `default_permissions`.
+    pub fn new(
+        fs: Arc<Fs>,
+        chains: Option<Arc<ChainService>>,
+        namespace: Arc<AtomicU64>,
+        kernel_checks: bool,
+    ) -> Self {
         Self {
             fs,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             chains,
             namespace,
+            entry_ttl: if kernel_checks {
+                TTL
+            } else {
+                UNCHECKED_ENTRY_TTL
+            },
         }
     }
 
@@ -80,7 +106,15 @@ impl ExofsFuse {
         self.fs.retain(ino)?;
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let append = flags & libc::O_APPEND != 0;
-        self.handles().insert(fh, Handle { ino, append });
+        let writable = access::open_mask(flags) & access::MAY_WRITE != 0;
+        self.handles().insert(
+            fh,
+            Handle {
+                ino,
+                append,
+                writable,
+            },
+        );
         Ok(FileHandle(fh))
     }
 
@@ -160,13 +194,6 @@ fn set_time(time: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-fn entry(reply: ReplyEntry, result: libfs::Result<Attr>) {
-    match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(attr.generation)),
-        Err(err) => reply.error(errno(&err)),
-    }
-}
-
 fn empty(reply: ReplyEmpty, result: libfs::Result<()>) {
     match result {
         Ok(()) => reply.ok(),
@@ -174,7 +201,247 @@ fn empty(reply: ReplyEmpty, result: libfs::Result<()>) {
     }
 }
 
+/// libfs results as FUSE errors.
+trait OrErrno<T> {
+    fn or_errno(self) -> Result<T, Errno>;
+}
+
+impl<T> OrErrno<T> for libfs::Result<T> {
+    fn or_errno(self) -> Result<T, Errno> {
+        self.map_err(|err| errno(&err))
+    }
+}
+
+/// The credentials of a request's caller (see `access.rs`).
+fn caller(req: &Request) -> Credentials {
+    Credentials::of_request(req.uid(), req.gid(), req.pid())
+}
+
+fn time_change(time: Option<TimeOrNow>) -> Option<TimeChange> {
+    time.map(|time| match time {
+        TimeOrNow::Now => TimeChange::Now,
+        TimeOrNow::SpecificTime(_) => TimeChange::At,
+    })
+}
+
+/// The checked operations: each decides with `access.rs`, then calls libfs.
+impl ExofsFuse {
+    fn attr(&self, ino: u64) -> Result<Attr, Errno> {
+        self.fs.getattr(ino).or_errno()
+    }
+
+    fn handle(&self, fh: FileHandle) -> Option<Handle> {
+        self.handles().get(&fh.0).copied()
+    }
+
+    /// The handle `fh`, if it is open for writing on `ino`; EBADF otherwise.
+    fn writable_handle(&self, ino: u64, fh: FileHandle) -> Result<(), Errno> {
+        match self.handle(fh) {
+            Some(handle) if handle.ino == ino && handle.writable => Ok(()),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn checked_lookup(&self, who: &Credentials, parent: u64, name: &[u8]) -> Result<Attr, Errno> {
+        let dir = self.attr(parent)?;
+        if !dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        access::permission(who, &dir, MAY_EXEC)?;
+        self.fs.lookup(parent, name).or_errno()
+    }
+
+    /// The mode and group of a new inode named in `parent`, once the caller may create
+    /// there.
+    fn new_inode(&self, who: &Credentials, parent: u64, mode: u32) -> Result<(u32, u32), Errno> {
+        let dir = self.attr(parent)?;
+        if !dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        access::may_create(who, &dir)?;
+        Ok(access::new_inode_owner(who, &dir, mode))
+    }
+
+    /// The checks of unlink, rmdir and the source of a rename: the entry `name` of
+    /// `parent` may be removed by `who`. Returns the entry's attributes.
+    fn may_delete(&self, who: &Credentials, parent: u64, name: &[u8]) -> Result<Attr, Errno> {
+        let dir = self.attr(parent)?;
+        if !dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        access::permission(who, &dir, MAY_EXEC)?;
+        let victim = self.fs.lookup(parent, name).or_errno()?;
+        access::may_delete(who, &dir, &victim)?;
+        Ok(victim)
+    }
+
+    fn checked_rename(
+        &self,
+        who: &Credentials,
+        (parent, name): (u64, &[u8]),
+        (new_parent, new_name): (u64, &[u8]),
+        mode: RenameMode,
+    ) -> Result<(), Errno> {
+        let source = self.may_delete(who, parent, name)?;
+        let new_dir = self.attr(new_parent)?;
+        if !new_dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        access::permission(who, &new_dir, MAY_EXEC)?;
+        let target = match self.fs.lookup(new_parent, new_name) {
+            Ok(target) => Some(target),
+            Err(libfs::Error::NotFound) => None,
+            Err(err) => return Err(errno(&err)),
+        };
+        match &target {
+            Some(target) => access::may_delete(who, &new_dir, target)?,
+            None => access::may_create(who, &new_dir)?,
+        }
+        // A directory that changes parent rewrites its `..`: it must be writable.
+        if new_parent != parent {
+            if source.is_dir() {
+                access::permission(who, &source, access::MAY_WRITE)?;
+            }
+            if let (RenameMode::Exchange, Some(target)) = (mode, &target) {
+                if target.is_dir() {
+                    access::permission(who, target, access::MAY_WRITE)?;
+                }
+            }
+        }
+        self.fs
+            .rename(parent, name, new_parent, new_name, mode)
+            .or_errno()
+    }
+
+    fn checked_setattr(
+        &self,
+        who: &Credentials,
+        ino: u64,
+        changes: SetAttr,
+        request: SetattrRequest,
+    ) -> Result<Attr, Errno> {
+        let attr = self.attr(ino)?;
+        let mode = access::check_setattr(who, &attr, &request)?;
+        let changes = SetAttr { mode, ..changes };
+        self.fs.setattr(ino, &changes).or_errno()
+    }
+
+    fn checked_open(&self, who: &Credentials, ino: u64, flags: i32) -> Result<FileHandle, Errno> {
+        let attr = self.attr(ino)?;
+        access::may_open(who, &attr, flags)?;
+        self.open_handle(ino, flags).or_errno()
+    }
+
+    fn checked_opendir(
+        &self,
+        who: &Credentials,
+        ino: u64,
+        flags: i32,
+    ) -> Result<FileHandle, Errno> {
+        let attr = self.attr(ino)?;
+        if !attr.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        access::permission(who, &attr, MAY_READ)?;
+        self.open_handle(ino, flags).or_errno()
+    }
+
+    fn checked_write(
+        &self,
+        ino: u64,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+    ) -> Result<usize, Errno> {
+        let handle = self.handle(fh).filter(|h| h.ino == ino && h.writable);
+        let Some(handle) = handle else {
+            return Err(Errno::EBADF);
+        };
+        let written = if handle.append {
+            self.fs.append(ino, data).map(|(_, n)| n)
+        } else {
+            self.fs.write_at(ino, offset, data)
+        }
+        .or_errno()?;
+        // The kernel marks the writes that clear setuid and setgid (the writer lacks
+        // CAP_FSETID; FUSE_HANDLE_KILLPRIV_V2): the daemon clears them.
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            let attr = self.attr(ino)?;
+            if let Some(mode) = access::mode_after_killing_write(&attr) {
+                let changes = SetAttr {
+                    mode: Some(mode),
+                    ..SetAttr::default()
+                };
+                self.fs.setattr(ino, &changes).or_errno()?;
+            }
+        }
+        Ok(written)
+    }
+
+    fn checked_xattr(
+        &self,
+        who: &Credentials,
+        ino: u64,
+        name: &[u8],
+        write: bool,
+    ) -> Result<(), Errno> {
+        let attr = self.attr(ino)?;
+        access::xattr_permission(who, &attr, name, write)
+    }
+
+    fn listed_xattrs(&self, who: &Credentials, ino: u64) -> Result<Vec<u8>, Errno> {
+        let mut list = Vec::new();
+        for name in self.fs.listxattr(ino).or_errno()? {
+            if access::xattr_listed(who, &name) {
+                list.extend_from_slice(&name);
+                list.push(0);
+            }
+        }
+        Ok(list)
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, result: Result<(), Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(err),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, result: Result<Attr, Errno>) {
+    match result {
+        Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+        Err(err) => reply.error(err),
+    }
+}
+
+impl ExofsFuse {
+    fn reply_entry(&self, reply: ReplyEntry, result: Result<Attr, Errno>) {
+        match result {
+            Ok(attr) => {
+                let file = file_attr(&attr);
+                reply.entry_with_ttls(&TTL, &self.entry_ttl, &file, Generation(attr.generation))
+            }
+            Err(err) => reply.error(err),
+        }
+    }
+}
+
 impl Filesystem for ExofsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // The daemon clears setuid and setgid itself (on write, truncate and chown), so
+        // the kernel does not send a chmod in the writer's name that the ownership rule
+        // would refuse.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2) {
+            log::warn!(
+                "the kernel lacks {missing:?}: it clears setuid and setgid bits on writes \
+                 with a chmod of its own"
+            );
+        }
+        Ok(())
+    }
+
     fn destroy(&mut self) {
         let handles: Vec<Handle> = self.handles().drain().map(|(_, h)| h).collect();
         for handle in handles {
@@ -185,20 +452,27 @@ impl Filesystem for ExofsFuse {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let who = caller(req);
+        self.reply_entry(reply, self.checked_lookup(&who, parent.0, name.as_bytes()));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(err) => reply.error(errno(&err)),
-        }
+        reply_attr(reply, self.attr(ino.0));
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let who = caller(req);
+        let result = self.attr(ino.0).and_then(|attr| {
+            let wanted = (mask.bits() & (libc::R_OK | libc::W_OK | libc::X_OK)) as u32;
+            access::permission(&who, &attr, wanted)
+        });
+        reply_empty(reply, result);
     }
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -207,13 +481,24 @@ impl Filesystem for ExofsFuse {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let who = caller(req);
+        let writable_handle = fh.is_some_and(|fh| self.writable_handle(ino.0, fh).is_ok());
+        let request = SetattrRequest {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_change(atime),
+            mtime: time_change(mtime),
+            writable_handle,
+        };
         let changes = SetAttr {
             mode,
             uid,
@@ -222,10 +507,7 @@ impl Filesystem for ExofsFuse {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.fs.setattr(ino.0, &changes) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(err) => reply.error(errno(&err)),
-        }
+        reply_attr(reply, self.checked_setattr(&who, ino.0, changes, request));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -245,11 +527,16 @@ impl Filesystem for ExofsFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let who = caller(req);
         let result = self
-            .fs
-            .mknod(parent.0, name.as_bytes(), mode, rdev, req.uid(), req.gid());
+            .new_inode(&who, parent.0, mode)
+            .and_then(|(mode, gid)| {
+                self.fs
+                    .mknod(parent.0, name.as_bytes(), mode, rdev, who.uid, gid)
+                    .or_errno()
+            });
         self.names_changed();
-        entry(reply, result);
+        self.reply_entry(reply, result);
     }
 
     fn mkdir(
@@ -261,23 +548,34 @@ impl Filesystem for ExofsFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let who = caller(req);
         let result = self
-            .fs
-            .mkdir(parent.0, name.as_bytes(), mode, req.uid(), req.gid());
+            .new_inode(&who, parent.0, libc::S_IFDIR | (mode & 0o7777))
+            .and_then(|(mode, gid)| {
+                self.fs
+                    .mkdir(parent.0, name.as_bytes(), mode, who.uid, gid)
+                    .or_errno()
+            });
         self.names_changed();
-        entry(reply, result);
+        self.reply_entry(reply, result);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.fs.unlink(parent.0, name.as_bytes());
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let who = caller(req);
+        let result = self
+            .may_delete(&who, parent.0, name.as_bytes())
+            .and_then(|_| self.fs.unlink(parent.0, name.as_bytes()).or_errno());
         self.names_changed();
-        empty(reply, result);
+        reply_empty(reply, result);
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.fs.rmdir(parent.0, name.as_bytes());
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let who = caller(req);
+        let result = self
+            .may_delete(&who, parent.0, name.as_bytes())
+            .and_then(|_| self.fs.rmdir(parent.0, name.as_bytes()).or_errno());
         self.names_changed();
-        empty(reply, result);
+        reply_empty(reply, result);
     }
 
     fn symlink(
@@ -288,20 +586,27 @@ impl Filesystem for ExofsFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let result = self.fs.symlink(
-            parent.0,
-            link_name.as_bytes(),
-            target.as_os_str().as_bytes(),
-            req.uid(),
-            req.gid(),
-        );
+        let who = caller(req);
+        let result = self
+            .new_inode(&who, parent.0, libc::S_IFLNK | 0o777)
+            .and_then(|(_, gid)| {
+                self.fs
+                    .symlink(
+                        parent.0,
+                        link_name.as_bytes(),
+                        target.as_os_str().as_bytes(),
+                        who.uid,
+                        gid,
+                    )
+                    .or_errno()
+            });
         self.names_changed();
-        entry(reply, result);
+        self.reply_entry(reply, result);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -319,34 +624,44 @@ impl Filesystem for ExofsFuse {
             reply.error(Errno::EINVAL);
             return;
         };
-        let result = self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
+        let who = caller(req);
+        let result = self.checked_rename(
+            &who,
+            (parent.0, name.as_bytes()),
+            (newparent.0, newname.as_bytes()),
             mode,
         );
         self.names_changed();
-        empty(reply, result);
+        reply_empty(reply, result);
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let result = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        let who = caller(req);
+        let result = self
+            .attr(ino.0)
+            .and_then(|source| access::may_link(&who, &source, access::hardlinks_protected()))
+            .and_then(|()| self.new_inode(&who, newparent.0, 0))
+            .and_then(|_| {
+                self.fs
+                    .link(ino.0, newparent.0, newname.as_bytes())
+                    .or_errno()
+            });
         self.names_changed();
-        entry(reply, result);
+        self.reply_entry(reply, result);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_handle(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let who = caller(req);
+        match self.checked_open(&who, ino.0, flags.0) {
             Ok(fh) => reply.opened(fh, FopenFlags::empty()),
-            Err(err) => reply.error(errno(&err)),
+            Err(err) => reply.error(err),
         }
     }
 
@@ -375,20 +690,14 @@ impl Filesystem for ExofsFuse {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let append = self.handles().get(&fh.0).is_some_and(|h| h.append);
-        let written = if append {
-            self.fs.append(ino.0, data).map(|(_, n)| n)
-        } else {
-            self.fs.write_at(ino.0, offset, data)
-        };
-        match written {
+        match self.checked_write(ino.0, fh, offset, data, write_flags) {
             Ok(n) => reply.written(n as u32),
-            Err(err) => reply.error(errno(&err)),
+            Err(err) => reply.error(err),
         }
     }
 
@@ -427,14 +736,11 @@ impl Filesystem for ExofsFuse {
         empty(reply, self.fs.fsync(ino.0));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
-            Ok(attr) if attr.is_dir() => match self.open_handle(ino.0, flags.0) {
-                Ok(fh) => reply.opened(fh, FopenFlags::empty()),
-                Err(err) => reply.error(errno(&err)),
-            },
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(err) => reply.error(errno(&err)),
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let who = caller(req);
+        match self.checked_opendir(&who, ino.0, flags.0) {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(err) => reply.error(err),
         }
     }
 
@@ -501,7 +807,7 @@ impl Filesystem for ExofsFuse {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -516,32 +822,42 @@ impl Filesystem for ExofsFuse {
         } else {
             XattrMode::Any
         };
-        empty(reply, self.fs.setxattr(ino.0, name.as_bytes(), value, mode));
+        let who = caller(req);
+        let result = self
+            .checked_xattr(&who, ino.0, name.as_bytes(), true)
+            .and_then(|()| {
+                self.fs
+                    .setxattr(ino.0, name.as_bytes(), value, mode)
+                    .or_errno()
+            });
+        reply_empty(reply, result);
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let who = caller(req);
+        let result = self
+            .checked_xattr(&who, ino.0, name.as_bytes(), false)
+            .and_then(|()| self.fs.getxattr(ino.0, name.as_bytes()).or_errno());
+        match result {
             Ok(value) => xattr_reply(reply, &value, size),
-            Err(err) => reply.error(errno(&err)),
+            Err(err) => reply.error(err),
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.fs.listxattr(ino.0) {
-            Ok(names) => {
-                let mut list = Vec::new();
-                for name in names {
-                    list.extend_from_slice(&name);
-                    list.push(0);
-                }
-                xattr_reply(reply, &list, size);
-            }
-            Err(err) => reply.error(errno(&err)),
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let who = caller(req);
+        match self.listed_xattrs(&who, ino.0) {
+            Ok(list) => xattr_reply(reply, &list, size),
+            Err(err) => reply.error(err),
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let who = caller(req);
+        let result = self
+            .checked_xattr(&who, ino.0, name.as_bytes(), true)
+            .and_then(|()| self.fs.removexattr(ino.0, name.as_bytes()).or_errno());
+        reply_empty(reply, result);
     }
 
     fn create(
@@ -554,21 +870,24 @@ impl Filesystem for ExofsFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let created = self.fs.create(
-            parent.0,
-            name.as_bytes(),
-            mode & 0o7777,
-            req.uid(),
-            req.gid(),
-        );
+        let who = caller(req);
+        let created = self
+            .new_inode(&who, parent.0, libc::S_IFREG | (mode & 0o7777))
+            .and_then(|(mode, gid)| {
+                self.fs
+                    .create(parent.0, name.as_bytes(), mode & 0o7777, who.uid, gid)
+                    .or_errno()
+            });
         self.names_changed();
         let attr = match created {
             Ok(attr) => attr,
-            Err(err) => return reply.error(errno(&err)),
+            Err(err) => return reply.error(err),
         };
+        // The creator opens what it made with the flags it asked for, whatever the
+        // new file's mode (as open(2) with O_CREAT does).
         match self.open_handle(attr.ino, flags) {
             Ok(fh) => reply.created(
-                &TTL,
+                &self.entry_ttl,
                 &file_attr(&attr),
                 Generation(attr.generation),
                 fh,
@@ -622,7 +941,7 @@ impl Filesystem for ExofsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
@@ -636,7 +955,10 @@ impl Filesystem for ExofsFuse {
             keep_size: mode & libc::FALLOC_FL_KEEP_SIZE != 0,
             punch_hole: mode & libc::FALLOC_FL_PUNCH_HOLE != 0,
         };
-        empty(reply, self.fs.fallocate(ino.0, offset, length, mode));
+        let result = self
+            .writable_handle(ino.0, fh)
+            .and_then(|()| self.fs.fallocate(ino.0, offset, length, mode).or_errno());
+        reply_empty(reply, result);
     }
 }
 

@@ -5,6 +5,7 @@
 //! `chain`, `stats` and `index`, `mount` / `umount` (FUSE), and `policy check|reload`.
 //! Called as `mount.exofs`, it is mount(8)'s helper for `mount -t exofs` and fstab.
 
+mod access;
 mod bench;
 mod bench_chain;
 mod bench_mount;
@@ -82,7 +83,8 @@ enum Command {
         /// Stay in the foreground and log to stderr.
         #[arg(short = 'f', long)]
         foreground: bool,
-        /// Options: ro, allow_other, default_permissions, cache=SIZE.
+        /// Options: ro, allow_other, no_default_permissions, cache=SIZE, policy=FILE,
+        /// log=FILE, bpffs=DIR (docs/MOUNT.md).
         #[arg(short = 'o', default_value = "")]
         options: String,
     },

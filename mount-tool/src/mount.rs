@@ -32,10 +32,14 @@ const READY: &str = "ready";
 const REPORT_READY: &str = "EXOFS_REPORT_READY";
 
 /// Parsed `-o` options.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
     pub read_only: bool,
+    /// Every user may use the mount (root's mount is otherwise root's alone); what each
+    /// may do is decided by the permission checks.
     pub allow_other: bool,
+    /// The kernel checks permissions before the daemon does (FUSE `default_permissions`).
+    /// On unless `no_default_permissions`: the daemon checks every request either way.
     pub default_permissions: bool,
     /// Metadata cache budget in bytes.
     pub cache: Option<u64>,
@@ -45,6 +49,20 @@ pub struct MountOptions {
     pub log: Option<PathBuf>,
     /// Where bpffs is mounted (overrides `--bpffs`; for fstab lines).
     pub bpffs: Option<PathBuf>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            allow_other: false,
+            default_permissions: true,
+            cache: None,
+            policy: None,
+            log: None,
+            bpffs: None,
+        }
+    }
 }
 
 impl MountOptions {
@@ -61,6 +79,7 @@ impl MountOptions {
                 ("rw", None) => options.read_only = false,
                 ("allow_other", None) => options.allow_other = true,
                 ("default_permissions", None) => options.default_permissions = true,
+                ("no_default_permissions", None) => options.default_permissions = false,
                 ("cache", Some(size)) => {
                     options.cache = Some(
                         crate::size::parse_size(size)
@@ -126,8 +145,8 @@ fn option_text(options: &MountOptions) -> String {
     if options.allow_other {
         list.push("allow_other".to_owned());
     }
-    if options.default_permissions {
-        list.push("default_permissions".to_owned());
+    if !options.default_permissions {
+        list.push("no_default_permissions".to_owned());
     }
     if let Some(cache) = options.cache {
         list.push(format!("cache={cache}"));
@@ -265,6 +284,19 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
     }
     if options.default_permissions {
         mount_options.push(MountOption::DefaultPermissions);
+    } else {
+        log::warn!(
+            "no_default_permissions: the kernel does not check permissions on this mount; \
+             the daemon alone decides each request, on the caller's ids, supplementary \
+             groups and capabilities read from /proc (a caller it cannot see there, pid 0, \
+             gets no groups and, unless uid 0, no capabilities), and every access(2) \
+             becomes a round trip"
+        );
+    }
+    if options.allow_other {
+        log::info!(
+            "allow_other: every user may use this mount; permissions decide what each may do"
+        );
     }
     let mut config = Config::default();
     config.mount_options = mount_options;
@@ -280,7 +312,12 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
     if !options.read_only {
         commit_periodically(&fs)?;
     }
-    let served = ExofsFuse::new(fs.clone(), chains.clone(), namespace);
+    let served = ExofsFuse::new(
+        fs.clone(),
+        chains.clone(),
+        namespace,
+        options.default_permissions,
+    );
     let mut session = fuser::Session::new(served, mountpoint, &config).map_err(|e| {
         format!(
             "mounting {} on {}: {e}",
@@ -520,6 +557,20 @@ mod tests {
         let fstab = MountOptions::parse("defaults,noauto,nofail,x-systemd.automount,rw")
             .expect("fstab options");
         assert_eq!(fstab, MountOptions::default());
+    }
+
+    #[test]
+    fn the_kernel_checks_permissions_unless_told_not_to() {
+        assert!(MountOptions::default().default_permissions);
+        assert!(
+            MountOptions::parse("allow_other")
+                .expect("parse")
+                .default_permissions
+        );
+        let off = MountOptions::parse("no_default_permissions").expect("parse");
+        assert!(!off.default_permissions);
+        let again = MountOptions::parse(&option_text(&off)).expect("parse again");
+        assert_eq!(again, off, "the daemon restarts with the check off");
     }
 
     #[test]

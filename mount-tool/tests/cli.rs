@@ -112,8 +112,9 @@ impl Drop for Loop {
 fn mkfs_and_fsck_on_a_block_device() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "SKIPPED mkfs_and_fsck_on_a_block_device: loop devices need root (CI runs as root)"
+        common::skip(
+            "mkfs_and_fsck_on_a_block_device",
+            "loop devices need root (CI runs as root)",
         );
         return;
     }
@@ -148,7 +149,10 @@ fn mkfs_and_fsck_on_a_block_device() {
 fn prog_chain_stats_and_unload() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED prog_chain_stats_and_unload: loading BPF needs root (CI runs as root)");
+        common::skip(
+            "prog_chain_stats_and_unload",
+            "loading BPF needs root (CI runs as root)",
+        );
         return;
     }
     let image = Scratch::new("prog.img");

@@ -28,12 +28,19 @@ pub fn image(test: &str, size: u64) -> (Image, Arc<Fs>) {
     (image, fs)
 }
 
+#[path = "../../../libfs/tests/common/skip.rs"]
+mod skipping;
+pub use skipping::skip;
+
 /// A binding on `fs` with `options`; None (after a SKIPPED line) without the privilege.
 pub fn binding(test: &str, fs: &Arc<Fs>, options: &BindingOptions) -> Option<Binding> {
     match Binding::open(fs.clone(), options) {
         Ok(binding) => Some(binding),
         Err(err) if err.is_permission_denied() => {
-            eprintln!("SKIPPED {test}: {err} (loading BPF needs root: CAP_BPF + CAP_PERFMON)");
+            skip(
+                test,
+                &format!("{err} (loading BPF needs root: CAP_BPF + CAP_PERFMON)"),
+            );
             None
         }
         Err(err) => panic!("opening the binding failed: {err}"),
@@ -140,10 +147,8 @@ impl BpfFs {
             )
         };
         if ret != 0 {
-            eprintln!(
-                "SKIPPED {test}: cannot mount bpffs: {}",
-                std::io::Error::last_os_error()
-            );
+            let why = format!("cannot mount bpffs: {}", std::io::Error::last_os_error());
+            skip(test, &why);
             let _ = std::fs::remove_dir(&dir);
             return None;
         }

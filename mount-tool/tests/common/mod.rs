@@ -28,13 +28,17 @@ pub fn text(output: &Output) -> String {
     )
 }
 
+#[path = "../../../libfs/tests/common/skip.rs"]
+mod skipping;
+pub use skipping::skip;
+
 /// Whether this process may mount FUSE file systems and load BPF (root and /dev/fuse);
-/// prints a SKIPPED line for `test` if not.
+/// skips `test` if not.
 pub fn can_mount(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root || !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED {test}: FUSE mounts need root and /dev/fuse (CI has both)");
+        skip(test, "FUSE mounts need root and /dev/fuse (CI has both)");
         return false;
     }
     true
