@@ -284,19 +284,6 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
     }
     if options.default_permissions {
         mount_options.push(MountOption::DefaultPermissions);
-    } else {
-        log::warn!(
-            "no_default_permissions: the kernel does not check permissions on this mount; \
-             the daemon alone decides each request, on the caller's ids, supplementary \
-             groups and capabilities read from /proc (a caller it cannot see there, pid 0, \
-             gets no groups and, unless uid 0, no capabilities), and every access(2) \
-             becomes a round trip"
-        );
-    }
-    if options.allow_other {
-        log::info!(
-            "allow_other: every user may use this mount; permissions decide what each may do"
-        );
     }
     let mut config = Config::default();
     config.mount_options = mount_options;
@@ -333,6 +320,7 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
         detach_output(options.log.as_deref())?;
     }
     log::info!("{} mounted on {}", image.display(), mountpoint.display());
+    log_what_the_options_give_away(options);
     session.run()?;
     // The session ended (unmounted): the file system's `destroy` has checkpointed.
     if let Some(chains) = chains {
@@ -342,6 +330,25 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
     }
     drop(fs);
     Ok(())
+}
+
+/// Says in the mount's log what its options give away.
+fn log_what_the_options_give_away(options: &MountOptions) {
+    if !options.default_permissions {
+        log::warn!(
+            "no_default_permissions: the kernel does not check permissions on this mount; \
+             the daemon alone decides each request, on the caller's ids, supplementary \
+             groups and capabilities read from /proc (a caller it cannot see there gets no \
+             groups and, unless uid 0, no capabilities). Given away: the kernel's check as \
+             a second line; names are not cached, so every path component and every \
+             access(2) is a round trip to the daemon"
+        );
+    }
+    if options.allow_other {
+        log::info!(
+            "allow_other: every user may use this mount; permissions decide what each may do"
+        );
+    }
 }
 
 /// How often the daemon commits the journal when nothing else did (as ext4's default

@@ -425,7 +425,16 @@ fn the_daemon_alone_enforces_every_rule() {
     if !can_mount("the_daemon_alone_enforces_every_rule") {
         return;
     }
-    permissions_match_ext4("allow_other,no_default_permissions", "perm-daemon");
+    let log = std::env::temp_dir().join(format!("exofs-perm-{}.log", std::process::id()));
+    let options = format!("allow_other,no_default_permissions,log={}", log.display());
+    permissions_match_ext4(&options, "perm-daemon");
+    // The mount's log says what the option gives away.
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    let _ = fs::remove_file(&log);
+    assert!(
+        logged.contains("no_default_permissions: the kernel does not check permissions"),
+        "the log does not say the kernel's check is off:\n{logged}"
+    );
 }
 
 #[test]
