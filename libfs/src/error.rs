@@ -55,6 +55,10 @@ pub enum Error {
     NotPermitted(String),
     #[error("not a symbolic link")]
     NotSymlink,
+    /// The file system takes no more changes until it is reopened: a commit failed part
+    /// way, or a panic struck where a rollback cannot be trusted. Names what happened.
+    #[error("file system stopped, read-only until reopened: {0}")]
+    Stopped(String),
 }
 
 impl Error {
@@ -88,6 +92,7 @@ impl Error {
             Error::AttrTooBig(_) => libc::E2BIG,
             Error::NotPermitted(_) => libc::EPERM,
             Error::NotSymlink => libc::EINVAL,
+            Error::Stopped(_) => libc::EIO,
         }
     }
 }
