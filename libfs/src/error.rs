@@ -55,6 +55,17 @@ pub enum Error {
     NotPermitted(String),
     #[error("not a symbolic link")]
     NotSymlink,
+    /// An operation panicked (a bug, an arithmetic overflow, a device that panicked);
+    /// everything it changed was rolled back and the file system carries on.
+    #[error("{operation} panicked and was rolled back: {message}")]
+    Panicked {
+        operation: &'static str,
+        message: String,
+    },
+    /// The file system takes no more changes until it is reopened: a commit failed part
+    /// way, or a panic struck where a rollback cannot be trusted. Names what happened.
+    #[error("file system stopped, read-only until reopened: {0}")]
+    Stopped(String),
 }
 
 impl Error {
@@ -88,6 +99,7 @@ impl Error {
             Error::AttrTooBig(_) => libc::E2BIG,
             Error::NotPermitted(_) => libc::EPERM,
             Error::NotSymlink => libc::EINVAL,
+            Error::Panicked { .. } | Error::Stopped(_) => libc::EIO,
         }
     }
 }

@@ -6,7 +6,13 @@
 //! `sync`, and at close) or failure (every block, allocation and cached inode the
 //! operation touched is rolled back, so an error such as ENOSPC leaves no partial
 //! metadata). Operations longer than one transaction (truncating a file of millions of
-//! extents) commit at consistent intermediate points.
+//! extents) commit at consistent intermediate points. A panic inside an operation (a
+//! bug, an overflow, a device or listener that panics) is caught and counts as a failure:
+//! the operation is rolled back and returns `Error::Panicked`, or, where a rollback
+//! cannot be trusted (the panic cut a commit short, or listeners were already told of the
+//! changes), the file system stops: every later change fails with `Error::Stopped` naming
+//! the panic until it is reopened. Either way nothing partial is ever committed; the
+//! `operation` module has the wrapper and the argument.
 //!
 //! Permission checks are the caller's (FUSE `default_permissions`, or a privileged app).
 
@@ -21,8 +27,10 @@ use crate::journal::{Journal, JournalStats};
 use crate::xattr::{self, SetMode};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use zerocopy::little_endian::U64;
+
+mod operation;
 
 /// Options for [`Fs::open`].
 #[derive(Debug, Clone)]
@@ -193,6 +201,9 @@ pub(crate) struct Inner {
     /// Changes of the running operation, delivered when it succeeds.
     pub(crate) pending_events: Vec<ExtentChange>,
     listeners: Vec<Arc<dyn ExtentListener>>,
+    /// Listeners were told of changes since the last `begin_op`: a rollback would
+    /// contradict what they were told.
+    events_delivered: bool,
     closed: bool,
 }
 
@@ -313,6 +324,7 @@ impl Fs {
             open_counts: HashMap::new(),
             pending_events: Vec::new(),
             listeners: Vec::new(),
+            events_delivered: false,
             closed: false,
         };
         let fs = Fs {
@@ -323,63 +335,21 @@ impl Fs {
             read_only: options.read_only,
         };
         if !options.read_only {
-            let mut inner = fs.lock();
-            inner.begin_op();
-            let result = inner.recover_orphans().and_then(|_| {
+            fs.modify("open", |inner| {
+                inner.recover_orphans()?;
                 inner.update_superblock(|sb| {
                     sb.state = STATE_DIRTY.into();
                     sb.mount_count = U64::new(sb.mount_count.get().saturating_add(1));
                 })
-            });
-            if let Err(e) = result {
-                inner.rollback_op();
-                return Err(e);
-            }
-            inner.commit()?;
+            })?;
+            fs.locked("open", |inner| inner.commit())?;
         }
         Ok(fs)
     }
 
     /// Flushes everything, marks the image clean and closes it.
     pub fn close(self) -> Result<()> {
-        self.lock().close()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Runs a modifying operation: all or nothing, see the module header.
-    fn modify<T>(&self, op: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        let mut inner = self.lock();
-        if inner.closed {
-            return Err(Error::Invalid("file system is closed".into()));
-        }
-        inner.begin_op();
-        match op(&mut inner) {
-            Ok(value) => {
-                inner.finish_op()?;
-                Ok(value)
-            }
-            Err(e) => {
-                inner.rollback_op();
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs a read-only operation.
-    fn query<T>(&self, op: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
-        let mut inner = self.lock();
-        if inner.closed {
-            return Err(Error::Invalid("file system is closed".into()));
-        }
-        op(&mut inner)
+        self.locked("close", |inner| inner.close())
     }
 
     /// The file system's UUID.
@@ -398,7 +368,7 @@ impl Fs {
 
     /// Looks `name` up in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
-        self.query(|inner| {
+        self.query("lookup", |inner| {
             let ino = inner.lookup(parent, name)?;
             Ok(Attr::of(&inner.get(ino)?))
         })
@@ -406,19 +376,19 @@ impl Fs {
 
     /// Resolves an absolute or root-relative path (symlinks are not followed).
     pub fn resolve(&self, path: &Path) -> Result<Attr> {
-        self.query(|inner| {
+        self.query("resolve", |inner| {
             let ino = inner.resolve(path)?;
             Ok(Attr::of(&inner.get(ino)?))
         })
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        self.query(|inner| Ok(Attr::of(&inner.get(ino)?)))
+        self.query("getattr", |inner| Ok(Attr::of(&inner.get(ino)?)))
     }
 
     /// Changes attributes; a size change truncates or extends.
     pub fn setattr(&self, ino: u64, changes: &SetAttr) -> Result<Attr> {
-        self.modify(|inner| inner.setattr(ino, changes))
+        self.modify("setattr", |inner| inner.setattr(ino, changes))
     }
 
     /// Creates a regular file.
@@ -441,7 +411,7 @@ impl Fs {
         if ![S_IFREG, S_IFIFO, S_IFSOCK, S_IFCHR, S_IFBLK].contains(&kind) {
             return Err(Error::Invalid(format!("mknod of file type {kind:#o}")));
         }
-        self.modify(|inner| {
+        self.modify("mknod", |inner| {
             let mut inode = inner.new_inode(parent, name, mode, uid, gid)?;
             inode.rdev = rdev;
             inner.put(&inode)?;
@@ -450,7 +420,7 @@ impl Fs {
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> Result<Attr> {
-        self.modify(|inner| inner.mkdir(parent, name, mode, uid, gid))
+        self.modify("mkdir", |inner| inner.mkdir(parent, name, mode, uid, gid))
     }
 
     pub fn symlink(
@@ -468,7 +438,7 @@ impl Fs {
                 Error::NameTooLong
             });
         }
-        self.modify(|inner| {
+        self.modify("symlink", |inner| {
             let mut inode = inner.new_inode(parent, name, S_IFLNK | 0o777, uid, gid)?;
             inner.write_data(&mut inode, 0, target)?;
             inner.put(&inode)?;
@@ -477,7 +447,7 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        self.query(|inner| {
+        self.query("readlink", |inner| {
             let inode = inner.get(ino)?;
             if !inode.is_symlink() {
                 return Err(Error::NotSymlink);
@@ -497,15 +467,15 @@ impl Fs {
 
     /// Adds a hard link to `ino` named `name` in `parent`.
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr> {
-        self.modify(|inner| inner.link(ino, parent, name))
+        self.modify("link", |inner| inner.link(ino, parent, name))
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
-        self.modify(|inner| inner.unlink(parent, name, false))
+        self.modify("unlink", |inner| inner.unlink(parent, name, false))
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
-        self.modify(|inner| inner.unlink(parent, name, true))
+        self.modify("rmdir", |inner| inner.unlink(parent, name, true))
     }
 
     pub fn rename(
@@ -516,7 +486,9 @@ impl Fs {
         new_name: &[u8],
         mode: RenameMode,
     ) -> Result<()> {
-        self.modify(|inner| inner.rename(parent, name, new_parent, new_name, mode))
+        self.modify("rename", |inner| {
+            inner.rename(parent, name, new_parent, new_name, mode)
+        })
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns the count (0 at end of file).
@@ -524,7 +496,7 @@ impl Fs {
     /// released (with an epoch pin, so the blocks are not reused meanwhile), so reads run
     /// in parallel with each other and with other operations.
     pub fn read_at(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let (len, pieces, _pin) = self.query(|inner| {
+        let (len, pieces, _pin) = self.query("read_at", |inner| {
             let inode = inner.get(ino)?;
             if inode.is_dir() {
                 return Err(Error::IsDir);
@@ -541,7 +513,7 @@ impl Fs {
     /// Writes `data` at `offset`; returns the count written (short only when the device
     /// fills up part way).
     pub fn write_at(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        self.modify(|inner| {
+        self.modify("write_at", |inner| {
             // Before anything changes: making room may commit.
             inner.make_room(offset, data.len() as u64)?;
             let mut inode = inner.get(ino)?;
@@ -555,7 +527,7 @@ impl Fs {
     /// Writes `data` at the end of the file as one operation, so concurrent appenders never
     /// write over each other (O_APPEND). Returns the offset written at and the count.
     pub fn append(&self, ino: u64, data: &[u8]) -> Result<(u64, usize)> {
-        self.modify(|inner| {
+        self.modify("append", |inner| {
             let offset = inner.get(ino)?.size;
             // Making room may commit, but under this lock nothing else changes the size.
             inner.make_room(offset, data.len() as u64)?;
@@ -569,7 +541,7 @@ impl Fs {
 
     /// Allocates (or with `punch_hole`, deallocates) `[offset, offset + len)`.
     pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: FallocateMode) -> Result<()> {
-        self.modify(|inner| inner.fallocate(ino, offset, len, mode))
+        self.modify("fallocate", |inner| inner.fallocate(ino, offset, len, mode))
     }
 
     /// Calls `emit` for entries from `cursor` on ("." and ".." first; cursor 0 is the
@@ -583,7 +555,7 @@ impl Fs {
     ) -> Result<()> {
         let mut cursor = cursor;
         loop {
-            let batch = self.query(|inner| inner.readdir_batch(ino, cursor, 256))?;
+            let batch = self.query("readdir", |inner| inner.readdir_batch(ino, cursor, 256))?;
             let Some(last) = batch.last() else {
                 return Ok(());
             };
@@ -607,7 +579,7 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        self.query(|inner| {
+        self.query("getxattr", |inner| {
             let inode = inner.get(ino)?;
             if inode.xattr_root == 0 {
                 return Err(Error::NoAttr);
@@ -617,11 +589,11 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], mode: SetMode) -> Result<()> {
-        self.modify(|inner| inner.setxattr(ino, name, value, mode))
+        self.modify("setxattr", |inner| inner.setxattr(ino, name, value, mode))
     }
 
     pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>> {
-        self.query(|inner| {
+        self.query("listxattr", |inner| {
             let inode = inner.get(ino)?;
             if inode.xattr_root == 0 {
                 return Ok(Vec::new());
@@ -631,11 +603,11 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
-        self.modify(|inner| inner.removexattr(ino, name))
+        self.modify("removexattr", |inner| inner.removexattr(ino, name))
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
-        self.query(|inner| {
+        self.query("statfs", |inner| {
             let meta = &inner.meta;
             Ok(StatFs {
                 block_size: BLOCK_SIZE as u32,
@@ -651,7 +623,7 @@ impl Fs {
     /// Makes the file's data and metadata durable (commits every pending change: the
     /// journal is global).
     pub fn fsync(&self, ino: u64) -> Result<()> {
-        self.query(|inner| {
+        self.query("fsync", |inner| {
             inner.get(ino)?;
             inner.commit()
         })
@@ -659,13 +631,13 @@ impl Fs {
 
     /// Makes every change durable.
     pub fn sync(&self) -> Result<()> {
-        self.query(|inner| inner.commit())
+        self.query("sync", |inner| inner.commit())
     }
 
     /// Commits and checkpoints: the journal is empty afterwards and freed blocks become
     /// reusable (subject to epoch pins).
     pub fn checkpoint(&self) -> Result<()> {
-        self.query(|inner| {
+        self.query("checkpoint", |inner| {
             inner.commit()?;
             inner.checkpoint()
         })
@@ -673,7 +645,7 @@ impl Fs {
 
     /// The extents of a file: (logical block, physical block, length).
     pub fn extents(&self, ino: u64) -> Result<Vec<Extent>> {
-        self.query(|inner| {
+        self.query("extents", |inner| {
             let inode = inner.get(ino)?;
             extent::list(&mut inner.meta, &inode)
         })
@@ -682,7 +654,7 @@ impl Fs {
     /// A file's extents and attributes read together, under one lock: what the kernel
     /// binding publishes (the generation must belong to exactly these extents).
     pub fn extent_snapshot(&self, ino: u64) -> Result<(Vec<Extent>, Attr)> {
-        self.query(|inner| {
+        self.query("extent_snapshot", |inner| {
             let inode = inner.get(ino)?;
             let extents = extent::list(&mut inner.meta, &inode)?;
             Ok((extents, Attr::of(&inode)))
@@ -707,35 +679,41 @@ impl Fs {
 
     /// Releases freed blocks whose epochs are no longer pinned.
     pub fn reclaim(&self) {
-        self.lock().meta.blocks.reclaim();
+        let result = self.locked("reclaim", |inner| {
+            inner.meta.blocks.reclaim();
+            Ok(())
+        });
+        if let Err(e) = result {
+            log::error!("reclaiming freed blocks failed: {e}");
+        }
     }
 
     /// Notes an open handle on `ino`: if it loses its last link while open, it is freed
     /// when the last handle is released (and after a crash, at the next open).
     pub fn retain(&self, ino: u64) -> Result<()> {
-        let mut inner = self.lock();
-        inner.get(ino)?;
-        *inner.open_counts.entry(ino).or_insert(0) += 1;
-        Ok(())
+        self.locked("retain", |inner| {
+            inner.get(ino)?;
+            *inner.open_counts.entry(ino).or_insert(0) += 1;
+            Ok(())
+        })
     }
 
     /// Releases a handle taken with `retain`.
     pub fn release(&self, ino: u64) -> Result<()> {
-        let free_now = {
-            let mut inner = self.lock();
+        let free_now = self.locked("release", |inner| {
             let Some(count) = inner.open_counts.get_mut(&ino) else {
-                return Ok(());
+                return Ok(false);
             };
             *count -= 1;
             if *count > 0 {
-                return Ok(());
+                return Ok(false);
             }
             inner.open_counts.remove(&ino);
             let inode = inner.get(ino)?;
-            inode.nlink == 0 && inode.is_allocated()
-        };
+            Ok(inode.nlink == 0 && inode.is_allocated())
+        })?;
         if free_now && !self.read_only {
-            self.modify(|inner| {
+            self.modify("release", |inner| {
                 inner.orphan_remove(ino)?;
                 let inode = inner.get(ino)?;
                 inner.free_inode(inode)
@@ -746,7 +724,7 @@ impl Fs {
 
     /// Creates the root directory of a freshly formatted image.
     pub(crate) fn make_root(&self) -> Result<()> {
-        self.modify(|inner| inner.make_root())
+        self.modify("make_root", |inner| inner.make_root())
     }
 
     /// Journal and cache counters.
@@ -757,98 +735,16 @@ impl Fs {
 
 impl Drop for Fs {
     fn drop(&mut self) {
-        let mut inner = self.lock();
-        if !inner.closed && !self.read_only {
-            if let Err(e) = inner.close() {
-                log::error!("closing the file system failed: {e}");
-            }
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.locked("close", |inner| inner.close()) {
+            log::error!("closing the file system failed: {e}");
         }
     }
 }
 
 impl Inner {
-    pub(crate) fn begin_op(&mut self) {
-        self.meta.journal.begin_op();
-        self.meta.blocks.begin_op();
-        self.meta.inode_alloc.begin_op();
-        self.meta.inodes.begin_op();
-        self.pending_events.clear();
-    }
-
-    fn rollback_op(&mut self) {
-        self.meta.journal.rollback_op();
-        self.meta.blocks.rollback_op();
-        self.meta.inode_alloc.rollback_op();
-        self.meta.inodes.rollback_op();
-        self.pending_events.clear();
-    }
-
-    /// Ends a successful operation: delivers its events, commits if the transaction grew
-    /// large, and starts a new savepoint.
-    fn finish_op(&mut self) -> Result<()> {
-        self.deliver_events();
-        if self.meta.journal.should_commit() {
-            self.commit()?;
-        }
-        Ok(())
-    }
-
-    /// Hands the operation's extent changes so far to the listeners. Called wherever the
-    /// operation may commit: a commit (and the checkpoint it may bring) is what lets freed
-    /// blocks be reused, and listeners must see a generation bump before that can happen.
-    /// (Dropping the changes at a mid-operation commit, as `begin_op` would, lost the
-    /// first steps of a multi-step truncate.)
-    fn deliver_events(&mut self) {
-        for change in std::mem::take(&mut self.pending_events) {
-            for listener in &self.listeners {
-                listener.extents_changed(&change);
-            }
-        }
-    }
-
-    /// A point inside a long operation where the state is consistent: commit if needed.
-    pub(crate) fn consistent_point(&mut self) -> Result<()> {
-        self.deliver_events();
-        if self.meta.journal.should_commit() {
-            self.commit()?;
-            self.begin_op();
-        }
-        Ok(())
-    }
-
-    pub(crate) fn commit(&mut self) -> Result<()> {
-        if self.meta.journal.needs_checkpoint() {
-            self.checkpoint()?;
-        }
-        self.meta.journal.commit()?;
-        self.meta.blocks.committed();
-        Ok(())
-    }
-
-    fn checkpoint(&mut self) -> Result<()> {
-        if self.meta.journal.checkpoint()? {
-            self.meta.blocks.checkpointed();
-        }
-        Ok(())
-    }
-
-    /// Before allocating for the bytes `[offset, offset + len)`: if free space is short
-    /// and freed blocks are held back by the log, commit and checkpoint so they can be
-    /// reused. Call it only before the operation changes anything: it may commit.
-    pub(crate) fn make_room(&mut self, offset: u64, len: u64) -> Result<()> {
-        let first = offset / BLOCK_SIZE_U64;
-        let blocks = crate::inode::blocks_for(offset.saturating_add(len)).saturating_sub(first);
-        let meta = &mut self.meta;
-        if meta.blocks.allocatable_blocks() < blocks + 64 && meta.blocks.has_held() {
-            self.deliver_events();
-            self.commit()?;
-            self.checkpoint()?;
-            self.meta.blocks.reclaim();
-            self.begin_op();
-        }
-        Ok(())
-    }
-
     fn close(&mut self) -> Result<()> {
         if self.closed {
             return Ok(());

@@ -19,6 +19,12 @@
 //! Invariants: the cache holds only clean blocks; the running transaction's blocks live
 //! in `dirty` until commit; replay applies transactions in sequence order and stops at
 //! the first descriptor or commit that is missing, torn or of another sequence.
+//!
+//! Stopping: a commit or checkpoint that fails part way leaves the device in an unknown
+//! state, so the journal stops (refuses every further write, commit and checkpoint) until
+//! the file system is reopened and replays what is durable. Each counts as failed from
+//! the moment it starts until it completes, so one that a panic cuts short stops the
+//! journal too. The `fs` layer also stops it when a panic leaves its state in doubt.
 
 use crate::cache::{BlockCache, CacheStats};
 use crate::device::BlockDevice;
@@ -62,8 +68,8 @@ pub struct Journal {
     dirty: BTreeMap<u64, Arc<Block>>,
     /// File data was written since the last fdatasync.
     data_unsynced: bool,
-    /// A commit failed part way: the device state is unknown, so refuse further writes.
-    failed: bool,
+    /// Why the journal stopped (see the module header); None while it takes writes.
+    stopped: Option<String>,
     /// Undo log of the current operation: for each write, the block's image before it
     /// (None: it was not in the transaction). Rolling back pops it in reverse.
     op_undo: Vec<(u64, Option<Arc<Block>>)>,
@@ -113,7 +119,7 @@ impl Journal {
             next_seq: 0,
             dirty: BTreeMap::new(),
             data_unsynced: false,
-            failed: false,
+            stopped: None,
             op_undo: Vec::new(),
             notes: Vec::new(),
             stats: JournalStats::default(),
@@ -357,16 +363,42 @@ impl Journal {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Fails if the journal takes no writes: a read-only open, or a stopped journal.
+    pub fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        if self.failed {
-            return Err(Error::Io(std::io::Error::other(
-                "an earlier journal commit failed; the file system is read-only until reopened",
-            )));
+        if let Some(reason) = &self.stopped {
+            return Err(Error::Stopped(reason.clone()));
         }
         Ok(())
+    }
+
+    /// Stops the journal (see the module header), naming why; a later reason replaces an
+    /// earlier one (the caller knows more: it includes the earlier one if it matters).
+    pub fn stop(&mut self, reason: String) {
+        self.stopped = Some(reason);
+    }
+
+    /// Why the journal stopped, if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+
+    /// Runs a commit or checkpoint `step`, counted as failed from its start until it
+    /// returns Ok: one that fails, or that a panic cuts short, stops the journal.
+    fn run_stopping_on_failure<T>(
+        &mut self,
+        what: &str,
+        step: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.stopped = Some(format!("a journal {what} was interrupted part way"));
+        let result = step(self);
+        self.stopped = match &result {
+            Ok(_) => None,
+            Err(e) => Some(format!("a journal {what} failed: {e}")),
+        };
+        result
     }
 
     /// True when the running transaction should be committed at the next operation
@@ -387,21 +419,18 @@ impl Journal {
             return Ok(());
         }
         self.check_writable()?;
-        if self.dirty.is_empty() {
-            if self.data_unsynced {
-                self.device.sync()?;
-                self.data_unsynced = false;
-            }
+        if self.dirty.is_empty() && !self.data_unsynced {
             return Ok(());
         }
-        let result = self.commit_dirty();
-        if result.is_err() {
-            self.failed = true;
-        }
-        result
+        self.run_stopping_on_failure("commit", Self::commit_dirty)
     }
 
     fn commit_dirty(&mut self) -> Result<()> {
+        if self.dirty.is_empty() {
+            self.device.sync()?;
+            self.data_unsynced = false;
+            return Ok(());
+        }
         let images = self.dirty.len() as u64;
         let needed = log_blocks_for(images);
         if needed > self.capacity {
@@ -425,8 +454,12 @@ impl Journal {
         self.device.sync()?;
         self.head += needed;
         self.next_seq += 1;
-        for (home, image) in std::mem::take(&mut self.dirty) {
+        // `dirty` is emptied only once every home write is done: if one fails (or
+        // panics), reads until the reopen still see the committed images.
+        for (home, image) in &self.dirty {
             self.device.write_at(&image[..], home * BLOCK_SIZE_U64)?;
+        }
+        for (home, image) in std::mem::take(&mut self.dirty) {
             self.cache.insert(home, image);
         }
         self.begin_op();
@@ -479,12 +512,24 @@ impl Journal {
         if self.read_only || self.head == 0 {
             return Ok(false);
         }
-        self.device.sync()?;
-        write_header(&*self.device, self.start, self.capacity + 1, self.next_seq)?;
-        self.device.sync()?;
-        self.head = 0;
-        self.stats.checkpoints += 1;
-        Ok(true)
+        // A stopped journal may hold a logged transaction whose home writes did not all
+        // happen: pointing the header past it would lose it.
+        self.check_writable()?;
+        // Failing part way stops the journal: a header that names the next sequence
+        // while `head` still points into the log would hide later commits from replay.
+        self.run_stopping_on_failure("checkpoint", |journal| {
+            journal.device.sync()?;
+            write_header(
+                &*journal.device,
+                journal.start,
+                journal.capacity + 1,
+                journal.next_seq,
+            )?;
+            journal.device.sync()?;
+            journal.head = 0;
+            journal.stats.checkpoints += 1;
+            Ok(true)
+        })
     }
 
     pub fn is_read_only(&self) -> bool {
