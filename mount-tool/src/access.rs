@@ -19,7 +19,9 @@
 //! blocked in the system call that sent the request, so the id names that thread; if
 //! /proc cannot be read, or names other ids (the request came from another pid
 //! namespace, pid 0), the caller has no supplementary groups and, unless it is uid 0, no
-//! capabilities: the failure refuses, it never grants.
+//! capabilities: the failure refuses, it never grants. Capabilities count only for a
+//! caller in the daemon's own user namespace: any user can make a namespace of its own
+//! (`unshare -Ur`) and hold every capability there, over nothing of ours.
 
 use fuser::Errno;
 use libfs::Attr;
@@ -39,6 +41,7 @@ pub enum Capability {
     Fowner = 3,
     Fsetid = 4,
     SysAdmin = 21,
+    Setfcap = 31,
 }
 
 /// Every capability: what uid 0 is assumed to hold when /proc cannot tell.
@@ -84,6 +87,11 @@ impl Credentials {
         }
     }
 
+    /// The caller's supplementary groups (from /proc; none if it cannot be read there).
+    pub fn groups(&self) -> &[u32] {
+        &self.extra().groups
+    }
+
     fn extra(&self) -> &ProcCredentials {
         self.extra.get_or_init(|| {
             read_proc(self.pid, self.uid, self.gid).unwrap_or_else(|| ProcCredentials {
@@ -108,13 +116,20 @@ impl Credentials {
 }
 
 /// The groups and effective capabilities of thread `pid`, if /proc/PID/status names the
-/// same fsuid and fsgid as the request.
+/// same fsuid and fsgid as the request. Its capabilities only if it is in this daemon's
+/// user namespace (CapEff counts in the thread's own).
 fn read_proc(pid: u32, uid: u32, gid: u32) -> Option<ProcCredentials> {
     if pid == 0 {
         return None;
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_status(&status, uid, gid)
+    let mut found = parse_status(&status, uid, gid)?;
+    let namespace = |path: &str| std::fs::read_link(path).ok();
+    let ours = namespace("/proc/self/ns/user");
+    if ours.is_none() || namespace(&format!("/proc/{pid}/ns/user")) != ours {
+        found.capabilities = 0;
+    }
+    Some(found)
 }
 
 /// Parses /proc/PID/status: `Uid:` and `Gid:` (real, effective, saved, fs), `Groups:`
@@ -232,19 +247,19 @@ pub fn hardlinks_protected() -> bool {
 }
 
 /// The access an open(2) with `flags` asks for (as the kernel sends them: O_TRUNC and
-/// O_CREAT removed; FMODE_EXEC marks an execve).
+/// O_CREAT removed). The open an execve makes (`__FMODE_EXEC`) asks for execute only;
+/// access mode 3 asks for read and write, as the kernel's ACC_MODE has it.
 pub fn open_mask(flags: i32) -> u32 {
     /// The kernel's `__FMODE_EXEC`, set in the flags of the open an execve makes.
     const FMODE_EXEC: i32 = 0x20;
-    let mut mask = match flags & libc::O_ACCMODE {
-        libc::O_WRONLY => MAY_WRITE,
-        libc::O_RDWR => MAY_READ | MAY_WRITE,
-        _ => MAY_READ,
-    };
     if flags & FMODE_EXEC != 0 {
-        mask |= MAY_EXEC;
+        return MAY_EXEC;
     }
-    mask
+    match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => MAY_READ,
+        libc::O_WRONLY => MAY_WRITE,
+        _ => MAY_READ | MAY_WRITE,
+    }
 }
 
 /// `may_open`: what `permission` decides, plus: a directory is never opened for writing.
@@ -408,16 +423,36 @@ fn namespace(name: &[u8]) -> &[u8] {
         .map_or(name, |dot| &name[..=dot])
 }
 
-/// `xattr_permission`: reading (`write` false) or setting and removing (`write` true)
-/// extended attribute `name` of `attr`. Refusals are EPERM for writes and ENODATA for
-/// reads where Linux hides the attribute rather than refusing.
+/// What is done to an extended attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrAccess {
+    Read,
+    Set,
+    Remove,
+}
+
+/// `xattr_permission` and the capability module's rules: `access` to extended attribute
+/// `name` of `attr`. Refusals are EPERM for changes and ENODATA for reads where Linux
+/// hides the attribute rather than refusing.
 pub fn xattr_permission(
     who: &Credentials,
     attr: &Attr,
     name: &[u8],
-    write: bool,
+    access: XattrAccess,
 ) -> Result<(), Errno> {
+    let write = access != XattrAccess::Read;
     let hidden = if write { Errno::EPERM } else { Errno::NO_XATTR };
+    if name == b"security.capability" && write {
+        // Setting file capabilities takes CAP_SETFCAP. Removing them is also what the
+        // kernel does, in the writer's name, when anyone writes or truncates the file:
+        // whoever may write it may remove them (it could by writing anyway).
+        let may_remove = access == XattrAccess::Remove && permission(who, attr, MAY_WRITE).is_ok();
+        return if may_remove || who.capable(Capability::Setfcap) {
+            Ok(())
+        } else {
+            Err(Errno::EPERM)
+        };
+    }
     match namespace(name) {
         b"trusted." => {
             if who.capable(Capability::SysAdmin) {
@@ -716,37 +751,40 @@ mod tests {
         let me = user(1000, 1000, &[]);
         let readable = file(0o644, 0, 0);
         assert_eq!(
-            xattr_permission(&me, &readable, b"trusted.x", false),
+            xattr_permission(&me, &readable, b"trusted.x", XattrAccess::Read),
             Err(Errno::NO_XATTR)
         );
         assert_eq!(
-            xattr_permission(&me, &readable, b"trusted.x", true),
+            xattr_permission(&me, &readable, b"trusted.x", XattrAccess::Set),
             Err(Errno::EPERM)
         );
         assert_eq!(
-            xattr_permission(&root(), &readable, b"trusted.x", true),
+            xattr_permission(&root(), &readable, b"trusted.x", XattrAccess::Set),
             Ok(())
         );
-        assert_eq!(xattr_permission(&me, &readable, b"user.x", false), Ok(()));
         assert_eq!(
-            xattr_permission(&me, &readable, b"user.x", true),
+            xattr_permission(&me, &readable, b"user.x", XattrAccess::Read),
+            Ok(())
+        );
+        assert_eq!(
+            xattr_permission(&me, &readable, b"user.x", XattrAccess::Set),
             Err(Errno::EACCES)
         );
         assert_eq!(
-            xattr_permission(&me, &file(0o600, 0, 0), b"user.x", false),
+            xattr_permission(&me, &file(0o600, 0, 0), b"user.x", XattrAccess::Read),
             Err(Errno::EACCES)
         );
         assert_eq!(
-            xattr_permission(&me, &dir(0o1777, 0, 0), b"user.x", true),
+            xattr_permission(&me, &dir(0o1777, 0, 0), b"user.x", XattrAccess::Set),
             Err(Errno::EPERM)
         );
         let link = attr(libc::S_IFLNK | 0o777, 1000, 1000);
         assert_eq!(
-            xattr_permission(&me, &link, b"user.x", true),
+            xattr_permission(&me, &link, b"user.x", XattrAccess::Set),
             Err(Errno::EPERM)
         );
         assert_eq!(
-            xattr_permission(&me, &readable, b"security.x", true),
+            xattr_permission(&me, &readable, b"security.x", XattrAccess::Set),
             Err(Errno::EPERM)
         );
         assert!(!xattr_listed(&me, b"trusted.x"));
@@ -768,6 +806,49 @@ mod tests {
         assert!(!stranger.in_group(27));
         assert!(!stranger.capable(Capability::DacOverride));
         assert!(Credentials::of_request(0, 0, 0).capable(Capability::DacOverride));
+    }
+
+    #[test]
+    fn file_capabilities_are_set_with_setfcap_and_removed_by_writers() {
+        let me = user(1000, 1000, &[]);
+        let caps = b"security.capability";
+        let writable = file(0o666, 0, 0);
+        let readable = file(0o644, 0, 0);
+        let set = XattrAccess::Set;
+        let remove = XattrAccess::Remove;
+        assert_eq!(
+            xattr_permission(&me, &writable, caps, set),
+            Err(Errno::EPERM)
+        );
+        assert_eq!(xattr_permission(&me, &writable, caps, remove), Ok(()));
+        assert_eq!(
+            xattr_permission(&me, &readable, caps, remove),
+            Err(Errno::EPERM)
+        );
+        assert_eq!(xattr_permission(&root(), &readable, caps, set), Ok(()));
+    }
+
+    #[test]
+    fn execve_needs_execute_alone_and_access_mode_3_needs_both() {
+        let me = user(1000, 1000, &[]);
+        let exec = libc::O_RDONLY | 0x20;
+        assert_eq!(may_open(&me, &file(0o711, 0, 0), exec), Ok(()));
+        assert_eq!(may_open(&me, &file(0o644, 0, 0), exec), Err(Errno::EACCES));
+        assert_eq!(may_open(&me, &file(0o644, 0, 0), 3), Err(Errno::EACCES));
+        assert_eq!(may_open(&me, &file(0o666, 0, 0), 3), Ok(()));
+    }
+
+    #[test]
+    fn capabilities_of_another_user_namespace_count_for_nothing() {
+        // This test runs in the daemon's namespace: its own capabilities are believed.
+        // SAFETY: getpid/getuid/getgid have no preconditions.
+        let (pid, uid, gid) = unsafe { (libc::getpid(), libc::getuid(), libc::getgid()) };
+        let me = Credentials::of_request(uid, gid, pid as u32);
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let cap_eff = parse_status(&status, uid, gid)
+            .expect("parsed")
+            .capabilities;
+        assert_eq!(me.capable(Capability::DacOverride), cap_eff & 2 != 0);
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //! - `fsync` makes the file durable (a journal commit); otherwise the daemon commits every
 //!   few seconds (mount.rs).
 
-use crate::access::{self, Credentials, SetattrRequest, TimeChange, MAY_EXEC, MAY_READ};
+use crate::access::{
+    self, Credentials, SetattrRequest, TimeChange, XattrAccess, MAY_EXEC, MAY_READ,
+};
 use crate::chains::{Caller, ChainService};
 use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD};
 use fuser::{
@@ -384,10 +386,10 @@ impl ExofsFuse {
         who: &Credentials,
         ino: u64,
         name: &[u8],
-        write: bool,
+        wanted: XattrAccess,
     ) -> Result<(), Errno> {
         let attr = self.attr(ino)?;
-        access::xattr_permission(who, &attr, name, write)
+        access::xattr_permission(who, &attr, name, wanted)
     }
 
     fn listed_xattrs(&self, who: &Credentials, ino: u64) -> Result<Vec<u8>, Errno> {
@@ -824,7 +826,7 @@ impl Filesystem for ExofsFuse {
         };
         let who = caller(req);
         let result = self
-            .checked_xattr(&who, ino.0, name.as_bytes(), true)
+            .checked_xattr(&who, ino.0, name.as_bytes(), XattrAccess::Set)
             .and_then(|()| {
                 self.fs
                     .setxattr(ino.0, name.as_bytes(), value, mode)
@@ -836,7 +838,7 @@ impl Filesystem for ExofsFuse {
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let who = caller(req);
         let result = self
-            .checked_xattr(&who, ino.0, name.as_bytes(), false)
+            .checked_xattr(&who, ino.0, name.as_bytes(), XattrAccess::Read)
             .and_then(|()| self.fs.getxattr(ino.0, name.as_bytes()).or_errno());
         match result {
             Ok(value) => xattr_reply(reply, &value, size),
@@ -855,7 +857,7 @@ impl Filesystem for ExofsFuse {
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let who = caller(req);
         let result = self
-            .checked_xattr(&who, ino.0, name.as_bytes(), true)
+            .checked_xattr(&who, ino.0, name.as_bytes(), XattrAccess::Remove)
             .and_then(|()| self.fs.removexattr(ino.0, name.as_bytes()).or_errno());
         reply_empty(reply, result);
     }

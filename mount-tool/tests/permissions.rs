@@ -23,6 +23,17 @@ use std::process::{Command, Stdio};
 /// A supplementary group of the test user (needs no name in /etc/group).
 const GROUP: u32 = 4242;
 
+/// Who runs a script.
+#[derive(Debug, Clone, Copy)]
+enum Runner {
+    Root,
+    /// The test user (uid, gid) with the supplementary group.
+    User(u32, u32),
+    /// The test user inside a user namespace of its own (`unshare -Ur`), where it holds
+    /// every capability, over nothing outside.
+    UserNamespace(u32, u32),
+}
+
 /// The probe, compiled into a directory the test user can reach; removed on drop.
 struct Probe(PathBuf);
 
@@ -43,19 +54,22 @@ impl Probe {
         Self(binary)
     }
 
-    /// Runs `script` on `root`; `user` is (uid, gid, supplementary groups), None for root.
-    fn run(&self, root: &Path, user: Option<(u32, u32, u32)>, script: &str) -> String {
-        let mut command = match user {
-            Some((uid, gid, group)) => {
+    /// Runs `script` on `root` as `runner`.
+    fn run(&self, root: &Path, runner: Runner, script: &str) -> String {
+        let mut command = match runner {
+            Runner::Root => Command::new(&self.0),
+            Runner::User(uid, gid) | Runner::UserNamespace(uid, gid) => {
                 let mut command = Command::new("setpriv");
                 command
                     .arg(format!("--reuid={uid}"))
                     .arg(format!("--regid={gid}"))
-                    .arg(format!("--groups={gid},{group}"))
-                    .arg(&self.0);
+                    .arg(format!("--groups={gid},{GROUP}"));
+                if let Runner::UserNamespace(..) = runner {
+                    command.args(["unshare", "--map-root-user"]);
+                }
+                command.arg(&self.0);
                 command
             }
-            None => Command::new(&self.0),
         };
         let mut child = command
             .arg(root)
@@ -170,6 +184,9 @@ chown t/group_dir 0 S
 open t/group_dir/inside wc
 open t/setuid wc
 chmod t/setuid 6777
+open t/setuid_truncated wc
+write t/setuid_truncated data
+chmod t/setuid_truncated 6777
 mkdir t/sgid_dir 2777
 chmod t/sgid_dir 2777
 chown t/sgid_dir 0 S
@@ -177,6 +194,8 @@ mkscript t/script
 chmod t/script 744
 mkscript t/script_all
 chmod t/script_all 755
+mktrue t/true711
+chmod t/true711 711
 ";
 
 /// What the user does; each line's result is compared with ext4's.
@@ -203,6 +222,8 @@ chdir t/open
 list t/open
 exec t/script
 exec t/script_all
+exec t/true711
+open t/public 3
 read t/group_file
 write t/group_file by-group
 list t/group_dir
@@ -263,6 +284,8 @@ rename t/open/linked t/mine/moved
 # setuid and setgid are cleared by a write and by chown.
 write t/setuid data
 stat t/setuid
+truncate t/setuid_truncated 1
+stat t/setuid_truncated
 chown t/mine/setuid - S
 stat t/mine/setuid
 # Extended attributes.
@@ -304,6 +327,7 @@ stat t/secret
 stat t/public
 stat t/shared
 stat t/setuid
+stat t/setuid_truncated
 stat t/mine/file
 stat t/mine/othergroup
 stat t/mine/setuid
@@ -324,15 +348,16 @@ fn with_ids(script: &str, uid: u32, gid: u32) -> String {
         .replace(" S ", &format!(" {GROUP} "))
 }
 
-/// Runs the three scripts on `root`; returns what the user and root saw.
-fn scenario(probe: &Probe, root: &Path, uid: u32, gid: u32) -> (String, String) {
-    let setup = probe.run(root, None, &with_ids(SETUP, uid, gid));
+/// Runs the three scripts on `root`, the user's as `user`; returns what the user and
+/// root saw.
+fn scenario(probe: &Probe, root: &Path, user: Runner, uid: u32, gid: u32) -> (String, String) {
+    let setup = probe.run(root, Runner::Root, &with_ids(SETUP, uid, gid));
     assert!(
         setup.lines().all(|line| line.ends_with(" ok")),
         "setup failed:\n{setup}"
     );
-    let user = probe.run(root, Some((uid, gid, GROUP)), &with_ids(AS_USER, uid, gid));
-    let after = probe.run(root, None, AFTERWARDS);
+    let user = probe.run(root, user, &with_ids(AS_USER, uid, gid));
+    let after = probe.run(root, Runner::Root, AFTERWARDS);
     (user, after)
 }
 
@@ -351,6 +376,56 @@ fn assert_same(what: &str, exofs: &str, ext4: &str) {
     );
 }
 
+/// Results the user must get, whatever ext4 says.
+const AS_THE_USER: &[(&str, &str)] = &[
+    ("read t/secret", "EACCES"),
+    ("append t/secret more", "EACCES"),
+    ("chmod t/secret 777", "EPERM"),
+    ("read t/private/inner", "EACCES"),
+    ("exec t/script", "EACCES"),
+    ("exec t/true711", "ok"),
+    ("open t/public 3", "EACCES"),
+    ("open t/newfile wc", "EACCES"),
+    ("chmod t/public 777", "EPERM"),
+    ("chown t/mine/file 0 -", "EPERM"),
+    ("utimens t/shared now omit", "EPERM"),
+    ("utimens t/shared now now", "ok"),
+    ("touch t/public", "EACCES"),
+    ("unlink t/sticky/roots", "EPERM"),
+    ("rename t/public t/open/public", "EACCES"),
+    ("rename t/open/rootsub2 t/mine/rootsub2", "EACCES"),
+    ("link t/open/made t/linked", "EACCES"),
+    ("getxattr t/public trusted.secret", "ENODATA"),
+    ("setxattr t/shared trusted.x y", "EPERM"),
+    ("setxattr t/public user.color red", "EACCES"),
+    ("read t/group_file", "[] ok"),
+    ("listxattr t/public", "user.color ok"),
+    (
+        "stat t/setuid_truncated",
+        "mode=100777 uid=0 gid=0 nlink=1 size=1 ok",
+    ),
+];
+
+/// Results the user must get inside a user namespace of its own, where it holds every
+/// capability: over files of ours, they count for nothing.
+const IN_A_NAMESPACE: &[(&str, &str)] = &[
+    ("read t/secret", "EACCES"),
+    ("append t/secret more", "EACCES"),
+    ("chmod t/secret 777", "EPERM"),
+    ("read t/private/inner", "EACCES"),
+    ("list t/private", "EACCES"),
+    ("open t/newfile wc", "EACCES"),
+    ("mkdir t/newdir 755", "EACCES"),
+    ("chmod t/public 777", "EPERM"),
+    ("unlink t/sticky/roots", "EPERM"),
+    ("getxattr t/public trusted.secret", "ENODATA"),
+    ("listxattr t/public", "user.color ok"),
+    (
+        "stat t/setuid_truncated",
+        "mode=100777 uid=65534 gid=65534 nlink=1 size=1 ok",
+    ),
+];
+
 /// The result of the line for `operation` (its text up to the colon).
 fn result_of<'a>(output: &'a str, operation: &str) -> &'a str {
     output
@@ -359,14 +434,21 @@ fn result_of<'a>(output: &'a str, operation: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line for `{operation}` in:\n{output}"))
 }
 
-fn permissions_match_ext4(options: &str, name: &str) {
+/// The user's operations on exofs mounted with `options` give what they give on ext4;
+/// `in_namespace`: the user runs them inside a user namespace of its own.
+fn permissions_match_ext4(options: &str, name: &str, in_namespace: bool) {
     let (uid, gid) = test_user();
+    let user = if in_namespace {
+        Runner::UserNamespace(uid, gid)
+    } else {
+        Runner::User(uid, gid)
+    };
     let probe = Probe::build(name);
     let ext4 = Ext4::new(name);
-    let (ext4_user, ext4_after) = scenario(&probe, &ext4.dir, uid, gid);
+    let (ext4_user, ext4_after) = scenario(&probe, &ext4.dir, user, uid, gid);
     let m = Mounted::new(name, "64M");
     m.mount_with(options);
-    let (exofs_user, exofs_after) = scenario(&probe, Path::new(m.dir()), uid, gid);
+    let (exofs_user, exofs_after) = scenario(&probe, Path::new(m.dir()), user, uid, gid);
 
     assert_same(
         &format!("the user's operations ({options})"),
@@ -380,31 +462,15 @@ fn permissions_match_ext4(options: &str, name: &str) {
     );
     // The refusals the report found missing, and a sample of each rule: fixed
     // expectations, so the test cannot pass by both sides allowing everything.
-    for (operation, expected) in [
-        ("read t/secret", "EACCES"),
-        ("append t/secret more", "EACCES"),
-        ("chmod t/secret 777", "EPERM"),
-        ("read t/private/inner", "EACCES"),
-        ("exec t/script", "EACCES"),
-        ("open t/newfile wc", "EACCES"),
-        ("chmod t/public 777", "EPERM"),
-        ("chown t/mine/file 0 -", "EPERM"),
-        ("utimens t/shared now omit", "EPERM"),
-        ("utimens t/shared now now", "ok"),
-        ("touch t/public", "EACCES"),
-        ("unlink t/sticky/roots", "EPERM"),
-        ("rename t/public t/open/public", "EACCES"),
-        ("rename t/open/rootsub2 t/mine/rootsub2", "EACCES"),
-        ("link t/open/made t/linked", "EACCES"),
-        ("getxattr t/public trusted.secret", "ENODATA"),
-        ("setxattr t/shared trusted.x y", "EPERM"),
-        ("setxattr t/public user.color red", "EACCES"),
-        ("read t/group_file", "[] ok"),
-        ("listxattr t/public", "user.color ok"),
-    ] {
+    let expectations = if in_namespace {
+        IN_A_NAMESPACE
+    } else {
+        AS_THE_USER
+    };
+    for (operation, expected) in expectations {
         assert_eq!(
             result_of(&exofs_user, operation),
-            expected,
+            *expected,
             "{operation} on exofs ({options}); all:\n{exofs_user}"
         );
     }
@@ -417,7 +483,20 @@ fn permissions_on_an_allow_other_mount_match_ext4() {
     if !can_mount("permissions_on_an_allow_other_mount_match_ext4") {
         return;
     }
-    permissions_match_ext4("allow_other", "perm-other");
+    permissions_match_ext4("allow_other", "perm-other", false);
+}
+
+#[test]
+fn capabilities_in_a_user_namespace_grant_nothing() {
+    if !can_mount("capabilities_in_a_user_namespace_grant_nothing") {
+        return;
+    }
+    permissions_match_ext4("allow_other", "perm-userns", true);
+    permissions_match_ext4(
+        "allow_other,no_default_permissions",
+        "perm-userns-daemon",
+        true,
+    );
 }
 
 #[test]
@@ -427,7 +506,7 @@ fn the_daemon_alone_enforces_every_rule() {
     }
     let log = std::env::temp_dir().join(format!("exofs-perm-{}.log", std::process::id()));
     let options = format!("allow_other,no_default_permissions,log={}", log.display());
-    permissions_match_ext4(&options, "perm-daemon");
+    permissions_match_ext4(&options, "perm-daemon", false);
     // The mount's log says what the option gives away.
     let logged = fs::read_to_string(&log).unwrap_or_default();
     let _ = fs::remove_file(&log);
@@ -447,12 +526,12 @@ fn a_mount_without_options_refuses_other_users_everything() {
     let m = Mounted::new("perm-none", "64M");
     m.mount();
     let root = Path::new(m.dir());
-    let setup = probe.run(root, None, &with_ids(SETUP, uid, gid));
+    let setup = probe.run(root, Runner::Root, &with_ids(SETUP, uid, gid));
     assert!(
         setup.lines().all(|line| line.ends_with(" ok")),
         "setup:\n{setup}"
     );
-    let user = probe.run(root, Some((uid, gid, GROUP)), &with_ids(AS_USER, uid, gid));
+    let user = probe.run(root, Runner::User(uid, gid), &with_ids(AS_USER, uid, gid));
     // `pause` touches nothing, and utimensat with both times UTIME_OMIT succeeds in the
     // kernel before it looks at the path.
     let touches_the_mount = |line: &&str| !line.starts_with("pause") && !line.contains("omit omit");
@@ -467,7 +546,11 @@ fn a_mount_without_options_refuses_other_users_everything() {
         assert_eq!(result_of(&user, operation), "EACCES", "{operation}");
     }
     // Nothing changed: root sees the tree as it made it.
-    let after = probe.run(root, None, "stat t/secret\nstat t/public\nlist t/open\n");
+    let after = probe.run(
+        root,
+        Runner::Root,
+        "stat t/secret\nstat t/public\nlist t/open\n",
+    );
     assert_eq!(
         after,
         "stat t/secret: mode=100600 uid=0 gid=0 nlink=1 size=9 ok\n\

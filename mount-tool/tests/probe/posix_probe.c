@@ -6,7 +6,8 @@
  *
  * Operations (paths relative to ROOT; MODE octal; "-" as an id leaves it unchanged):
  *   open PATH FLAGS        FLAGS letters: r w (read, write), a (append), t (O_TRUNC),
- *                          c (O_CREAT, mode 0644), x (O_EXCL), d (O_DIRECTORY)
+ *                          c (O_CREAT, mode 0644), x (O_EXCL), d (O_DIRECTORY), 3
+ *                          (access mode 3: no read or write, asks for both)
  *   read PATH              prints the content
  *   write PATH TEXT        writes TEXT at offset 0 (O_WRONLY)
  *   append PATH TEXT       O_WRONLY|O_APPEND
@@ -30,6 +31,7 @@
  *   stamp PATH             remembers mtime and ctime
  *   changed PATH           which of mtime and ctime moved since the stamp
  *   mkscript PATH          creates PATH (mode 0644) holding a shell script that exits 0
+ *   mktrue PATH            creates PATH (mode 0644), a copy of /bin/true
  *   pause                  sleeps 20 ms (so that a timestamp can move)
  */
 #define _GNU_SOURCE
@@ -59,6 +61,7 @@ static char *path_of(const char *relative) {
 static int flags_of(const char *letters) {
     int read = strchr(letters, 'r') != NULL, write = strchr(letters, 'w') != NULL;
     int flags = read && write ? O_RDWR : write ? O_WRONLY : O_RDONLY;
+    if (strchr(letters, '3')) flags = O_ACCMODE;
     if (strchr(letters, 'a')) flags |= O_APPEND;
     if (strchr(letters, 't')) flags |= O_TRUNC;
     if (strchr(letters, 'c')) flags |= O_CREAT;
@@ -241,6 +244,19 @@ static int run(char **word, int words) {
         ssize_t n = write(fd, script, sizeof script - 1);
         int err = n < 0 ? errno : 0;
         close(fd);
+        if (err) return err;
+    } else if (!strcmp(op, "mktrue")) {
+        char buf[65536];
+        NEED(2);
+        int from = open("/bin/true", O_RDONLY);
+        CHECK(from);
+        fd = open(path_of(word[1]), O_WRONLY | O_CREAT | O_EXCL, 0644);
+        int err = fd < 0 ? errno : 0;
+        ssize_t n;
+        while (!err && (n = read(from, buf, sizeof buf)) > 0)
+            if (write(fd, buf, n) != n) err = errno ? errno : EIO;
+        close(from);
+        if (fd >= 0) close(fd);
         if (err) return err;
     } else if (!strcmp(op, "pause")) {
         usleep(20000);
