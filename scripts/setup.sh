@@ -5,6 +5,7 @@
 # LLVM_PREFIX it picks LLVM 14 and fails to link). The tests also use gcc (the C ABI
 # header and the C ioctl example), useradd (passwd: an unprivileged test user) and mount
 # tools; `exofs bench mount` compares with fuse2fs and mkfs.ext4 (e2fsprogs).
+# scripts/fuzz.sh needs cargo-fuzz (run with the nightly toolchain).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -36,4 +37,8 @@ if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linke
     log "building bpf-linker 0.13.0 against LLVM 22 (a few minutes)"
     LLVM_PREFIX=/usr/lib/llvm-22 cargo +nightly install bpf-linker --version 0.13.0 \
         --no-default-features --features llvm-22
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
+    log "installing cargo-fuzz (about a minute)"
+    cargo install cargo-fuzz --locked
 fi

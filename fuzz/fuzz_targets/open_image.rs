@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfs::format::{seal_block, BLOCK_SIZE};
-use libfs::{format, Fs, FormatOptions, MemDevice, OpenOptions, ROOT_INO};
+use libfs::{format, FormatOptions, Fs, MemDevice, OpenOptions, ROOT_INO};
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 
@@ -17,19 +17,29 @@ fn template() -> &'static Vec<u8> {
     static TEMPLATE: OnceLock<Vec<u8>> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let device = Arc::new(MemDevice::new(IMAGE_BYTES));
-        let options = FormatOptions { journal_blocks: Some(64), inodes: Some(512), ..Default::default() };
+        let options = FormatOptions {
+            journal_blocks: Some(64),
+            inodes: Some(512),
+            ..Default::default()
+        };
         format(device.clone(), &options).expect("format template");
         let fs = Fs::open_device(device.clone(), &OpenOptions::default()).expect("open template");
         let dir = fs.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).expect("mkdir");
         for i in 0..300u32 {
-            fs.create(dir.ino, format!("entry-{i}").as_bytes(), 0o644, 0, 0).expect("create");
+            fs.create(dir.ino, format!("entry-{i}").as_bytes(), 0o644, 0, 0)
+                .expect("create");
         }
-        let file = fs.create(ROOT_INO, b"fragmented", 0o644, 0, 0).expect("create");
+        let file = fs
+            .create(ROOT_INO, b"fragmented", 0o644, 0, 0)
+            .expect("create");
         for block in (0..40u64).step_by(2) {
-            fs.write_at(file.ino, block * 4096, &[7u8; 4096]).expect("write");
+            fs.write_at(file.ino, block * 4096, &[7u8; 4096])
+                .expect("write");
         }
-        fs.setxattr(file.ino, b"user.k", b"v", libfs::XattrMode::Any).expect("xattr");
-        fs.symlink(ROOT_INO, b"link", b"fragmented", 0, 0).expect("symlink");
+        fs.setxattr(file.ino, b"user.k", b"v", libfs::XattrMode::Any)
+            .expect("xattr");
+        fs.symlink(ROOT_INO, b"link", b"fragmented", 0, 0)
+            .expect("symlink");
         // Leave one transaction in the journal so replay is exercised too.
         fs.sync().expect("sync");
         // The image as a crash would leave it, before close checkpoints.
@@ -43,9 +53,13 @@ fn walk(fs: &Fs, ino: u64, depth: usize) {
     if depth > 8 {
         return;
     }
-    let Ok(entries) = fs.list_dir(ino) else { return };
+    let Ok(entries) = fs.list_dir(ino) else {
+        return;
+    };
     for entry in entries {
-        let Ok(attr) = fs.getattr(entry.ino) else { continue };
+        let Ok(attr) = fs.getattr(entry.ino) else {
+            continue;
+        };
         if attr.is_dir() {
             walk(fs, entry.ino, depth + 1);
         } else if attr.is_symlink() {
@@ -60,7 +74,9 @@ fn walk(fs: &Fs, ino: u64, depth: usize) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, edits)) = data.split_first() else { return };
+    let Some((&flags, edits)) = data.split_first() else {
+        return;
+    };
     let mut image = template().clone();
     let blocks = image.len() / BLOCK_SIZE;
     let mut touched = Vec::new();
@@ -72,7 +88,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if flags & 1 == 1 {
         for block in touched {
-            let bytes: &mut [u8; BLOCK_SIZE] = (&mut image[block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE])
+            let bytes: &mut [u8; BLOCK_SIZE] = (&mut image
+                [block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE])
                 .try_into()
                 .expect("block slice");
             let magic = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);

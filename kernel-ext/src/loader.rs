@@ -647,22 +647,24 @@ impl AlignedBytes {
     }
 }
 
-fn le_u16(elf: &[u8], at: usize) -> Result<u16, LoadError> {
-    elf.get(at..at + 2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+/// The `len` bytes at `at`, or an error naming the offset (which may be any number the
+/// file claims).
+fn bytes_at(elf: &[u8], at: usize, len: usize) -> Result<&[u8], LoadError> {
+    at.checked_add(len)
+        .and_then(|end| elf.get(at..end))
         .ok_or_else(|| LoadError::Elf(format!("truncated at byte {at}")))
+}
+
+fn le_u16(elf: &[u8], at: usize) -> Result<u16, LoadError> {
+    bytes_at(elf, at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]))
 }
 
 fn le_u32(elf: &[u8], at: usize) -> Result<u32, LoadError> {
-    elf.get(at..at + 4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or_else(|| LoadError::Elf(format!("truncated at byte {at}")))
+    bytes_at(elf, at, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn le_u64(elf: &[u8], at: usize) -> Result<u64, LoadError> {
-    let b = elf
-        .get(at..at + 8)
-        .ok_or_else(|| LoadError::Elf(format!("truncated at byte {at}")))?;
+    let b = bytes_at(elf, at, 8)?;
     let mut word = [0u8; 8];
     word.copy_from_slice(b);
     Ok(u64::from_le_bytes(word))
@@ -670,6 +672,54 @@ fn le_u64(elf: &[u8], at: usize) -> Result<u64, LoadError> {
 
 fn to_usize(value: u64) -> Result<usize, LoadError> {
     usize::try_from(value).map_err(|_| LoadError::Elf(format!("offset {value} too large")))
+}
+
+/// Refuses symbols that aya-obj 0.3 would trust to slice their section with (it panics
+/// on a symbol whose value and size run past its section, or that lies below a section
+/// address): every symbol of a section of the file must lie inside it, and such a
+/// section must have address 0, as in every relocatable object. `header` gives a section
+/// header's offset; every header is inside `elf`.
+fn check_symbols(
+    elf: &[u8],
+    shnum: usize,
+    header: &dyn Fn(usize) -> usize,
+) -> Result<(), LoadError> {
+    const SHT_SYMTAB: u32 = 2;
+    const SHT_NOBITS: u32 = 8;
+    const SYM_SIZE: usize = 24;
+    for table in 0..shnum {
+        if le_u32(elf, header(table) + 4)? != SHT_SYMTAB {
+            continue;
+        }
+        let offset = to_usize(le_u64(elf, header(table) + 24)?)?;
+        let size = to_usize(le_u64(elf, header(table) + 32)?)?;
+        let symbols = bytes_at(elf, offset, size)
+            .map_err(|_| LoadError::Elf("symbol table out of bounds".to_owned()))?;
+        for (index, symbol) in symbols.chunks_exact(SYM_SIZE).enumerate() {
+            let section = usize::from(le_u16(symbol, 6)?);
+            // 0 is undefined; from 0xff00 on, special (absolute, common).
+            if section == 0 || section >= shnum {
+                continue;
+            }
+            let (value, length) = (le_u64(symbol, 8)?, le_u64(symbol, 16)?);
+            let at = header(section);
+            let section_size = if le_u32(elf, at + 4)? == SHT_NOBITS {
+                u64::MAX
+            } else {
+                le_u64(elf, at + 32)?
+            };
+            let inside = le_u64(elf, at + 16)? == 0
+                && value
+                    .checked_add(length)
+                    .is_some_and(|end| end <= section_size);
+            if !inside {
+                return Err(LoadError::Elf(format!(
+                    "symbol {index} ({length} bytes at {value}) lies outside its section {section}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Returns an aligned copy of `elf` in which every section named like the first of a pair
@@ -703,12 +753,23 @@ fn alias_sections(
             "unexpected section header table (size or string table index)".to_owned(),
         ));
     }
+    // Every header lies inside the file (checked once here), so offsets inside one are
+    // small numbers.
+    let headers_inside = shnum
+        .checked_mul(SHDR_SIZE)
+        .and_then(|len| len.checked_add(shoff))
+        .is_some_and(|end| end <= elf.len());
+    if !headers_inside {
+        return Err(LoadError::Elf(
+            "section header table out of bounds".to_owned(),
+        ));
+    }
     let header = |index: usize| shoff + index * SHDR_SIZE;
     let strtab_off = to_usize(le_u64(elf, header(shstrndx) + 24)?)?;
     let strtab_size = to_usize(le_u64(elf, header(shstrndx) + 32)?)?;
-    let strtab = elf
-        .get(strtab_off..strtab_off + strtab_size)
-        .ok_or_else(|| LoadError::Elf("section name table out of bounds".to_owned()))?;
+    let strtab = bytes_at(elf, strtab_off, strtab_size)
+        .map_err(|_| LoadError::Elf("section name table out of bounds".to_owned()))?;
+    check_symbols(elf, shnum, &header)?;
 
     // Section index -> index of its alias in `aliases`.
     let mut renamed: BTreeMap<usize, usize> = BTreeMap::new();

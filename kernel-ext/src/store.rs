@@ -227,6 +227,11 @@ impl BoundProgram {
     pub fn chain_program(&self) -> &SyscallProgram {
         &self.program
     }
+
+    /// The batch program (context [`exofs_abi::chain::BatchCtx`]).
+    pub fn batch_program(&self) -> &SyscallProgram {
+        &self.batch
+    }
 }
 
 /// Whom a policy grant is for.
@@ -332,12 +337,7 @@ fn batch_pin(path: &Path) -> PathBuf {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if valid {
+    if exofs_abi::ioctl::is_valid_program_name(name) {
         Ok(())
     } else {
         Err(BindingError::BadName(name.to_owned()))

@@ -21,8 +21,10 @@
 //! - Without a policy file the policy is empty: every request is refused (default deny).
 
 use crate::policy::{self, Policy, Who};
-use exofs_abi::chain::{status, BLOCK_SIZE, MAX_BATCH, MAX_HOPS};
-use exofs_abi::ioctl::{self, BatchIoctl, ChainIoctl, PolicyReload};
+pub use crate::request::Refusal;
+use crate::request::{decode_batch, decode_chain, struct_bytes, BatchCall, ChainCall};
+use exofs_abi::chain::status;
+use exofs_abi::ioctl::{self, PolicyReload};
 use exofs_abi::policy::PolicyGrant;
 use kernel_ext::binding::{
     BatchItem, BatchRequest, Binding, BindingError, ChainRequest, NamedSubject, PolicyEntry,
@@ -41,22 +43,6 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
-}
-
-/// A refused request: the errno for the caller and what to log.
-#[derive(Debug)]
-pub struct Refusal {
-    pub errno: i32,
-    pub reason: String,
-}
-
-impl Refusal {
-    fn new(errno: i32, reason: impl Into<String>) -> Self {
-        Self {
-            errno,
-            reason: reason.into(),
-        }
-    }
 }
 
 /// A subject of the policy, resolved: a cgroup by its id.
@@ -390,9 +376,11 @@ impl ChainService {
 
     /// `IOC_CHAIN` on inode `ino`: the answer's bytes, or a refusal.
     pub fn chain(&self, caller: &Caller, ino: u64, input: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let mut request: ChainIoctl = read_struct(input)?;
-        let name = program_of(&request.program)?;
-        check_limits(request.hop_limit, request.read_len)?;
+        let ChainCall {
+            mut request,
+            program,
+        } = decode_chain(input)?;
+        let name = program.as_str();
         let outcome = self
             .check(caller, ino, name, request.hop_limit, 1)
             .and_then(|(subject, hop_limit)| {
@@ -417,16 +405,12 @@ impl ChainService {
 
     /// `IOC_CHAIN_BATCH` on inode `ino`.
     pub fn chain_batch(&self, caller: &Caller, ino: u64, input: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let mut request: BatchIoctl = read_struct(input)?;
-        let name = program_of(&request.program)?;
-        check_limits(request.hop_limit, request.read_len)?;
-        let count = request.count as usize;
-        if count == 0 || count > MAX_BATCH {
-            return Err(Refusal::new(
-                libc::EINVAL,
-                format!("a batch of {count} lookups; send 1..={MAX_BATCH}"),
-            ));
-        }
+        let BatchCall {
+            mut request,
+            program,
+            count,
+        } = decode_batch(input)?;
+        let name = program.as_str();
         let result = self
             .check(caller, ino, name, request.hop_limit, request.count)
             .and_then(|(subject, hop_limit)| {
@@ -512,52 +496,6 @@ impl ChainService {
     pub fn remove_pins(&self) -> Result<(), BindingError> {
         self.binding.remove_all_pins()
     }
-}
-
-fn check_limits(hop_limit: u32, read_len: u32) -> Result<(), Refusal> {
-    if hop_limit > MAX_HOPS {
-        return Err(Refusal::new(
-            libc::EINVAL,
-            format!("hop_limit {hop_limit}; use 1..={MAX_HOPS}, or 0 for the grant's"),
-        ));
-    }
-    if !(1..=BLOCK_SIZE as u32).contains(&read_len) {
-        return Err(Refusal::new(
-            libc::EINVAL,
-            format!("read_len {read_len}; use 1..={BLOCK_SIZE}"),
-        ));
-    }
-    Ok(())
-}
-
-fn program_of(field: &[u8; ioctl::PROGRAM_NAME_SIZE]) -> Result<&str, Refusal> {
-    ioctl::program_name(field)
-        .filter(|name| !name.is_empty())
-        .ok_or_else(|| {
-            Refusal::new(
-                libc::EINVAL,
-                "the program name is empty or not NUL-terminated",
-            )
-        })
-}
-
-/// A request struct from the ioctl's input, which FUSE sized from the ioctl number.
-fn read_struct<T: aya::Pod>(input: &[u8]) -> Result<T, Refusal> {
-    exofs_abi::bytes::read(input).ok_or_else(|| {
-        Refusal::new(
-            libc::EINVAL,
-            format!(
-                "{} bytes of request; expected {}",
-                input.len(),
-                std::mem::size_of::<T>()
-            ),
-        )
-    })
-}
-
-/// The bytes of a request struct.
-fn struct_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
-    exofs_abi::bytes::of(value).to_vec()
 }
 
 /// Where cgroup2 is mounted (the unified hierarchy), from /proc/self/mountinfo.

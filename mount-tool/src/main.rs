@@ -13,12 +13,12 @@ mod bench_via_mount;
 mod chains;
 mod fuse;
 mod mount;
-mod policy;
 mod progs;
 mod size;
 mod tools;
 
 use clap::{Parser, Subcommand};
+use mount_tool::{policy, request};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

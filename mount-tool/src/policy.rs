@@ -170,12 +170,7 @@ impl Checker<'_> {
         }
         for program in inner.programs.get_ref() {
             let name = program.get_ref();
-            let valid = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !valid {
+            if !exofs_abi::ioctl::is_valid_program_name(name) {
                 self.report(
                     program.span(),
                     format!("program `{name}`: names are 1-64 characters of [A-Za-z0-9_-]"),

@@ -9,8 +9,9 @@
 //!
 //! Errors (errno of the ioctl): EACCES, the policy does not grant the program, the file,
 //! the hops or the batch size; ENOENT, no program of that name is loaded; EINVAL, a
-//! malformed request (name not NUL-terminated, hop limit or count out of range); ENOTTY,
-//! an unknown request; EOPNOTSUPP, the daemon has no kernel binding (BPF unavailable).
+//! malformed request (name not NUL-terminated or not a valid name, hop limit, read length
+//! or count out of range); ENOTTY, an unknown request; EOPNOTSUPP, the daemon has no
+//! kernel binding (BPF unavailable).
 //! A chain that runs gets status and hops in the struct (HOLE, OUT_OF_FILE, ABORTED and
 //! the other statuses are answers, not errors).
 
@@ -149,6 +150,17 @@ impl Default for PolicyReload {
             message: [0; MESSAGE_SIZE],
         }
     }
+}
+
+/// Whether `name` is a valid program name: 1-64 characters of `[A-Za-z0-9_-]`, the rule
+/// of `exofs prog load` (a name is a pin's file name), of policy files and of the ioctls
+/// (whose NUL-terminated field holds at most 63 of them).
+pub fn is_valid_program_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
 }
 
 /// The name in a NUL-terminated `program` field, if it is one.
