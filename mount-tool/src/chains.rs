@@ -20,6 +20,7 @@
 //!   next request.
 //! - Without a policy file the policy is empty: every request is refused (default deny).
 
+use crate::access::Credentials;
 use crate::policy::{self, Policy, Who};
 pub use crate::request::Refusal;
 use crate::request::{decode_batch, decode_chain, struct_bytes, BatchCall, ChainCall};
@@ -224,19 +225,11 @@ impl ChainService {
 
     /// The caller's supplementary groups and cgroup id, from /proc.
     fn identify(&self, caller: &Caller) -> (Vec<u32>, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", caller.pid));
-        let groups = status
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("Groups:"))
-                    .map(|list| {
-                        list.split_whitespace()
-                            .filter_map(|g| g.parse().ok())
-                            .collect()
-                    })
-            })
-            .unwrap_or_default();
+        // The same reading of /proc as the permission checks: believed only if it names
+        // the request's fsuid and fsgid.
+        let groups = Credentials::of_request(caller.uid, caller.gid, caller.pid)
+            .groups()
+            .to_vec();
         let cgroup = self
             .cgroup2
             .as_ref()
