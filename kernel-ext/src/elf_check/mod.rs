@@ -249,6 +249,18 @@ struct Symbol {
     kind: u8,
     section: u16,
     value: u64,
+    size: u64,
+}
+
+impl Symbol {
+    fn is_function(&self) -> bool {
+        self.kind == STT_FUNC || self.kind == STT_GNU_IFUNC
+    }
+
+    /// Defined in a section (not undefined, absolute or common).
+    fn is_defined(&self) -> bool {
+        self.section != SHN_UNDEF && self.section < SHN_LORESERVE
+    }
 }
 
 /// The symbol table aya-obj reads (the first SHT_SYMTAB) and its index.
@@ -281,6 +293,7 @@ fn check_symbols(object: &ElfObject<'_>) -> Result<Option<SymbolTable>, LoadErro
                 kind,
                 section,
                 value,
+                size: length,
             });
             if section == SHN_XINDEX {
                 return Err(malformed(
@@ -329,7 +342,10 @@ fn check_symbols(object: &ElfObject<'_>) -> Result<Option<SymbolTable>, LoadErro
 /// - a relocation of a code section whose symbol is a function, or lies in a code
 ///   section, names a defined function or a section symbol; against a section symbol it
 ///   is R_BPF_64_32 or R_BPF_64_64 (the two `object` gives a size), and the callee
-///   address it yields does not overflow.
+///   address it yields does not overflow;
+/// - a relocation naming a map or global data is not on the last instruction of a
+///   function, and its immediate plus the symbol's value fits in i32 (see
+///   [`check_data_reference`]).
 fn check_code(object: &ElfObject<'_>, symbols: &Option<SymbolTable>) -> Result<(), LoadError> {
     const INSN_SIZE: usize = 8;
     const CALL: u8 = 0x85;
@@ -374,59 +390,122 @@ fn check_code(object: &ElfObject<'_>, symbols: &Option<SymbolTable>) -> Result<(
             let Some(symbol) = table.symbols.get(symbol_index) else {
                 continue;
             };
-            let function = symbol.kind == STT_FUNC || symbol.kind == STT_GNU_IFUNC;
-            let defined = symbol.section != SHN_UNDEF && symbol.section < SHN_LORESERVE;
-            let into_code = defined && object.is_code(usize::from(symbol.section));
-            if !function && !into_code {
-                continue;
-            }
-            let what = |why: String| {
+            let relocation = Relocation {
+                offset,
+                kind,
+                symbol,
+                target,
+                code,
+            };
+            check_relocation(object, table, &relocation).map_err(|why| {
                 malformed(
                     &name,
                     format!("relocation {number} (symbol {symbol_index}): {why}"),
                 )
-            };
-            if function {
-                if !defined {
-                    return Err(what("a function symbol with no section".to_owned()));
-                }
-                continue;
-            }
-            if symbol.kind != STT_SECTION {
-                return Err(what(format!(
-                    "a symbol of type {} in code; only functions and sections may be named",
-                    symbol.kind
-                )));
-            }
-            if kind != R_BPF_64_32 && kind != R_BPF_64_64 {
-                return Err(what(format!(
-                    "type {kind} against a section symbol (only R_BPF_64_32 and R_BPF_64_64)"
-                )));
-            }
-            // aya-obj only looks at relocations at an instruction of a function.
-            let Some(insn) = usize::try_from(offset)
-                .ok()
-                .and_then(|at| bytes_at(code, at, INSN_SIZE).ok())
-            else {
-                continue;
-            };
-            let imm = le_i32(insn, 4)?;
-            let callee = if kind == R_BPF_64_32 {
-                imm.checked_add(1)
-                    .and_then(|next| (next as u64).checked_mul(INSN_SIZE as u64))
-                    .and_then(|bytes| symbol.value.checked_add(bytes))
-            } else {
-                symbol.value.checked_add(imm as u64)
-            };
-            if callee.is_none() {
-                return Err(what(format!(
-                    "immediate {imm} of the instruction at byte {offset} points before the \
-                     section or past any address"
-                )));
-            }
+            })?;
         }
     }
     Ok(())
+}
+
+/// One relocation of a code section.
+struct Relocation<'a> {
+    offset: u64,
+    kind: u32,
+    symbol: &'a Symbol,
+    /// The index and bytes of the section it applies to.
+    target: usize,
+    code: &'a [u8],
+}
+
+/// See [`check_code`]; returns why `relocation` is refused.
+fn check_relocation(
+    object: &ElfObject<'_>,
+    table: &SymbolTable,
+    relocation: &Relocation<'_>,
+) -> Result<(), String> {
+    const INSN_SIZE: usize = 8;
+    let symbol = relocation.symbol;
+    let into_code = symbol.is_defined() && object.is_code(usize::from(symbol.section));
+    // aya-obj only looks at relocations at an instruction of a function.
+    let imm = usize::try_from(relocation.offset)
+        .ok()
+        .and_then(|at| bytes_at(relocation.code, at, INSN_SIZE).ok())
+        .and_then(|insn| le_i32(insn, 4).ok());
+    if !symbol.is_function() && !into_code {
+        if symbol.is_defined() {
+            return check_data_reference(table, relocation, imm);
+        }
+        return Ok(());
+    }
+    if symbol.is_function() {
+        if !symbol.is_defined() {
+            return Err("a function symbol with no section".to_owned());
+        }
+        return Ok(());
+    }
+    if symbol.kind != STT_SECTION {
+        return Err(format!(
+            "a symbol of type {} in code; only functions and sections may be named",
+            symbol.kind
+        ));
+    }
+    let kind = relocation.kind;
+    if kind != R_BPF_64_32 && kind != R_BPF_64_64 {
+        return Err(format!(
+            "type {kind} against a section symbol (only R_BPF_64_32 and R_BPF_64_64)"
+        ));
+    }
+    let Some(imm) = imm else {
+        return Ok(());
+    };
+    let callee = if kind == R_BPF_64_32 {
+        imm.checked_add(1)
+            .and_then(|next| (next as u64).checked_mul(INSN_SIZE as u64))
+            .and_then(|bytes| symbol.value.checked_add(bytes))
+    } else {
+        symbol.value.checked_add(imm as u64)
+    };
+    match callee {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "immediate {imm} of the instruction at byte {} points before the section or past \
+             any address",
+            relocation.offset
+        )),
+    }
+}
+
+/// A reference to a map or global data, as aya-obj's `relocate_maps` resolves it: it
+/// writes the instruction after the one relocated (the second half of an `ld_imm64`) and
+/// adds the symbol's value to the immediate in i32. So the next instruction must belong to
+/// every function the relocated one belongs to, and the sum must not overflow.
+fn check_data_reference(
+    table: &SymbolTable,
+    relocation: &Relocation<'_>,
+    imm: Option<i32>,
+) -> Result<(), String> {
+    let offset = relocation.offset;
+    let cut_short = table.symbols.iter().any(|function| {
+        function.is_function()
+            && usize::from(function.section) == relocation.target
+            && function.value <= offset
+            && offset < function.value.saturating_add(function.size)
+            && offset.saturating_add(16) > function.value.saturating_add(function.size)
+    });
+    if cut_short {
+        return Err(format!(
+            "a map or data reference at byte {offset}, the last instruction of its function \
+             (a 16-byte ld_imm64 is expected)"
+        ));
+    }
+    match imm {
+        Some(imm) if imm.checked_add(relocation.symbol.value as i32).is_none() => Err(format!(
+            "immediate {imm} plus the symbol's value {} overflows",
+            relocation.symbol.value
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The `len` bytes at `at`, or an error naming the offset (which may be any number the

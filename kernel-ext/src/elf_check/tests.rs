@@ -483,3 +483,79 @@ fn relocated_calls_whose_callee_address_overflows_are_refused() {
         "relocation 0 (symbol 2): immediate -5",
     );
 }
+
+/// The driver (whose programs reference maps and `.rodata`), corrupted by `corrupt`, must
+/// be refused by the loader before any map is created (so without root). Without the
+/// checks, as root, each of these panics in aya-obj's `relocate_maps`.
+fn driver_refused(corrupt: impl FnOnce(&mut Vec<u8>), section: &str, expected: &str) {
+    let mut elf = crate::DRIVER_ELF.to_vec();
+    corrupt(&mut elf);
+    match crate::loader::Object::load(&elf) {
+        Err(LoadError::Malformed {
+            section: refused_section,
+            what,
+        }) => {
+            assert_eq!(refused_section, section, "{what}");
+            assert!(what.contains(expected), "`{what}` lacks `{expected}`");
+        }
+        other => panic!("expected {section} to be refused ({expected}), got {other:?}"),
+    }
+}
+
+/// The driver's first relocation of `.rel.text` against `.rodata` (a data map, whose
+/// references aya-obj resolves by writing the ld_imm64's second half and adding the
+/// symbol's value): (its file offset, its r_offset, its symbol's file offset).
+fn rodata_relocation(elf: &[u8]) -> (usize, u64, usize) {
+    let relocations = section(elf, ".rel.text");
+    let symtab = section(elf, ".symtab");
+    let rodata = section(elf, ".rodata").index as u16;
+    (relocations.offset..relocations.offset + relocations.size)
+        .step_by(16)
+        .map(|at| {
+            let symbol = symtab.offset + (u64_at(elf, at + 8) >> 32) as usize * 24;
+            (at, u64_at(elf, at), symbol)
+        })
+        .find(|&(_, _, symbol)| u16_at(elf, symbol + 6) == rodata)
+        .expect("a reference to .rodata in .text")
+}
+
+#[test]
+fn data_references_cut_short_by_their_function_are_refused() {
+    driver_refused(
+        |elf| {
+            let (relocation, offset, _) = rodata_relocation(elf);
+            let symtab = section(elf, ".symtab");
+            let text = section(elf, ".text").index as u16;
+            // The relocation moves to the last instruction of the function holding it.
+            let function = (symtab.offset..symtab.offset + symtab.size)
+                .step_by(24)
+                .find(|&at| {
+                    let (value, size) = (u64_at(elf, at + 8), u64_at(elf, at + 16));
+                    elf[at + 4] & 0xf == 2
+                        && u16_at(elf, at + 6) == text
+                        && value <= offset
+                        && offset < value + size
+                })
+                .expect("a function holding the first relocation");
+            let end = u64_at(elf, function + 8) + u64_at(elf, function + 16);
+            put_u64(elf, relocation, end - 8);
+        },
+        ".rel.text",
+        "the last instruction of its function",
+    );
+}
+
+#[test]
+fn data_references_whose_offset_overflows_are_refused() {
+    driver_refused(
+        |elf| {
+            let (_, offset, symbol) = rodata_relocation(elf);
+            let text = section(elf, ".text");
+            put_u32(elf, text.offset + offset as usize + 4, i32::MAX as u32);
+            // The section symbol of .rodata, at 0, moves to 1 (still inside .rodata).
+            put_u64(elf, symbol + 8, 1);
+        },
+        ".rel.text",
+        "overflows",
+    );
+}
