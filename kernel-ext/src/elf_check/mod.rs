@@ -185,8 +185,8 @@ impl<'a> ElfObject<'a> {
         })
     }
 
-    /// Indices of the sections aya-obj may cut functions from: `.text*` sections and
-    /// executable ones (program sections). A superset of aya-obj's own set.
+    /// Whether aya-obj may cut functions from section `index`: `.text*` sections and
+    /// executable ones (program sections), a superset of aya-obj's own set.
     fn is_code(&self, index: usize) -> bool {
         self.sections.get(index).is_some_and(|section| {
             section.name.starts_with(b".text") || section.flags & SHF_EXECINSTR != 0
