@@ -13,9 +13,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 seconds="${1:-60}"
-# binder_elf is left out until aya-obj stops panicking on malformed objects (docs/FUZZ.md);
-# FUZZ_TARGETS="binder_elf" scripts/fuzz.sh 60 runs it.
-read -r -a targets <<<"${FUZZ_TARGETS:-open_image binder policy ioctl driver}"
+# FUZZ_TARGETS="binder_elf" scripts/fuzz.sh 60 runs one target.
+read -r -a targets <<<"${FUZZ_TARGETS:-open_image binder binder_elf policy ioctl driver}"
 if [ "$(id -u)" != 0 ]; then
     # As in the tests, EXOFS_REQUIRE_PRIVILEGED=1 turns this skip into a failure.
     if [ -n "${EXOFS_REQUIRE_PRIVILEGED:-}" ] && [ "$EXOFS_REQUIRE_PRIVILEGED" != 0 ]; then

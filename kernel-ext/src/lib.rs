@@ -6,6 +6,8 @@
 //! - [`sys`]: the one module of raw bpf(2) calls (maps, BTF, program load with the
 //!   verifier log, test run, pin/get);
 //! - [`btf`]: the BTF (func_info, map key/value types) the kernel requires, synthesized;
+//! - `elf_check`: refuse, with a reason, the malformed objects aya-obj would panic on
+//!   (symbols, `.BTF`, `.BTF.ext`, call relocations), before the loader hands them over;
 //! - [`loader`]: parse a BPF ELF with aya-obj, create and relocate its maps, link and load
 //!   its `syscall` programs as sleepable BPF_PROG_TYPE_SYSCALL programs, run them;
 //! - [`extent_map`]: a file's extents cut into the chunks of the `extents` map, and the
@@ -31,6 +33,7 @@
 pub mod binder;
 pub mod binding;
 pub mod btf;
+mod elf_check;
 pub mod extent_map;
 pub mod index;
 pub mod loader;

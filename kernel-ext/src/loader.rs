@@ -23,6 +23,8 @@
 //!   loaded with the BTF [`crate::btf`] synthesizes for its subprograms.
 //! - Programs of any other program section are refused: this loader loads syscall
 //!   programs only.
+//! - aya-obj trusts the object it parses and panics on malformed ones; every object passes
+//!   `elf_check` first, which refuses those with a [`LoadError::Malformed`].
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -37,6 +39,7 @@ use aya_obj::{generated::bpf_insn, maps::PinningType};
 
 use crate::{
     btf::FuncBtf,
+    elf_check::{self, ElfObject},
     sys::{self, MapSpec, SysError},
 };
 
@@ -63,6 +66,15 @@ pub enum LoadError {
     /// Not a 64-bit little-endian BPF ELF object, or a malformed one.
     #[error("not a usable BPF ELF object: {0}")]
     Elf(String),
+    /// The object is malformed in a way aya-obj does not check (and would panic on); see
+    /// `elf_check`. Names the section and what is wrong.
+    #[error("malformed BPF object: {section}: {what}")]
+    Malformed {
+        /// The section (or symbol table) at fault.
+        section: String,
+        /// What is wrong with it.
+        what: String,
+    },
     /// aya-obj could not parse the object.
     #[error("parsing the BPF object: {0}")]
     Parse(#[from] aya_obj::ParseError),
@@ -647,81 +659,6 @@ impl AlignedBytes {
     }
 }
 
-/// The `len` bytes at `at`, or an error naming the offset (which may be any number the
-/// file claims).
-fn bytes_at(elf: &[u8], at: usize, len: usize) -> Result<&[u8], LoadError> {
-    at.checked_add(len)
-        .and_then(|end| elf.get(at..end))
-        .ok_or_else(|| LoadError::Elf(format!("truncated at byte {at}")))
-}
-
-fn le_u16(elf: &[u8], at: usize) -> Result<u16, LoadError> {
-    bytes_at(elf, at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-}
-
-fn le_u32(elf: &[u8], at: usize) -> Result<u32, LoadError> {
-    bytes_at(elf, at, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-fn le_u64(elf: &[u8], at: usize) -> Result<u64, LoadError> {
-    let b = bytes_at(elf, at, 8)?;
-    let mut word = [0u8; 8];
-    word.copy_from_slice(b);
-    Ok(u64::from_le_bytes(word))
-}
-
-fn to_usize(value: u64) -> Result<usize, LoadError> {
-    usize::try_from(value).map_err(|_| LoadError::Elf(format!("offset {value} too large")))
-}
-
-/// Refuses symbols that aya-obj 0.3 would trust to slice their section with (it panics
-/// on a symbol whose value and size run past its section, or that lies below a section
-/// address): every symbol of a section of the file must lie inside it, and such a
-/// section must have address 0, as in every relocatable object. `header` gives a section
-/// header's offset; every header is inside `elf`.
-fn check_symbols(
-    elf: &[u8],
-    shnum: usize,
-    header: &dyn Fn(usize) -> usize,
-) -> Result<(), LoadError> {
-    const SHT_SYMTAB: u32 = 2;
-    const SHT_NOBITS: u32 = 8;
-    const SYM_SIZE: usize = 24;
-    for table in 0..shnum {
-        if le_u32(elf, header(table) + 4)? != SHT_SYMTAB {
-            continue;
-        }
-        let offset = to_usize(le_u64(elf, header(table) + 24)?)?;
-        let size = to_usize(le_u64(elf, header(table) + 32)?)?;
-        let symbols = bytes_at(elf, offset, size)
-            .map_err(|_| LoadError::Elf("symbol table out of bounds".to_owned()))?;
-        for (index, symbol) in symbols.chunks_exact(SYM_SIZE).enumerate() {
-            let section = usize::from(le_u16(symbol, 6)?);
-            // 0 is undefined; from 0xff00 on, special (absolute, common).
-            if section == 0 || section >= shnum {
-                continue;
-            }
-            let (value, length) = (le_u64(symbol, 8)?, le_u64(symbol, 16)?);
-            let at = header(section);
-            let section_size = if le_u32(elf, at + 4)? == SHT_NOBITS {
-                u64::MAX
-            } else {
-                le_u64(elf, at + 32)?
-            };
-            let inside = le_u64(elf, at + 16)? == 0
-                && value
-                    .checked_add(length)
-                    .is_some_and(|end| end <= section_size);
-            if !inside {
-                return Err(LoadError::Elf(format!(
-                    "symbol {index} ({length} bytes at {value}) lies outside its section {section}"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Returns an aligned copy of `elf` in which every section named like the first of a pair
 /// of `aliases` is given the second name, and the indices of those sections.
 ///
@@ -733,55 +670,15 @@ fn alias_sections(
     elf: &[u8],
     aliases: &[(&str, &str)],
 ) -> Result<(AlignedBytes, HashSet<usize>), LoadError> {
-    const EHDR_SIZE: usize = 64;
-    const SHDR_SIZE: usize = 64;
-    const EM_BPF: u16 = 247;
-    if elf.len() < EHDR_SIZE || elf[..4] != *b"\x7fELF" {
-        return Err(LoadError::Elf("no ELF header".to_owned()));
-    }
-    if elf[4] != 2 || elf[5] != 1 || le_u16(elf, 18)? != EM_BPF {
-        return Err(LoadError::Elf(
-            "not a 64-bit little-endian BPF object (EM_BPF)".to_owned(),
-        ));
-    }
-    let shoff = to_usize(le_u64(elf, 0x28)?)?;
-    let shentsize = usize::from(le_u16(elf, 0x3a)?);
-    let shnum = usize::from(le_u16(elf, 0x3c)?);
-    let shstrndx = usize::from(le_u16(elf, 0x3e)?);
-    if shentsize != SHDR_SIZE || shstrndx >= shnum {
-        return Err(LoadError::Elf(
-            "unexpected section header table (size or string table index)".to_owned(),
-        ));
-    }
-    // Every header lies inside the file (checked once here), so offsets inside one are
-    // small numbers.
-    let headers_inside = shnum
-        .checked_mul(SHDR_SIZE)
-        .and_then(|len| len.checked_add(shoff))
-        .is_some_and(|end| end <= elf.len());
-    if !headers_inside {
-        return Err(LoadError::Elf(
-            "section header table out of bounds".to_owned(),
-        ));
-    }
-    let header = |index: usize| shoff + index * SHDR_SIZE;
-    let strtab_off = to_usize(le_u64(elf, header(shstrndx) + 24)?)?;
-    let strtab_size = to_usize(le_u64(elf, header(shstrndx) + 32)?)?;
-    let strtab = bytes_at(elf, strtab_off, strtab_size)
-        .map_err(|_| LoadError::Elf("section name table out of bounds".to_owned()))?;
-    check_symbols(elf, shnum, &header)?;
+    let object = ElfObject::parse(elf)?;
+    elf_check::check(&object)?;
 
     // Section index -> index of its alias in `aliases`.
     let mut renamed: BTreeMap<usize, usize> = BTreeMap::new();
-    for index in 0..shnum {
-        let name_off = le_u32(elf, header(index))? as usize;
-        let name = strtab
-            .get(name_off..)
-            .and_then(|rest| CStr::from_bytes_until_nul(rest).ok())
-            .ok_or_else(|| LoadError::Elf(format!("section {index} has no name")))?;
+    for (index, section) in object.sections.iter().enumerate() {
         if let Some(alias) = aliases
             .iter()
-            .position(|(from, _)| name.to_bytes() == from.as_bytes())
+            .position(|(from, _)| section.name == from.as_bytes())
         {
             renamed.insert(index, alias);
         }
@@ -793,7 +690,7 @@ fn alias_sections(
 
     let mut out = elf.to_vec();
     let new_strtab_off = out.len();
-    out.extend_from_slice(strtab);
+    out.extend_from_slice(object.names);
     let mut alias_offsets = Vec::with_capacity(aliases.len());
     for (_, alias) in aliases {
         let offset = u32::try_from(out.len() - new_strtab_off)
@@ -803,6 +700,8 @@ fn alias_sections(
         alias_offsets.push(offset);
     }
     let new_strtab_size = out.len() - new_strtab_off;
+    let header = |index: usize| object.header_offset(index);
+    let shstrndx = object.names_index;
     out[header(shstrndx) + 24..header(shstrndx) + 32]
         .copy_from_slice(&(new_strtab_off as u64).to_le_bytes());
     out[header(shstrndx) + 32..header(shstrndx) + 40]
