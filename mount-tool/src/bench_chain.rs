@@ -7,6 +7,11 @@
 //! over a private mapping of the device: the memory limit). Every path must return the
 //! same answers; the run fails otherwise. Cold phases drop the image's page cache (and
 //! every mapping of it) first.
+//!
+//! Out of core: with `--cache-budget SIZE` the measured phases run in a memory cgroup
+//! limited to SIZE (budget.rs), and each phase reports the disk's reads and bytes per
+//! lookup. The index should be many times the budget (`--index-size 4G --cache-budget
+//! 256M`): an index that fits measures the page cache, not the disk.
 
 use clap::Args;
 use exofs_abi::chain::status;
@@ -52,6 +57,10 @@ pub struct ChainArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Run the measured phases in a memory cgroup of this many bytes (e.g. 256M), made
+    /// and removed by the bench, and count the disk's reads of each phase.
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub(crate) cache_budget: Option<u64>,
     /// Through an exofs FUSE mount, as an unprivileged user: FUSE pread per hop, FUSE
     /// mmap, the chain ioctl and the batch ioctl (see bench_via_mount.rs).
     #[arg(long)]
@@ -90,6 +99,8 @@ pub(crate) struct Phase {
     /// Per-lookup latencies in ns (for batches: the call's time, for each lookup in it).
     pub(crate) latencies: Vec<u64>,
     pub(crate) cpu: Duration,
+    /// The disk's reads during the phase (with --cache-budget).
+    pub(crate) disk: Option<crate::budget::DiskCount>,
 }
 
 impl Phase {
@@ -428,6 +439,21 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     };
     let mut binding = Binding::open(fs.clone(), &options)?;
     let program = binding.bind("bench_btree", examples::BTREE)?;
+    // From here on the page cache this process fills is bounded (left on drop).
+    let budget = match args.cache_budget {
+        Some(bytes) => {
+            let cgroup = crate::budget::MemoryCgroup::enter(bytes)?;
+            let disk = crate::budget::DiskReads::of(&args.image)?;
+            println!(
+                "cache budget: {:.0} MiB in {} (index {:.1}x the budget)",
+                bytes as f64 / (1 << 20) as f64,
+                cgroup.dir().display(),
+                tree.bytes.len() as f64 / bytes as f64
+            );
+            Some((cgroup, disk))
+        }
+        None => None,
+    };
 
     let mut seed = 0;
     let mut random_keys = |n: usize| -> Vec<u64> {
@@ -450,8 +476,13 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
                 binding.remap()?;
                 crate::bench::drop_cache(device_fd)?;
             }
+            let before = budget.as_ref().map(|(_, disk)| disk.now()).transpose()?;
             let (elapsed, latencies, cpu) =
                 measure(&setup, &binding, &program, path, &keys, threads)?;
+            let disk = match (&budget, before) {
+                (Some((_, disk)), Some(before)) => Some(disk.now()? - before),
+                _ => None,
+            };
             phases.push(Phase {
                 path,
                 mode,
@@ -459,9 +490,11 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
                 elapsed,
                 latencies,
                 cpu,
+                disk,
             });
         }
     }
+    drop(budget);
     drop(program);
     drop(binding);
     drop(setup);
@@ -493,9 +526,22 @@ fn report(
     threads: usize,
     (pread, mmap): (&str, &str),
 ) -> Result<()> {
+    let with_disk = phases.iter().any(|p| p.disk.is_some());
     println!(
-        "{:<12} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}",
-        "path", "mode", "lookups/s", "p50 us", "p99 us", "cpu us/op", "vs pread", "vs mmap"
+        "{:<12} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}{}",
+        "path",
+        "mode",
+        "lookups/s",
+        "p50 us",
+        "p99 us",
+        "cpu us/op",
+        "vs pread",
+        "vs mmap",
+        if with_disk {
+            format!(" {:>11} {:>11}", "reads/op", "KiB/op")
+        } else {
+            String::new()
+        }
     );
     let rate = |path: &str, mode: &str| {
         phases
@@ -507,8 +553,12 @@ fn report(
         let ratio = |base: &str| {
             rate(base, phase.mode).map_or("-".to_owned(), |b| format!("{:.2}", phase.per_sec() / b))
         };
+        let disk = phase.disk.map_or(String::new(), |d| {
+            let per = |n: u64| n as f64 / phase.lookups as f64;
+            format!(" {:>11.2} {:>11.1}", per(d.reads), per(d.bytes) / 1024.0)
+        });
         println!(
-            "{:<12} {:<5} {:>12.0} {:>9.1} {:>9.1} {:>12.2} {:>9} {:>9}",
+            "{:<12} {:<5} {:>12.0} {:>9.1} {:>9.1} {:>12.2} {:>9} {:>9}{disk}",
             phase.path,
             phase.mode,
             phase.per_sec(),
@@ -523,9 +573,15 @@ fn report(
         let items: Vec<String> = phases
             .iter()
             .map(|p| {
+                let disk = p.disk.map_or(String::new(), |d| {
+                    format!(
+                        ",\"device_reads\":{},\"device_bytes\":{}",
+                        d.reads, d.bytes
+                    )
+                });
                 format!(
                     "{{\"path\":\"{}\",\"mode\":\"{}\",\"depth\":{},\"node_size\":{},\"threads\":{},\
-                     \"lookups_per_sec\":{:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_lookup\":{:.3}}}",
+                     \"lookups_per_sec\":{:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_lookup\":{:.3}{disk}}}",
                     p.path,
                     p.mode,
                     args.depth,

@@ -279,6 +279,7 @@ fn client_phase(
         elapsed,
         latencies,
         cpu,
+        disk: None,
     })
 }
 

@@ -10,6 +10,7 @@ mod bench;
 mod bench_chain;
 mod bench_mount;
 mod bench_via_mount;
+mod budget;
 mod chains;
 mod fuse;
 mod mount;

@@ -243,3 +243,68 @@ fn policy_check_reports_mistakes_with_lines() {
     assert!(report.contains(&format!("{}:6:", bad.path())), "{report}");
     assert!(report.contains("max_hops = 100: use 1..=64"), "{report}");
 }
+
+#[test]
+fn bench_chain_under_a_cache_budget_counts_the_disks_reads() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        common::skip(
+            "bench_chain_under_a_cache_budget_counts_the_disks_reads",
+            "memory cgroups and BPF need root (CI runs as root)",
+        );
+        return;
+    }
+    // On a real disk (the temporary directory may be tmpfs, which has no disk to count).
+    let image = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("exofs-cli-{}-budget.img", std::process::id()));
+    let out = exofs(&[
+        "bench",
+        "chain",
+        "--index-size",
+        "32M",
+        "--cache-budget",
+        "8M",
+        "--mode",
+        "cold",
+        "--lookups",
+        "5000",
+        "--paths",
+        "pread,chain_batch",
+        "--image",
+        image.to_str().expect("utf-8"),
+    ]);
+    let printed = text(&out);
+    assert!(out.status.success(), "bench: {printed}");
+    assert!(printed.contains("cache budget: 8 MiB"), "{printed}");
+    for path in ["pread", "chain_batch"] {
+        let line = printed
+            .lines()
+            .find(|line| line.starts_with(&format!("{path} ")))
+            .unwrap_or_else(|| panic!("no {path} line: {printed}"));
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        let reads: f64 = columns[columns.len() - 2].parse().expect("reads/op");
+        assert!(
+            reads > 0.0,
+            "a cold {path} read nothing from the disk: {line}"
+        );
+    }
+    // The bench removed its cgroup and its image.
+    let mine = format!("exofs-bench-{}", out_pid(&printed));
+    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"] {
+        assert!(
+            !Path::new(root).join(&mine).exists(),
+            "{root}/{mine} was left behind"
+        );
+    }
+    assert!(!image.exists(), "the image was left behind");
+}
+
+/// The pid in the bench's "cache budget: ... in .../exofs-bench-PID" line.
+fn out_pid(printed: &str) -> String {
+    printed
+        .lines()
+        .find_map(|line| line.split("exofs-bench-").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned()
+}
