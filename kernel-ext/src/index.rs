@@ -163,33 +163,55 @@ pub fn btree_lookup(
     let mut offset = 0u64;
     for hop in 1..=64u32 {
         read_exact(read, offset, &mut node)?;
-        let malformed = |what: &str| IndexError::Malformed {
-            offset,
-            what: what.to_owned(),
-        };
-        let magic = u32::from_le_bytes([node[0], node[1], node[2], node[3]]);
-        let level = u16::from_le_bytes([node[4], node[5]]);
-        let count = usize::from(u16::from_le_bytes([node[6], node[7]]));
-        if magic != btree::MAGIC || count > btree::capacity(node_size) {
-            return Err(malformed("bad magic or count"));
+        match btree_step(&node, offset, key, hop)? {
+            BtreeStep::Next(child) => offset = child,
+            BtreeStep::Done(answer) => return Ok(answer),
         }
-        let keys = (0..count).map(|i| u64_at(&node, HEADER_SIZE + i * ENTRY_SIZE));
-        let below = keys.take_while(|k| *k <= key).count();
-        if below == 0 {
-            return Ok(Answer {
-                value: None,
-                hops: hop,
-            });
-        }
-        let at = HEADER_SIZE + (below - 1) * ENTRY_SIZE;
-        let (entry_key, value) = (u64_at(&node, at), u64_at(&node, at + 8));
-        if level == 0 {
-            let value = (entry_key == key).then_some(value);
-            return Ok(Answer { value, hops: hop });
-        }
-        offset = value;
     }
     Err(IndexError::Invalid("more than 64 levels".into()))
+}
+
+/// What one B-tree node says about a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BtreeStep {
+    /// Read the child at this offset next.
+    Next(u64),
+    /// The lookup ends here (found or not) after `hop` hops.
+    Done(Answer),
+}
+
+/// One hop of a B-tree lookup: `node` (read at `offset`, the `hop`th node of the lookup)
+/// and `key` give the next node or the answer. A walk that keeps many lookups in flight
+/// calls it as each node arrives.
+pub fn btree_step(node: &[u8], offset: u64, key: u64, hop: u32) -> Result<BtreeStep, IndexError> {
+    let malformed = |what: &str| IndexError::Malformed {
+        offset,
+        what: what.to_owned(),
+    };
+    if node.len() < HEADER_SIZE {
+        return Err(malformed("shorter than a node header"));
+    }
+    let magic = u32::from_le_bytes([node[0], node[1], node[2], node[3]]);
+    let level = u16::from_le_bytes([node[4], node[5]]);
+    let count = usize::from(u16::from_le_bytes([node[6], node[7]]));
+    if magic != btree::MAGIC || count > btree::capacity(node.len()) {
+        return Err(malformed("bad magic or count"));
+    }
+    let keys = (0..count).map(|i| u64_at(node, HEADER_SIZE + i * ENTRY_SIZE));
+    let below = keys.take_while(|k| *k <= key).count();
+    if below == 0 {
+        return Ok(BtreeStep::Done(Answer {
+            value: None,
+            hops: hop,
+        }));
+    }
+    let at = HEADER_SIZE + (below - 1) * ENTRY_SIZE;
+    let (entry_key, value) = (u64_at(node, at), u64_at(node, at + 8));
+    if level == 0 {
+        let value = (entry_key == key).then_some(value);
+        return Ok(BtreeStep::Done(Answer { value, hops: hop }));
+    }
+    Ok(BtreeStep::Next(value))
 }
 
 /// Builds a hash file over `pairs` with `buckets` buckets: header, slots, then entries,

@@ -1,10 +1,13 @@
-//! `exofs bench chain`: B-tree lookups through five paths, in one run, warm and cold.
+//! `exofs bench chain`: B-tree lookups through many paths, in one run, warm and cold.
 //!
-//! Paths (DESIGN "Performance method"): `pread` (libfs `read_at` per hop), `io_uring`
-//! (one io_uring read per hop, translated through the file's extents in user space),
-//! `chain` (one in-kernel chain per lookup), `chain_batch` (32 lookups per kernel call;
-//! blocks not in memory are read concurrently between calls), `mmap` (a user-space walk
-//! over a private mapping of the device: the memory limit). Every path must return the
+//! Paths (DESIGN "Performance method"): `pread` (libfs `read_at` per hop),
+//! `pread_direct` (an O_DIRECT read per hop: XRP's baseline), `io_uring` (one io_uring
+//! read per hop, translated through the file's extents in user space), `io_uring_32` and
+//! `io_uring_32_direct` (32 lookups in flight through one io_uring, buffered or
+//! O_DIRECT: the strongest user-space peer out of core; bench_walks.rs), `chain` (one
+//! in-kernel chain per lookup), `chain_batch` (32 lookups per kernel call; blocks not in
+//! memory are read concurrently between calls), `mmap` (a user-space walk over a private
+//! mapping of the device: the memory limit) and `mmap_random` (the same, MADV_RANDOM). Every path must return the
 //! same answers; the run fails otherwise. Cold phases drop the image's page cache (and
 //! every mapping of it) first.
 //!
@@ -85,7 +88,19 @@ pub struct ChainArgs {
     pub(crate) client_keys: u64,
 }
 
-const PATHS: [&str; 5] = ["pread", "io_uring", "chain", "chain_batch", "mmap"];
+const PATHS: [&str; 9] = [
+    "pread",
+    "pread_direct",
+    "io_uring",
+    "io_uring_32",
+    "io_uring_32_direct",
+    "chain",
+    "chain_batch",
+    "mmap",
+    "mmap_random",
+];
+/// Lookups the io_uring walks keep in flight.
+const IN_FLIGHT: usize = 32;
 /// Lookups handed to one `run_batch` call (one kernel call of 32 per round; a window of
 /// 128 measured slower cold here: 3.2x pread against 4.0x).
 const BATCH_WINDOW: usize = 32;
@@ -148,6 +163,7 @@ struct Setup {
     node_size: usize,
     depth: u32,
     device_fd: i32,
+    image: PathBuf,
 }
 
 /// Expected answer of a key (the index maps key k to k * 7 + 1).
@@ -214,14 +230,46 @@ fn phase_user(
     keys: &[u64],
     threads: usize,
 ) -> Result<(Duration, Vec<u64>, Duration)> {
-    let map = if path == "mmap" {
-        Some(DeviceMapping::map_private(&setup.fs)?)
-    } else {
-        None
+    let map = match path {
+        "mmap" => Some(DeviceMapping::map_private(&setup.fs)?),
+        "mmap_random" => {
+            let map = DeviceMapping::map_private(&setup.fs)?;
+            map.advise(libc::MADV_RANDOM)?;
+            Some(map)
+        }
+        _ => None,
     };
+    let translate = |offset: u64| device_offset(&setup.extents, offset);
     let body = |_: usize, range: std::ops::Range<usize>| -> ThreadResult {
         let mut latencies = Vec::with_capacity(range.len());
         let mut wrong = 0;
+        if let Some(direct) = match path {
+            "io_uring_32" => Some(false),
+            "io_uring_32_direct" => Some(true),
+            _ => None,
+        } {
+            let image = crate::bench_walks::open_image(&setup.image, direct)?;
+            let keys = &keys[range];
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&image);
+            let walked = crate::bench_walks::in_flight_walk(
+                fd,
+                direct,
+                &translate,
+                setup.node_size,
+                keys,
+                IN_FLIGHT,
+            )?;
+            for (key, (answer, ns)) in keys.iter().zip(walked) {
+                latencies.push(ns);
+                wrong += check(*key, &answer, setup.depth);
+            }
+            return Ok((latencies, wrong));
+        }
+        let mut direct = if path == "pread_direct" {
+            Some(crate::bench_walks::DirectReader::open(&setup.image)?)
+        } else {
+            None
+        };
         let mut ring = if path == "io_uring" {
             Some(io_uring::IoUring::new(8).map_err(|e| e.to_string())?)
         } else {
@@ -241,6 +289,15 @@ fn phase_user(
                     *key,
                 )
                 .map_err(|e| e.to_string())?,
+                "pread_direct" => {
+                    let direct = direct.as_mut().ok_or("no O_DIRECT reader")?;
+                    index::btree_lookup(
+                        &mut |offset, buf: &mut [u8]| direct.read(translate(offset)?, buf),
+                        setup.node_size,
+                        *key,
+                    )
+                    .map_err(|e| e.to_string())?
+                }
                 "io_uring" => {
                     let ring = ring.as_mut().ok_or("no ring")?;
                     index::btree_lookup(
@@ -432,6 +489,7 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         node_size: args.node_size,
         depth: tree.depth,
         device_fd,
+        image: args.image.clone(),
     };
     let options = BindingOptions {
         pin: false,
@@ -528,7 +586,7 @@ fn report(
 ) -> Result<()> {
     let with_disk = phases.iter().any(|p| p.disk.is_some());
     println!(
-        "{:<12} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}{}",
+        "{:<18} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}{}",
         "path",
         "mode",
         "lookups/s",
@@ -558,7 +616,7 @@ fn report(
             format!(" {:>11.2} {:>11.1}", per(d.reads), per(d.bytes) / 1024.0)
         });
         println!(
-            "{:<12} {:<5} {:>12.0} {:>9.1} {:>9.1} {:>12.2} {:>9} {:>9}{disk}",
+            "{:<18} {:<5} {:>12.0} {:>9.1} {:>9.1} {:>12.2} {:>9} {:>9}{disk}",
             phase.path,
             phase.mode,
             phase.per_sec(),
