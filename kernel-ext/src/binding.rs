@@ -101,6 +101,8 @@ impl BindingError {
     }
 }
 
+mod pipeline;
+
 pub(crate) type Result<T, E = BindingError> = std::result::Result<T, E>;
 
 pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> BindingError + '_ {
@@ -232,21 +234,37 @@ impl DeviceMapping {
             };
         }
         for start in &starts {
-            // SAFETY: the block lies inside this mapping (clipped to its length);
-            // populating only reads the file into the mapping's page tables.
-            let ret = unsafe {
-                libc::madvise(
-                    self.addr.cast::<u8>().add(*start as usize).cast(),
-                    length(*start) as usize,
-                    libc::MADV_POPULATE_READ,
-                )
-            };
-            if ret != 0 {
-                return Err(BindingError::Invalid(format!(
-                    "cannot read the device at byte {start}: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
+            self.map_in(*start)?;
+        }
+        Ok(())
+    }
+
+    /// Maps the block at device offset `start` into this mapping's page tables, reading
+    /// it first if it is not in memory (MADV_POPULATE_READ), so that the driver's copy
+    /// that does not fault finds it.
+    pub fn map_in(&self, start: u64) -> Result<()> {
+        let block = libfs::BLOCK_SIZE as u64;
+        if start >= self.len as u64 {
+            return Err(BindingError::Invalid(format!(
+                "device byte {start} is past the mapping ({} bytes)",
+                self.len
+            )));
+        }
+        let length = block.min(self.len as u64 - start) as usize;
+        // SAFETY: the range lies inside this mapping (checked above); populating only
+        // reads the file into the mapping's page tables.
+        let ret = unsafe {
+            libc::madvise(
+                self.addr.cast::<u8>().add(start as usize).cast(),
+                length,
+                libc::MADV_POPULATE_READ,
+            )
+        };
+        if ret != 0 {
+            return Err(BindingError::Invalid(format!(
+                "cannot read the device at byte {start}: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(())
     }
@@ -428,6 +446,14 @@ pub struct BatchOutcome {
     pub hops: u32,
     /// The scratch as `next` left it (DONE), else as given.
     pub scratch: [u8; BATCH_SCRATCH_SIZE],
+}
+
+/// One lookup as a batch call left it.
+#[derive(Debug, Clone, Copy)]
+struct CalledLookup {
+    outcome: BatchOutcome,
+    /// With status MISSING: the device offset of the block that was not in memory.
+    missing: u64,
 }
 
 /// Counters of a batch run.
@@ -693,66 +719,20 @@ impl Binding {
         let mut pending: Vec<usize> = (0..items.len()).collect();
         let mut stale_rounds = 0;
         self.settle()?;
-        let (map_addr, map_len) = self.mapping.range();
         while !pending.is_empty() {
             let files = self.register_all(&request.files)?;
             let mut missing: Vec<u64> = Vec::new();
             let mut again: Vec<usize> = Vec::new();
             let mut stale = false;
             for group in pending.chunks(MAX_BATCH) {
-                let mut ctx = BatchCtx {
-                    files,
-                    file_count: request.files.len() as u32,
-                    hop_limit: request.hop_limit,
-                    read_len: request.read_len,
-                    count: group.len() as u32,
-                    map_addr,
-                    map_len,
-                    flags: if request.overlap_misses {
-                        BATCH_NO_FAULT
-                    } else {
-                        0
-                    },
-                    ..BatchCtx::default()
-                };
-                if let Some(subject) = request.subject {
-                    (ctx.subject_uid, ctx.subject_gid) = (subject.uid, subject.gid);
-                    ctx.subject_cgroup = subject.cgroup;
-                }
-                for (slot, index) in group.iter().enumerate() {
-                    let item = &items[*index];
-                    ctx.lookups[slot].start_file = item.start_file;
-                    ctx.lookups[slot].start_offset = item.start;
-                    ctx.lookups[slot].scratch = item.scratch;
-                }
-                {
-                    let _pin = self.fs.pin_epoch();
-                    let ret = program.batch.test_run_pod(&mut ctx)?;
-                    if ret as i32 == status::DENIED {
-                        for index in group {
-                            outcomes[*index].status = status::DENIED;
-                        }
-                        counters.calls += 1;
-                        continue;
-                    }
-                    if ret as i32 != status::DONE {
-                        return Err(BindingError::Invalid(format!(
-                            "the batch program refused the batch (status {})",
-                            ret as i32
-                        )));
-                    }
-                }
+                let lookups: Vec<&BatchItem> = group.iter().map(|index| &items[*index]).collect();
+                let called = self.call_batch(program, request, &files, &lookups)?;
                 counters.calls += 1;
-                for (slot, index) in group.iter().enumerate() {
-                    let lookup = &ctx.lookups[slot];
-                    outcomes[*index] = BatchOutcome {
-                        status: lookup.status,
-                        hops: lookup.hops,
-                        scratch: lookup.scratch,
-                    };
-                    match lookup.status {
+                for (index, outcome) in group.iter().zip(called) {
+                    outcomes[*index] = outcome.outcome;
+                    match outcome.outcome.status {
                         status::MISSING => {
-                            missing.push(lookup.missing);
+                            missing.push(outcome.missing);
                             again.push(*index);
                         }
                         status::STALE | status::NOT_REGISTERED => {
@@ -778,6 +758,75 @@ impl Binding {
             pending = again;
         }
         Ok((outcomes, counters))
+    }
+
+    /// One kernel call of the batch program on up to MAX_BATCH `lookups` over `files`
+    /// (registered): each lookup's outcome, and for MISSING the device offset of the
+    /// block it lacked. A batch the kernel policy refuses comes back DENIED for all.
+    fn call_batch(
+        &self,
+        program: &BoundProgram,
+        request: &BatchRequest,
+        files: &[ChainFile; MAX_CHAIN_FILES],
+        lookups: &[&BatchItem],
+    ) -> Result<Vec<CalledLookup>> {
+        let (map_addr, map_len) = self.mapping.range();
+        let mut ctx = BatchCtx {
+            files: *files,
+            file_count: request.files.len() as u32,
+            hop_limit: request.hop_limit,
+            read_len: request.read_len,
+            count: lookups.len() as u32,
+            map_addr,
+            map_len,
+            flags: if request.overlap_misses {
+                BATCH_NO_FAULT
+            } else {
+                0
+            },
+            ..BatchCtx::default()
+        };
+        if let Some(subject) = request.subject {
+            (ctx.subject_uid, ctx.subject_gid) = (subject.uid, subject.gid);
+            ctx.subject_cgroup = subject.cgroup;
+        }
+        for (slot, item) in lookups.iter().enumerate() {
+            ctx.lookups[slot].start_file = item.start_file;
+            ctx.lookups[slot].start_offset = item.start;
+            ctx.lookups[slot].scratch = item.scratch;
+        }
+        let ret = {
+            let _pin = self.fs.pin_epoch();
+            program.batch.test_run_pod(&mut ctx)?
+        };
+        if ret as i32 == status::DENIED {
+            let denied = |item: &&BatchItem| CalledLookup {
+                outcome: BatchOutcome {
+                    status: status::DENIED,
+                    hops: 0,
+                    scratch: item.scratch,
+                },
+                missing: 0,
+            };
+            return Ok(lookups.iter().map(denied).collect());
+        }
+        if ret as i32 != status::DONE {
+            return Err(BindingError::Invalid(format!(
+                "the batch program refused the batch (status {})",
+                ret as i32
+            )));
+        }
+        Ok(ctx.lookups[..lookups.len()]
+            .iter()
+            .map(|lookup| CalledLookup {
+                outcome: BatchOutcome {
+                    status: lookup.status,
+                    hops: lookup.hops,
+                    scratch: lookup.scratch,
+                },
+                missing: lookup.missing,
+            })
+            .collect())
     }
 
     /// Unregisters every file, stops listening, and removes the pins if no program is

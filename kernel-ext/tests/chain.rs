@@ -359,3 +359,53 @@ fn fan_out_crosses_files() {
     let outcome = binding.run(&walk, &request).expect("run");
     assert_eq!(outcome.status, status::INVALID);
 }
+
+#[test]
+fn pipelined_lookups_match_the_reference_walk() {
+    let Some((_image, fs, mut binding)) = setup("pipelined", 128 << 20) else {
+        return;
+    };
+    let btree = binding.bind("btree", examples::BTREE).expect("bind");
+    let all = keys(777, 4000);
+    let present: Vec<u64> = all.iter().copied().step_by(2).collect();
+    let pairs: Vec<(u64, u64)> = present.iter().map(|k| (*k, k / 3)).collect();
+    let fanout = index::fanout_for_depth(pairs.len() as u64, 4, 512).expect("fanout");
+    let tree = index::build_btree(&pairs, 512, fanout).expect("build");
+    let ino = write_fragmented(&fs, "tree", &tree.bytes, 3);
+    let probes: Vec<u64> = all.iter().copied().step_by(7).take(300).collect();
+    let items: Vec<BatchItem> = probes
+        .iter()
+        .map(|key| BatchItem::new(0, &lookup_scratch(*key)))
+        .collect();
+    let mut request = BatchRequest::new(ino);
+    request.read_len = 512;
+    // Windows smaller than, equal to and larger than a kernel call's 32 lookups; the
+    // mapping starts with nothing mapped, so the first lookups miss.
+    for window in [1, 5, 32, 100] {
+        binding.remap().expect("remap");
+        let (outcomes, counters) = binding
+            .run_pipelined(&btree, &request, &items, window)
+            .expect("pipelined");
+        assert!(counters.prefetched > 0, "window {window}: {counters:?}");
+        assert_eq!(outcomes.len(), items.len());
+        for (key, (outcome, _latency)) in probes.iter().zip(&outcomes) {
+            let expected = index::btree_lookup(&mut reader(&fs, ino), 512, *key).expect("walk");
+            let found = u64::from_le_bytes(outcome.scratch[8..16].try_into().expect("8"));
+            let value = u64::from_le_bytes(outcome.scratch[16..24].try_into().expect("8"));
+            assert_eq!(outcome.status, status::DONE, "key {key}, window {window}");
+            assert_eq!(
+                Answer {
+                    value: (found == 1).then_some(value),
+                    hops: outcome.hops
+                },
+                expected,
+                "key {key}, window {window}"
+            );
+        }
+    }
+    // No lookups: nothing to do.
+    let (none, _) = binding
+        .run_pipelined(&btree, &request, &[], 32)
+        .expect("empty");
+    assert!(none.is_empty());
+}

@@ -6,7 +6,8 @@
 //! `io_uring_32_direct` (32 lookups in flight through one io_uring, buffered or
 //! O_DIRECT: the strongest user-space peer out of core; bench_walks.rs), `chain` (one
 //! in-kernel chain per lookup), `chain_batch` (32 lookups per kernel call; blocks not in
-//! memory are read concurrently between calls), `mmap` (a user-space walk over a private
+//! memory are read concurrently between calls), `chain_pipelined` (32 lookups in flight,
+//! each going on as soon as its own missing block is in: `Binding::run_pipelined`), `mmap` (a user-space walk over a private
 //! mapping of the device: the memory limit) and `mmap_random` (the same, MADV_RANDOM). Every path must return the
 //! same answers; the run fails otherwise. Cold phases drop the image's page cache (and
 //! every mapping of it) first.
@@ -88,7 +89,7 @@ pub struct ChainArgs {
     pub(crate) client_keys: u64,
 }
 
-const PATHS: [&str; 9] = [
+const PATHS: [&str; 10] = [
     "pread",
     "pread_direct",
     "io_uring",
@@ -96,6 +97,7 @@ const PATHS: [&str; 9] = [
     "io_uring_32_direct",
     "chain",
     "chain_batch",
+    "chain_pipelined",
     "mmap",
     "mmap_random",
 ];
@@ -561,6 +563,40 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     report(args, &phases, threads, ("pread", "mmap"))
 }
 
+fn phase_pipelined(
+    setup: &Setup,
+    binding: &Binding,
+    program: &BoundProgram,
+    keys: &[u64],
+    threads: usize,
+) -> Result<(Duration, Vec<u64>, Duration)> {
+    let body = |_: usize, range: std::ops::Range<usize>| -> ThreadResult {
+        let keys = &keys[range];
+        let mut request = BatchRequest::new(setup.ino);
+        request.read_len = setup.node_size as u32;
+        let items: Vec<BatchItem> = keys
+            .iter()
+            .map(|key| BatchItem::new(0, &key.to_le_bytes()))
+            .collect();
+        let (outcomes, _) = binding
+            .run_pipelined(program, &request, &items, IN_FLIGHT)
+            .map_err(|e| e.to_string())?;
+        let mut latencies = Vec::with_capacity(keys.len());
+        let mut wrong = 0;
+        for (key, (outcome, latency)) in keys.iter().zip(outcomes) {
+            latencies.push(latency.as_nanos() as u64);
+            let (found, value) = words(&outcome.scratch);
+            let answer = index::Answer {
+                value: (outcome.status == status::DONE && found == 1).then_some(value),
+                hops: outcome.hops,
+            };
+            wrong += check(*key, &answer, setup.depth);
+        }
+        Ok((latencies, wrong))
+    };
+    run_threads(threads, keys.len(), &body)
+}
+
 fn measure(
     setup: &Setup,
     binding: &Binding,
@@ -572,6 +608,7 @@ fn measure(
     match path {
         "chain" => phase_chain(setup, binding, program, false, keys, threads),
         "chain_batch" => phase_chain(setup, binding, program, true, keys, threads),
+        "chain_pipelined" => phase_pipelined(setup, binding, program, keys, threads),
         _ => phase_user(setup, path, keys, threads),
     }
 }
