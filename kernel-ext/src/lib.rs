@@ -37,6 +37,7 @@ mod elf_check;
 pub mod extent_map;
 pub mod index;
 pub mod loader;
+pub mod ring;
 pub mod store;
 
 /// The example application objects (bpf/examples), built by build.rs.

@@ -18,10 +18,13 @@
 //! when a decision needs them (the owner's own access never reads /proc). The thread is
 //! blocked in the system call that sent the request, so the id names that thread; if
 //! /proc cannot be read, or names other ids (the request came from another pid
-//! namespace, pid 0), the caller has no supplementary groups and, unless it is uid 0, no
-//! capabilities: the failure refuses, it never grants. Capabilities count only for a
+//! namespace, pid 0), the caller has no capabilities (uid 0 included) and unknown
+//! supplementary groups, so a file's group class gets no more than its other class: the
+//! failure refuses, it never grants. Capabilities count only for a
 //! caller in the daemon's own user namespace: any user can make a namespace of its own
-//! (`unshare -Ur`) and hold every capability there, over nothing of ours.
+//! (`unshare -Ur`) and hold every capability there, over nothing of ours. (Linux would
+//! honour such capabilities over inodes whose ids that namespace maps; the daemon does
+//! not, a refusal on the safe side.)
 
 use fuser::Errno;
 use libfs::Attr;
@@ -44,15 +47,14 @@ pub enum Capability {
     Setfcap = 31,
 }
 
-/// Every capability: what uid 0 is assumed to hold when /proc cannot tell.
-const ALL_CAPABILITIES: u64 = u64::MAX;
-
 /// What /proc adds to the request header's uid and gid.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcCredentials {
     pub groups: Vec<u32>,
     /// CapEff, a bit per capability.
     pub capabilities: u64,
+    /// The groups were read (false: /proc could not tell, so they are unknown).
+    pub known: bool,
 }
 
 /// A caller: the ids of the request header, and (read lazily) its groups and capabilities.
@@ -93,12 +95,8 @@ impl Credentials {
     }
 
     fn extra(&self) -> &ProcCredentials {
-        self.extra.get_or_init(|| {
-            read_proc(self.pid, self.uid, self.gid).unwrap_or_else(|| ProcCredentials {
-                groups: Vec::new(),
-                capabilities: if self.uid == 0 { ALL_CAPABILITIES } else { 0 },
-            })
-        })
+        self.extra
+            .get_or_init(|| read_proc(self.pid, self.uid, self.gid).unwrap_or_default())
     }
 
     pub fn capable(&self, capability: Capability) -> bool {
@@ -108,6 +106,11 @@ impl Credentials {
     /// Whether `gid` is the caller's group or one of its supplementary groups.
     pub fn in_group(&self, gid: u32) -> bool {
         gid == self.gid || self.extra().groups.contains(&gid)
+    }
+
+    /// Whether the supplementary groups are known (read from /proc).
+    fn groups_known(&self) -> bool {
+        self.extra().known
     }
 
     fn in_group_or_capable(&self, gid: u32) -> bool {
@@ -153,6 +156,7 @@ fn parse_status(status: &str, uid: u32, gid: u32) -> Option<ProcCredentials> {
     Some(ProcCredentials {
         groups,
         capabilities,
+        known: true,
     })
 }
 
@@ -178,6 +182,9 @@ pub fn permission(who: &Credentials, attr: &Attr, mask: u32) -> Result<(), Errno
         attr.mode >> 6
     } else if who.in_group(attr.gid) {
         attr.mode >> 3
+    } else if !who.groups_known() {
+        // The caller may be in the file's group: grant what both classes allow.
+        (attr.mode >> 3) & attr.mode
     } else {
         attr.mode
     } & 7;
@@ -406,13 +413,11 @@ pub fn should_drop_suidgid(who: &Credentials, attr: &Attr) -> u32 {
     }
 }
 
-/// The mode left after a write that the kernel marked FUSE_WRITE_KILL_SUIDGID (it has
-/// decided that the writer lacks CAP_FSETID).
-pub fn mode_after_killing_write(attr: &Attr) -> Option<u32> {
-    let mut clear = attr.mode & S_ISUID;
-    if attr.mode & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP) {
-        clear |= S_ISGID;
-    }
+/// The mode left after a write by `who` that the kernel marked FUSE_WRITE_KILL_SUIDGID
+/// (it has decided that the writer lacks CAP_FSETID): setuid goes, and setgid as
+/// `setattr_should_drop_sgid` says.
+pub fn mode_after_killing_write(who: &Credentials, attr: &Attr) -> Option<u32> {
+    let clear = (attr.mode & S_ISUID) | should_drop_sgid(who, attr);
     (clear != 0).then_some(attr.mode & 0o7777 & !clear)
 }
 
@@ -444,9 +449,11 @@ pub fn xattr_permission(
     let hidden = if write { Errno::EPERM } else { Errno::NO_XATTR };
     if name == b"security.capability" && write {
         // Setting file capabilities takes CAP_SETFCAP. Removing them is also what the
-        // kernel does, in the writer's name, when anyone writes or truncates the file:
-        // whoever may write it may remove them (it could by writing anyway).
-        let may_remove = access == XattrAccess::Remove && permission(who, attr, MAY_WRITE).is_ok();
+        // kernel does in the caller's name when anyone writes or truncates the file, or
+        // its owner changes its group: whoever may write it, or owns it, may remove them
+        // (it could by writing, or by a chmod and a write, anyway).
+        let may_remove = access == XattrAccess::Remove
+            && (owner_or_capable(who, attr) || permission(who, attr, MAY_WRITE).is_ok());
         return if may_remove || who.capable(Capability::Setfcap) {
             Ok(())
         } else {
@@ -531,6 +538,7 @@ mod tests {
             ProcCredentials {
                 groups: groups.to_vec(),
                 capabilities: 0,
+                known: true,
             },
         )
     }
@@ -542,6 +550,7 @@ mod tests {
             ProcCredentials {
                 groups: vec![0],
                 capabilities: 0x1ff_ffff_ffff,
+                known: true,
             },
         )
     }
@@ -592,6 +601,7 @@ mod tests {
             ProcCredentials {
                 groups: vec![],
                 capabilities: 1 << Capability::DacReadSearch as u32,
+                known: true,
             },
         );
         assert_eq!(permission(&reader, &none, MAY_READ), Ok(()));
@@ -720,8 +730,14 @@ mod tests {
         assert_eq!(check_setattr(&me, &shared, &truncate), Ok(Some(0o777)));
         assert_eq!(check_setattr(&root(), &shared, &truncate), Ok(None));
         assert_eq!(should_drop_suidgid(&me, &shared), S_ISUID | S_ISGID);
-        assert_eq!(mode_after_killing_write(&shared), Some(0o777));
-        assert_eq!(mode_after_killing_write(&file(0o2644, 0, 0)), None);
+        assert_eq!(mode_after_killing_write(&me, &shared), Some(0o777));
+        // setgid without group execute: kept for a member of the group, dropped for
+        // anyone else.
+        assert_eq!(mode_after_killing_write(&me, &file(0o2664, 0, 1000)), None);
+        assert_eq!(
+            mode_after_killing_write(&me, &file(0o2664, 0, 0)),
+            Some(0o664)
+        );
         // Directories keep their bits on chown.
         let setgid_dir = dir(0o2775, 1000, 1000);
         assert_eq!(check_setattr(&me, &setgid_dir, &chown), Ok(None));
@@ -801,11 +817,24 @@ mod tests {
         assert_eq!(parsed.capabilities, 1);
         assert_eq!(parse_status(status, 0, 100), None, "another fsuid");
         assert_eq!(parse_status(status, 1000, 0), None, "another fsgid");
-        // Unreadable: no groups, and capabilities only for uid 0.
+        // Unreadable: no capabilities, uid 0 included, and unknown groups: a file's group
+        // class gets no more than its other class.
         let stranger = Credentials::of_request(1000, 100, 0);
         assert!(!stranger.in_group(27));
         assert!(!stranger.capable(Capability::DacOverride));
-        assert!(Credentials::of_request(0, 0, 0).capable(Capability::DacOverride));
+        assert!(!Credentials::of_request(0, 0, 0).capable(Capability::DacOverride));
+        let shut_out = file(0o604, 0, 27);
+        assert_eq!(
+            permission(&stranger, &shut_out, MAY_READ),
+            Err(Errno::EACCES)
+        );
+        let open_to_all = file(0o644, 0, 27);
+        assert_eq!(permission(&stranger, &open_to_all, MAY_READ), Ok(()));
+        // Its own group still counts (the request names it).
+        assert_eq!(
+            permission(&stranger, &file(0o640, 0, 100), MAY_READ),
+            Ok(())
+        );
     }
 
     #[test]
@@ -825,6 +854,10 @@ mod tests {
             xattr_permission(&me, &readable, caps, remove),
             Err(Errno::EPERM)
         );
+        // The owner may remove them (the kernel does, in its name, when it changes the
+        // group of a file it cannot write).
+        let mine = file(0o555, 1000, 1000);
+        assert_eq!(xattr_permission(&me, &mine, caps, remove), Ok(()));
         assert_eq!(xattr_permission(&root(), &readable, caps, set), Ok(()));
     }
 

@@ -11,6 +11,7 @@
 //! the chain's `next` does.
 
 use kernel_ext::index::{btree_step, Answer, BtreeStep};
+use kernel_ext::ring::Ring;
 use libfs::device::{AlignedBuffer, DIRECT_ALIGN};
 use std::os::fd::RawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -86,8 +87,6 @@ pub(crate) fn in_flight_walk(
     in_flight: usize,
 ) -> Result<Vec<(Answer, u64)>, String> {
     let in_flight = in_flight.clamp(1, keys.len().max(1));
-    let mut ring = io_uring::IoUring::new(in_flight.next_power_of_two() as u32)
-        .map_err(|e| format!("io_uring: {e}"))?;
     let span = if direct {
         2 * DIRECT_ALIGN.max(node_size)
     } else {
@@ -103,9 +102,11 @@ pub(crate) fn in_flight_walk(
             buffer: AlignedBuffer::new(span),
         })
         .collect();
+    // After the buffers: dropping the ring (on any return) waits for their reads.
+    let mut ring = Ring::new(in_flight).map_err(|e| format!("io_uring: {e}"))?;
     let mut answers: Vec<Option<(Answer, u64)>> = vec![None; keys.len()];
     // Submits the read of `slot`'s current node.
-    let submit = |ring: &mut io_uring::IoUring, index: usize, slot: &mut Slot| {
+    let submit = |ring: &mut Ring, index: usize, slot: &mut Slot| {
         let at = translate(slot.offset)?;
         let (start, len) = if direct {
             aligned_span(at, node_size)
@@ -121,10 +122,10 @@ pub(crate) fn in_flight_walk(
         .offset(start)
         .build()
         .user_data(index as u64);
-        // SAFETY: the slot's buffer lives in `slots` until the walk ends, and a slot
-        // has one read in flight at a time, so the kernel writes into memory nobody
-        // touches until its completion is taken.
-        unsafe { ring.submission().push(&read) }.map_err(|e| format!("io_uring push: {e}"))
+        // SAFETY: the slot's buffer lives in `slots`, which outlives the ring (the ring
+        // waits for its reads when dropped), and a slot has one read in flight at a
+        // time, so the kernel writes into memory nobody touches until its completion.
+        unsafe { ring.push(&read) }.map_err(|e| format!("io_uring push: {e}"))
     };
     let mut next_key = in_flight;
     let mut busy = 0;
@@ -135,13 +136,9 @@ pub(crate) fn in_flight_walk(
         }
     }
     while busy > 0 {
-        ring.submit_and_wait(1)
-            .map_err(|e| format!("io_uring: {e}"))?;
-        let done: Vec<(usize, i32)> = ring
-            .completion()
-            .map(|cqe| (cqe.user_data() as usize, cqe.result()))
-            .collect();
+        let done = ring.wait(1).map_err(|e| format!("io_uring: {e}"))?;
         for (index, result) in done {
+            let index = index as usize;
             let slot = &mut slots[index];
             if result < (slot.within + node_size) as i32 {
                 return Err(format!("read of offset {}: result {result}", slot.offset));

@@ -2,7 +2,8 @@
 //!
 //! Layer: mount-tool's benchmarks. [`MemoryCgroup::enter`] makes a memory cgroup limited
 //! to a budget (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`, whichever the host
-//! has), moves this process into it, and on drop moves it back and removes the cgroup:
+//! has), moves this process into it, and on drop moves it back to the cgroup it came from
+//! and removes the cgroup:
 //! the page cache this process fills from then on is bounded by the budget, so an index
 //! many times the budget is really read from the disk. Pages charged before the move stay
 //! with the parent; the cold phases drop them anyway. [`DiskReads`] reads the block
@@ -23,7 +24,29 @@ const CGROUP1_MEMORY: &str = "/sys/fs/cgroup/memory";
 pub struct MemoryCgroup {
     dir: PathBuf,
     /// The cgroup this process came from (its `cgroup.procs`).
-    parent_procs: PathBuf,
+    came_from: PathBuf,
+    /// This process was moved in (so it must be moved back).
+    entered: bool,
+}
+
+/// This process's cgroup in the hierarchy mounted at `mount`: the path /proc/self/cgroup
+/// gives for cgroup v2 (`0::PATH`) or for the v1 memory controller (`N:...memory...:PATH`).
+fn current_cgroup(mount: &Path, v2: bool) -> Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = text
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let ours = if v2 {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "memory")
+            };
+            ours.then_some(path)
+        })
+        .ok_or("/proc/self/cgroup names no memory cgroup of this process")?;
+    Ok(mount.join(relative.trim_start_matches('/')))
 }
 
 impl MemoryCgroup {
@@ -31,7 +54,7 @@ impl MemoryCgroup {
     pub fn enter(budget: u64) -> Result<Self> {
         let name = format!("exofs-bench-{}", std::process::id());
         let v2 = Path::new(CGROUP2).join("cgroup.controllers");
-        let (dir, limit_file, parent) = if std::fs::read_to_string(&v2)
+        let (dir, limit_file, mount) = if std::fs::read_to_string(&v2)
             .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "memory"))
         {
             // The memory controller must be on for the children of the root.
@@ -55,10 +78,13 @@ impl MemoryCgroup {
             )
             .into());
         };
+        let v2 = mount == Path::new(CGROUP2);
+        let came_from = current_cgroup(&mount, v2)?.join("cgroup.procs");
         std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let cgroup = Self {
+        let mut cgroup = Self {
             dir,
-            parent_procs: parent.join("cgroup.procs"),
+            came_from,
+            entered: false,
         };
         let write = |file: &str, value: String| {
             std::fs::write(cgroup.dir.join(file), &value)
@@ -66,6 +92,7 @@ impl MemoryCgroup {
         };
         write(limit_file, budget.to_string())?;
         write("cgroup.procs", std::process::id().to_string())?;
+        cgroup.entered = true;
         Ok(cgroup)
     }
 
@@ -77,9 +104,18 @@ impl MemoryCgroup {
 
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::write(&self.parent_procs, std::process::id().to_string());
+        if self.entered {
+            if let Err(err) = std::fs::write(&self.came_from, std::process::id().to_string()) {
+                eprintln!(
+                    "exofs: moving back to {}: {err} (the process stays in {})",
+                    self.came_from.display(),
+                    self.dir.display()
+                );
+                return;
+            }
+        }
         if let Err(err) = std::fs::remove_dir(&self.dir) {
-            log::warn!("removing the cgroup {}: {err}", self.dir.display());
+            eprintln!("exofs: removing the cgroup {}: {err}", self.dir.display());
         }
     }
 }

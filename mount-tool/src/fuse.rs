@@ -18,10 +18,10 @@
 //! - `fsync` makes the file durable (a journal commit); otherwise the daemon commits every
 //!   few seconds (mount.rs).
 
-use crate::access::{
-    self, Credentials, SetattrRequest, TimeChange, XattrAccess, MAY_EXEC, MAY_READ,
-};
+use crate::access::{self, Credentials, SetattrRequest, TimeChange, XattrAccess};
 use crate::chains::{Caller, ChainService};
+
+mod checked;
 use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -224,184 +224,6 @@ fn time_change(time: Option<TimeOrNow>) -> Option<TimeChange> {
         TimeOrNow::Now => TimeChange::Now,
         TimeOrNow::SpecificTime(_) => TimeChange::At,
     })
-}
-
-/// The checked operations: each decides with `access.rs`, then calls libfs.
-impl ExofsFuse {
-    fn attr(&self, ino: u64) -> Result<Attr, Errno> {
-        self.fs.getattr(ino).or_errno()
-    }
-
-    fn handle(&self, fh: FileHandle) -> Option<Handle> {
-        self.handles().get(&fh.0).copied()
-    }
-
-    /// The handle `fh`, if it is open for writing on `ino`; EBADF otherwise.
-    fn writable_handle(&self, ino: u64, fh: FileHandle) -> Result<(), Errno> {
-        match self.handle(fh) {
-            Some(handle) if handle.ino == ino && handle.writable => Ok(()),
-            _ => Err(Errno::EBADF),
-        }
-    }
-
-    fn checked_lookup(&self, who: &Credentials, parent: u64, name: &[u8]) -> Result<Attr, Errno> {
-        let dir = self.attr(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        access::permission(who, &dir, MAY_EXEC)?;
-        self.fs.lookup(parent, name).or_errno()
-    }
-
-    /// The mode and group of a new inode named in `parent`, once the caller may create
-    /// there.
-    fn new_inode(&self, who: &Credentials, parent: u64, mode: u32) -> Result<(u32, u32), Errno> {
-        let dir = self.attr(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        access::may_create(who, &dir)?;
-        Ok(access::new_inode_owner(who, &dir, mode))
-    }
-
-    /// The checks of unlink, rmdir and the source of a rename: the entry `name` of
-    /// `parent` may be removed by `who`. Returns the entry's attributes.
-    fn may_delete(&self, who: &Credentials, parent: u64, name: &[u8]) -> Result<Attr, Errno> {
-        let dir = self.attr(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        access::permission(who, &dir, MAY_EXEC)?;
-        let victim = self.fs.lookup(parent, name).or_errno()?;
-        access::may_delete(who, &dir, &victim)?;
-        Ok(victim)
-    }
-
-    fn checked_rename(
-        &self,
-        who: &Credentials,
-        (parent, name): (u64, &[u8]),
-        (new_parent, new_name): (u64, &[u8]),
-        mode: RenameMode,
-    ) -> Result<(), Errno> {
-        let source = self.may_delete(who, parent, name)?;
-        let new_dir = self.attr(new_parent)?;
-        if !new_dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        access::permission(who, &new_dir, MAY_EXEC)?;
-        let target = match self.fs.lookup(new_parent, new_name) {
-            Ok(target) => Some(target),
-            Err(libfs::Error::NotFound) => None,
-            Err(err) => return Err(errno(&err)),
-        };
-        match &target {
-            Some(target) => access::may_delete(who, &new_dir, target)?,
-            None => access::may_create(who, &new_dir)?,
-        }
-        // A directory that changes parent rewrites its `..`: it must be writable.
-        if new_parent != parent {
-            if source.is_dir() {
-                access::permission(who, &source, access::MAY_WRITE)?;
-            }
-            if let (RenameMode::Exchange, Some(target)) = (mode, &target) {
-                if target.is_dir() {
-                    access::permission(who, target, access::MAY_WRITE)?;
-                }
-            }
-        }
-        self.fs
-            .rename(parent, name, new_parent, new_name, mode)
-            .or_errno()
-    }
-
-    fn checked_setattr(
-        &self,
-        who: &Credentials,
-        ino: u64,
-        changes: SetAttr,
-        request: SetattrRequest,
-    ) -> Result<Attr, Errno> {
-        let attr = self.attr(ino)?;
-        let mode = access::check_setattr(who, &attr, &request)?;
-        let changes = SetAttr { mode, ..changes };
-        self.fs.setattr(ino, &changes).or_errno()
-    }
-
-    fn checked_open(&self, who: &Credentials, ino: u64, flags: i32) -> Result<FileHandle, Errno> {
-        let attr = self.attr(ino)?;
-        access::may_open(who, &attr, flags)?;
-        self.open_handle(ino, flags).or_errno()
-    }
-
-    fn checked_opendir(
-        &self,
-        who: &Credentials,
-        ino: u64,
-        flags: i32,
-    ) -> Result<FileHandle, Errno> {
-        let attr = self.attr(ino)?;
-        if !attr.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
-        access::permission(who, &attr, MAY_READ)?;
-        self.open_handle(ino, flags).or_errno()
-    }
-
-    fn checked_write(
-        &self,
-        ino: u64,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        write_flags: WriteFlags,
-    ) -> Result<usize, Errno> {
-        let handle = self.handle(fh).filter(|h| h.ino == ino && h.writable);
-        let Some(handle) = handle else {
-            return Err(Errno::EBADF);
-        };
-        let written = if handle.append {
-            self.fs.append(ino, data).map(|(_, n)| n)
-        } else {
-            self.fs.write_at(ino, offset, data)
-        }
-        .or_errno()?;
-        // The kernel marks the writes that clear setuid and setgid (the writer lacks
-        // CAP_FSETID; FUSE_HANDLE_KILLPRIV_V2): the daemon clears them.
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            let attr = self.attr(ino)?;
-            if let Some(mode) = access::mode_after_killing_write(&attr) {
-                let changes = SetAttr {
-                    mode: Some(mode),
-                    ..SetAttr::default()
-                };
-                self.fs.setattr(ino, &changes).or_errno()?;
-            }
-        }
-        Ok(written)
-    }
-
-    fn checked_xattr(
-        &self,
-        who: &Credentials,
-        ino: u64,
-        name: &[u8],
-        wanted: XattrAccess,
-    ) -> Result<(), Errno> {
-        let attr = self.attr(ino)?;
-        access::xattr_permission(who, &attr, name, wanted)
-    }
-
-    fn listed_xattrs(&self, who: &Credentials, ino: u64) -> Result<Vec<u8>, Errno> {
-        let mut list = Vec::new();
-        for name in self.fs.listxattr(ino).or_errno()? {
-            if access::xattr_listed(who, &name) {
-                list.extend_from_slice(&name);
-                list.push(0);
-            }
-        }
-        Ok(list)
-    }
 }
 
 fn reply_empty(reply: ReplyEmpty, result: Result<(), Errno>) {
@@ -687,7 +509,7 @@ impl Filesystem for ExofsFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -697,7 +519,8 @@ impl Filesystem for ExofsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.checked_write(ino.0, fh, offset, data, write_flags) {
+        let who = caller(req);
+        match self.checked_write(&who, ino.0, fh, offset, data, write_flags) {
             Ok(n) => reply.written(n as u32),
             Err(err) => reply.error(err),
         }

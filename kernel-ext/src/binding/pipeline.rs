@@ -21,16 +21,22 @@
 
 use super::{BatchCounters, BatchItem, BatchOutcome, BatchRequest, Binding, BindingError};
 use super::{Result, MAX_ATTEMPTS};
+use crate::ring::Ring;
 use crate::store::BoundProgram;
 use exofs_abi::chain::{status, MAX_BATCH};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// Misses one lookup may have before it ends as MISSING (a block that keeps going out of
+/// memory under a tight budget must not keep a lookup going for ever).
+const MAX_MISSES: u32 = 4 * exofs_abi::chain::MAX_HOPS;
 
 /// One lookup of a pipelined run.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     started: Instant,
     stale_attempts: u32,
+    misses: u32,
 }
 
 /// A block being read, and the lookups waiting for it.
@@ -61,14 +67,15 @@ impl Binding {
             .device()
             .raw_fd()
             .ok_or_else(|| BindingError::Invalid("the device has no file descriptor".into()))?;
-        let mut ring = io_uring::IoUring::new(window.next_power_of_two() as u32)
-            .map_err(|err| BindingError::Invalid(format!("io_uring: {err}")))?;
+        // Reads in flight by slot (the io_uring user data), and slots by block. Declared
+        // before the ring: dropping the ring waits for the reads into these buffers.
+        let mut reads: Vec<Option<Read>> = Vec::new();
+        let mut reading: HashMap<u64, usize> = HashMap::new();
+        let mut ring =
+            Ring::new(window).map_err(|err| BindingError::Invalid(format!("io_uring: {err}")))?;
         let mut results: Vec<Option<(BatchOutcome, Duration)>> = vec![None; items.len()];
         let mut counters = BatchCounters::default();
         let mut flights: HashMap<usize, InFlight> = HashMap::new();
-        // Reads in flight by slot (the io_uring user data), and slots by block.
-        let mut reads: Vec<Option<Read>> = Vec::new();
-        let mut reading: HashMap<u64, usize> = HashMap::new();
         let mut ready: Vec<usize> = Vec::new();
         let mut next = 0;
         self.settle()?;
@@ -79,6 +86,7 @@ impl Binding {
                     InFlight {
                         started: Instant::now(),
                         stale_attempts: 0,
+                        misses: 0,
                     },
                 );
                 ready.push(next);
@@ -94,6 +102,16 @@ impl Binding {
                     for (index, lookup) in group.iter().zip(called) {
                         match lookup.outcome.status {
                             status::MISSING => {
+                                let flight = flights.get_mut(index).ok_or_else(|| {
+                                    BindingError::Invalid("a lookup left the pipeline".into())
+                                })?;
+                                flight.misses += 1;
+                                if flight.misses > MAX_MISSES {
+                                    let latency = flight.started.elapsed();
+                                    results[*index] = Some((lookup.outcome, latency));
+                                    flights.remove(index);
+                                    continue;
+                                }
                                 let block = lookup.missing / libfs::BLOCK_SIZE as u64
                                     * libfs::BLOCK_SIZE as u64;
                                 if let Some(slot) = reading.get(&block) {
@@ -121,8 +139,9 @@ impl Binding {
                                 .build()
                                 .user_data(slot as u64);
                                 // SAFETY: the buffer is boxed and stays in `reads[slot]`
-                                // until this read's completion is taken below.
-                                unsafe { ring.submission().push(&entry) }.map_err(|err| {
+                                // until this read's completion is taken below; `reads`
+                                // outlives the ring, which waits for it on drop.
+                                unsafe { ring.push(&entry) }.map_err(|err| {
                                     BindingError::Invalid(format!("io_uring push: {err}"))
                                 })?;
                                 reads[slot] = Some(read);
@@ -171,15 +190,12 @@ impl Binding {
             }
             // Nothing ready: wait for at least one read; otherwise only take what is done.
             let wait = usize::from(ready.is_empty());
-            ring.submit_and_wait(wait)
+            let completed = ring
+                .wait(wait)
                 .map_err(|err| BindingError::Invalid(format!("io_uring: {err}")))?;
-            let completed: Vec<(usize, i32)> = ring
-                .completion()
-                .map(|cqe| (cqe.user_data() as usize, cqe.result()))
-                .collect();
             for (slot, result) in completed {
                 let read = reads
-                    .get_mut(slot)
+                    .get_mut(slot as usize)
                     .and_then(Option::take)
                     .ok_or_else(|| BindingError::Invalid("a read nobody made".into()))?;
                 reading.remove(&read.block);
