@@ -338,8 +338,8 @@ fn log_what_the_options_give_away(options: &MountOptions) {
         log::warn!(
             "no_default_permissions: the kernel does not check permissions on this mount; \
              the daemon alone decides each request, on the caller's ids, supplementary \
-             groups and capabilities read from /proc (a caller it cannot see there gets no \
-             groups and, unless uid 0, no capabilities). Given away: the kernel's check as \
+             groups and capabilities read from /proc (a caller it cannot see there gets \
+             no capabilities and unknown groups). Given away: the kernel's check as \
              a second line; names are not cached, so every path component and every \
              access(2) is a round trip to the daemon"
         );
