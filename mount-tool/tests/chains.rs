@@ -46,6 +46,15 @@ impl Drop for CExample {
 }
 
 /// A policy file beside the image, removed on drop.
+/// The mount's log, removed on drop.
+struct LogFile(PathBuf);
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 struct PolicyFile(PathBuf);
 
 impl PolicyFile {
@@ -137,11 +146,11 @@ fn unprivileged_chains_follow_the_policy() {
     let m = Mounted::new("chains", "64M");
     write_indexes(&m);
     let policy = PolicyFile::new(&m, &POLICY.replace("UID", &uid.to_string()));
-    let log = PathBuf::from(format!("{}.log", m.image()));
+    let log = LogFile(PathBuf::from(format!("{}.log", m.image())));
     m.mount_with(&format!(
         "allow_other,default_permissions,policy={},log={}",
         policy.path(),
-        log.display()
+        log.0.display()
     ));
     load_programs(&m);
     let file = |name: &str| m.path(name).to_str().expect("utf-8").to_owned();
@@ -209,7 +218,7 @@ fn unprivileged_chains_follow_the_policy() {
     let root = m.run(&["chain", m.dir(), "/idx", "--prog", "btree", "--key", "1"]);
     assert!(text(&root).contains("Permission denied"), "{}", text(&root));
     assert_eq!(refused_count(&m), 6);
-    let logged = fs::read_to_string(&log).expect("the daemon's log");
+    let logged = fs::read_to_string(&log.0).expect("the daemon's log");
     for reason in [
         "the file is not granted",
         "the program is not granted for this file",
