@@ -226,6 +226,16 @@ fn words(scratch: &[u8]) -> (u64, u64) {
     (word(1), word(2))
 }
 
+/// The lookup's answer from a chain's status, hops and scratch (the example B-tree's
+/// `next` leaves found, then value, in the scratch's second and third words).
+fn answer_of(ended: i32, hops: u32, scratch: &[u8]) -> index::Answer {
+    let (found, value) = words(scratch);
+    index::Answer {
+        value: (ended == status::DONE && found == 1).then_some(value),
+        hops,
+    }
+}
+
 fn phase_user(
     setup: &Setup,
     path: &str,
@@ -381,11 +391,7 @@ fn phase_chain(
                 let ns = start.elapsed().as_nanos() as u64;
                 for (key, outcome) in group.iter().zip(outcomes) {
                     latencies.push(ns);
-                    let (found, value) = words(&outcome.scratch);
-                    let answer = index::Answer {
-                        value: (outcome.status == status::DONE && found == 1).then_some(value),
-                        hops: outcome.hops,
-                    };
+                    let answer = answer_of(outcome.status, outcome.hops, &outcome.scratch);
                     wrong += check(*key, &answer, setup.depth);
                 }
             }
@@ -396,11 +402,7 @@ fn phase_chain(
                 let start = Instant::now();
                 let outcome = binding.run(program, &request).map_err(|e| e.to_string())?;
                 latencies.push(start.elapsed().as_nanos() as u64);
-                let (found, value) = words(&outcome.scratch);
-                let answer = index::Answer {
-                    value: (outcome.status == status::DONE && found == 1).then_some(value),
-                    hops: outcome.hops,
-                };
+                let answer = answer_of(outcome.status, outcome.hops, &outcome.scratch);
                 wrong += check(*key, &answer, setup.depth);
             }
         }
@@ -588,11 +590,7 @@ fn phase_pipelined(
         let mut wrong = 0;
         for (key, (outcome, latency)) in keys.iter().zip(outcomes) {
             latencies.push(latency.as_nanos() as u64);
-            let (found, value) = words(&outcome.scratch);
-            let answer = index::Answer {
-                value: (outcome.status == status::DONE && found == 1).then_some(value),
-                hops: outcome.hops,
-            };
+            let answer = answer_of(outcome.status, outcome.hops, &outcome.scratch);
             wrong += check(*key, &answer, setup.depth);
         }
         Ok((latencies, wrong))

@@ -23,16 +23,22 @@ impl ExofsFuse {
         }
     }
 
+    /// The attributes of directory `ino`; ENOTDIR if it is not one.
+    fn dir_attr(&self, ino: u64) -> Result<Attr, Errno> {
+        let dir = self.attr(ino)?;
+        if !dir.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(dir)
+    }
+
     pub(super) fn checked_lookup(
         &self,
         who: &Credentials,
         parent: u64,
         name: &[u8],
     ) -> Result<Attr, Errno> {
-        let dir = self.attr(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
+        let dir = self.dir_attr(parent)?;
         access::permission(who, &dir, MAY_EXEC)?;
         self.fs.lookup(parent, name).or_errno()
     }
@@ -45,10 +51,7 @@ impl ExofsFuse {
         parent: u64,
         mode: u32,
     ) -> Result<(u32, u32), Errno> {
-        let dir = self.attr(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
+        let dir = self.dir_attr(parent)?;
         access::may_create(who, &dir)?;
         Ok(access::new_inode_owner(who, &dir, mode))
     }
@@ -61,10 +64,7 @@ impl ExofsFuse {
         parent: u64,
         name: &[u8],
     ) -> Result<Attr, Errno> {
-        let dir = self.attr(parent)?;
-        if !dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
+        let dir = self.dir_attr(parent)?;
         access::permission(who, &dir, MAY_EXEC)?;
         let victim = self.fs.lookup(parent, name).or_errno()?;
         access::may_delete(who, &dir, &victim)?;
@@ -79,10 +79,7 @@ impl ExofsFuse {
         mode: RenameMode,
     ) -> Result<(), Errno> {
         let source = self.may_delete(who, parent, name)?;
-        let new_dir = self.attr(new_parent)?;
-        if !new_dir.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
+        let new_dir = self.dir_attr(new_parent)?;
         access::permission(who, &new_dir, MAY_EXEC)?;
         let target = match self.fs.lookup(new_parent, new_name) {
             Ok(target) => Some(target),
