@@ -782,7 +782,7 @@ impl Filesystem for ExofsFuse {
         };
         let result = self
             .writable_handle(ino.0, fh)
-            .and_then(|()| self.fs.fallocate(ino.0, offset, length, mode).or_errno());
+            .and_then(|_| self.fs.fallocate(ino.0, offset, length, mode).or_errno());
         reply_empty(reply, result);
     }
 }

@@ -16,9 +16,9 @@ impl ExofsFuse {
     }
 
     /// The handle `fh`, if it is open for writing on `ino`; EBADF otherwise.
-    pub(super) fn writable_handle(&self, ino: u64, fh: FileHandle) -> Result<(), Errno> {
+    pub(super) fn writable_handle(&self, ino: u64, fh: FileHandle) -> Result<Handle, Errno> {
         match self.handle(fh) {
-            Some(handle) if handle.ino == ino && handle.writable => Ok(()),
+            Some(handle) if handle.ino == ino && handle.writable => Ok(handle),
             _ => Err(Errno::EBADF),
         }
     }
@@ -136,10 +136,7 @@ impl ExofsFuse {
         ino: u64,
         flags: i32,
     ) -> Result<FileHandle, Errno> {
-        let attr = self.attr(ino)?;
-        if !attr.is_dir() {
-            return Err(Errno::ENOTDIR);
-        }
+        let attr = self.dir_attr(ino)?;
         access::permission(who, &attr, MAY_READ)?;
         self.open_handle(ino, flags).or_errno()
     }
@@ -153,10 +150,7 @@ impl ExofsFuse {
         data: &[u8],
         write_flags: WriteFlags,
     ) -> Result<usize, Errno> {
-        let handle = self.handle(fh).filter(|h| h.ino == ino && h.writable);
-        let Some(handle) = handle else {
-            return Err(Errno::EBADF);
-        };
+        let handle = self.writable_handle(ino, fh)?;
         let written = if handle.append {
             self.fs.append(ino, data).map(|(_, n)| n)
         } else {
