@@ -37,8 +37,8 @@
 #![no_main]
 
 use exofs_abi::chain::{
-    status, BatchCtx, BatchLookup, ChainCtx, ChainFile, BATCH_NO_FAULT, BATCH_SCRATCH_SIZE,
-    BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_HOPS,
+    status, BatchCtx, BatchLookup, ChainCtx, ChainFile, BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH,
+    MAX_CHAIN_FILES, MAX_HOPS, NO_FAULT,
 };
 use exofs_abi::policy::PolicyGrant;
 use kernel_ext::binding::{
@@ -355,11 +355,7 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
         returned as i32, ctx.status,
         "the return value is the status"
     );
-    assert!(
-        STATUSES.contains(&ctx.status) && ctx.status != status::MISSING,
-        "status {}",
-        ctx.status
-    );
+    assert!(STATUSES.contains(&ctx.status), "status {}", ctx.status);
     let hop_limit = sent.hop_limit.min(MAX_HOPS);
     assert!(
         ctx.hops <= hop_limit,
@@ -369,8 +365,29 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
     );
     let mut unchanged = ctx;
     (unchanged.status, unchanged.hops, unchanged.scratch) = (sent.status, sent.hops, sent.scratch);
+    if ctx.status == status::MISSING {
+        // Where to resume: the missed block, and the hop that needs it.
+        missing_is_sane(world, sent.flags, ctx.missing);
+        assert!(
+            ctx.start_hop < hop_limit && ctx.start_file < sent.file_count,
+            "resume at hop {} of file {}: {sent:?}",
+            ctx.start_hop,
+            ctx.start_file
+        );
+        (
+            unchanged.start_file,
+            unchanged.start_offset,
+            unchanged.start_hop,
+            unchanged.missing,
+        ) = (
+            sent.start_file,
+            sent.start_offset,
+            sent.start_hop,
+            sent.missing,
+        );
+    }
     assert_eq!(unchanged, sent, "the driver changed an input field");
-    if ctx.status != status::DONE {
+    if ctx.status != status::DONE && ctx.status != status::MISSING {
         assert_eq!(
             ctx.scratch, sent.scratch,
             "status {}: the scratch must come back untouched",
@@ -400,6 +417,18 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
             ctx.status
         );
     }
+}
+
+/// A MISSING chain or lookup: only with NO_FAULT, and `missing` names a block of the
+/// device.
+fn missing_is_sane(world: &World, flags: u32, missing: u64) {
+    assert!(flags & NO_FAULT != 0, "MISSING without NO_FAULT");
+    assert_eq!(
+        missing % BLOCK_SIZE as u64,
+        0,
+        "missing is a block's offset"
+    );
+    assert!(missing < world.mapping.range().1, "missing past the device");
 }
 
 fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
@@ -474,11 +503,23 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
     let mut done = 0;
     for (slot, (before, after)) in sent.lookups.iter().zip(&ctx.lookups).enumerate() {
         let after: &BatchLookup = after;
-        assert_eq!(
-            (after.start_file, after.start_offset, after._pad),
-            (before.start_file, before.start_offset, before._pad),
-            "lookup {slot}: an input field changed"
-        );
+        if after.status != status::MISSING {
+            assert_eq!(
+                (
+                    after.start_file,
+                    after.start_offset,
+                    after.start_hop,
+                    after.missing
+                ),
+                (
+                    before.start_file,
+                    before.start_offset,
+                    before.start_hop,
+                    before.missing
+                ),
+                "lookup {slot}: an input field changed"
+            );
+        }
         if slot >= count {
             assert_eq!(
                 (after.status, after.hops),
@@ -506,18 +547,12 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
             after.status
         );
         if after.status == status::MISSING {
+            missing_is_sane(world, sent.flags, after.missing);
             assert!(
-                sent.flags & BATCH_NO_FAULT != 0,
-                "MISSING without BATCH_NO_FAULT"
-            );
-            assert_eq!(
-                after.missing % BLOCK_SIZE as u64,
-                0,
-                "missing is a block's offset"
-            );
-            assert!(
-                after.missing < world.mapping.range().1,
-                "missing past the device"
+                after.start_hop < hop_limit && after.start_file < sent.file_count,
+                "lookup {slot}: resume at hop {} of file {}",
+                after.start_hop,
+                after.start_file
             );
         }
         assert!(
@@ -528,7 +563,7 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
         );
         if after.status == status::DONE {
             done += 1;
-        } else {
+        } else if after.status != status::MISSING {
             assert_eq!(
                 after.scratch, before.scratch,
                 "lookup {slot}: status {}, scratch changed",

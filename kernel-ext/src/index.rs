@@ -85,27 +85,15 @@ pub fn build_btree(
         for (index, entries) in nodes.iter().enumerate() {
             let place = first_of_level[level] + index as u64;
             let node = &mut bytes[place as usize * node_size..(place as usize + 1) * node_size];
-            let header = BtreeHeader {
-                magic: btree::MAGIC,
-                level: level as u16,
-                count: entries.len() as u16,
-                node_size: node_size as u32,
-                reserved: 0,
-            };
-            node[0..4].copy_from_slice(&header.magic.to_le_bytes());
-            node[4..6].copy_from_slice(&header.level.to_le_bytes());
-            node[6..8].copy_from_slice(&header.count.to_le_bytes());
-            node[8..12].copy_from_slice(&header.node_size.to_le_bytes());
-            for (slot, (key, value)) in entries.iter().enumerate() {
+            let entries = entries.iter().map(|(key, value)| {
                 let value = if level == 0 {
                     *value
                 } else {
                     (first_of_level[level - 1] + value) * node_size as u64
                 };
-                let at = HEADER_SIZE + slot * ENTRY_SIZE;
-                node[at..at + 8].copy_from_slice(&key.to_le_bytes());
-                node[at + 8..at + 16].copy_from_slice(&value.to_le_bytes());
-            }
+                (*key, value)
+            });
+            encode_node(node, level as u16, entries);
         }
     }
     Ok(Btree {
@@ -113,6 +101,129 @@ pub fn build_btree(
         depth,
         node_size,
     })
+}
+
+/// Writes one B-tree node (header, then `entries`) into `node`.
+fn encode_node(node: &mut [u8], level: u16, entries: impl ExactSizeIterator<Item = (u64, u64)>) {
+    let header = BtreeHeader {
+        magic: btree::MAGIC,
+        level,
+        count: entries.len() as u16,
+        node_size: node.len() as u32,
+        reserved: 0,
+    };
+    node.fill(0);
+    node[0..4].copy_from_slice(&header.magic.to_le_bytes());
+    node[4..6].copy_from_slice(&header.level.to_le_bytes());
+    node[6..8].copy_from_slice(&header.count.to_le_bytes());
+    node[8..12].copy_from_slice(&header.node_size.to_le_bytes());
+    for (slot, (key, value)) in entries.enumerate() {
+        let at = HEADER_SIZE + slot * ENTRY_SIZE;
+        node[at..at + 8].copy_from_slice(&key.to_le_bytes());
+        node[at + 8..at + 16].copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// The shape of a full B-tree: `depth` levels, every node holding `fanout` entries,
+/// `fanout^depth` keys, laid out as [`build_btree`] lays it out (root at byte 0, then
+/// each level from the top down, nodes in key order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FullBtree {
+    pub depth: u32,
+    pub fanout: usize,
+    pub node_size: usize,
+}
+
+impl FullBtree {
+    /// Keys (entries of the leaves).
+    pub fn keys(&self) -> u64 {
+        (self.fanout as u64).pow(self.depth)
+    }
+
+    /// Nodes on level `from_top` (0: the root).
+    fn nodes_on(&self, from_top: u32) -> u64 {
+        (self.fanout as u64).pow(from_top)
+    }
+
+    /// Node number (in file order) of the first node on level `from_top`.
+    fn first_on(&self, from_top: u32) -> u64 {
+        (0..from_top).map(|level| self.nodes_on(level)).sum()
+    }
+
+    /// Bytes of the whole tree.
+    pub fn bytes(&self) -> u64 {
+        self.first_on(self.depth) * self.node_size as u64
+    }
+
+    /// Bytes of the levels above `from_top` (the root's level is 0): they come first.
+    pub fn bytes_above(&self, from_top: u32) -> u64 {
+        self.first_on(from_top.min(self.depth)) * self.node_size as u64
+    }
+
+    /// File offsets of the nodes a lookup of the key with index `item` reads, root
+    /// first.
+    pub fn path_of(&self, item: u64) -> Vec<u64> {
+        (0..self.depth)
+            .map(|level| {
+                let node = item / (self.fanout as u64).pow(self.depth - level);
+                (self.first_on(level) + node) * self.node_size as u64
+            })
+            .collect()
+    }
+
+    /// Streams the tree to `emit` in file order, `chunk` bytes at a time (a multiple of
+    /// the node size; the last piece may be shorter), never holding more than one chunk:
+    /// a 4 GiB index is built without 4 GiB of memory. `pair(i)` is the key and value of
+    /// the i-th key (keys must increase with i). `progress(done, total)` is called after
+    /// each chunk. The bytes are those `build_btree` makes for the same pairs.
+    pub fn stream<E>(
+        &self,
+        pair: impl Fn(u64) -> (u64, u64),
+        chunk: usize,
+        emit: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), E> {
+        let node_size = self.node_size;
+        let chunk = chunk.max(node_size) / node_size * node_size;
+        let fanout = self.fanout as u64;
+        let mut buffer = vec![0u8; chunk];
+        let mut filled = 0;
+        let (mut done, total) = (0, self.bytes());
+        for level in 0..self.depth {
+            let below = self.depth - 1 - level;
+            for node in 0..self.nodes_on(level) {
+                let first_child = node * fanout;
+                let slot = &mut buffer[filled..filled + node_size];
+                if below == 0 {
+                    encode_node(
+                        slot,
+                        0,
+                        (0..self.fanout).map(|j| pair(first_child + j as u64)),
+                    );
+                } else {
+                    let span = fanout.pow(below);
+                    let first_of_next = self.first_on(level + 1);
+                    let child = |j: usize| {
+                        let c = first_child + j as u64;
+                        (pair(c * span).0, (first_of_next + c) * node_size as u64)
+                    };
+                    encode_node(slot, below as u16, (0..self.fanout).map(child));
+                }
+                filled += node_size;
+                if filled == chunk {
+                    emit(&buffer)?;
+                    done += chunk as u64;
+                    progress(done, total);
+                    filled = 0;
+                }
+            }
+        }
+        if filled > 0 {
+            emit(&buffer[..filled])?;
+            progress(total, total);
+        }
+        Ok(())
+    }
 }
 
 /// The fanout that gives `keys` keys a B-tree of exactly `depth` levels, if any fits
@@ -348,6 +459,49 @@ mod tests {
             let n = end.saturating_sub(start);
             buf[..n].copy_from_slice(&bytes[start..start + n]);
             Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_streamed_full_tree_is_the_built_one() {
+        for (depth, fanout, node_size) in [(1, 5, 512), (3, 4, 512), (4, 16, 4096), (2, 200, 4096)]
+        {
+            let shape = FullBtree {
+                depth,
+                fanout,
+                node_size,
+            };
+            let pair = |i: u64| (2 * i, 7 * i + 1);
+            let pairs: Vec<(u64, u64)> = (0..shape.keys()).map(pair).collect();
+            let built = build_btree(&pairs, node_size, fanout).expect("build");
+            let mut streamed = Vec::new();
+            let mut chunks = 0;
+            shape
+                .stream::<()>(
+                    pair,
+                    3 * node_size,
+                    &mut |bytes| {
+                        streamed.extend_from_slice(bytes);
+                        Ok(())
+                    },
+                    &mut |_, _| chunks += 1,
+                )
+                .expect("stream");
+            assert_eq!(built.depth, depth);
+            assert_eq!(streamed.len() as u64, shape.bytes());
+            assert!(streamed == built.bytes, "depth {depth} fanout {fanout}");
+            assert_eq!(chunks, streamed.len().div_ceil(3 * node_size));
+            // The path of every tenth key is the nodes the reference walk reads.
+            for item in (0..shape.keys()).step_by(10) {
+                let mut read = Vec::new();
+                let mut reader = |offset: u64, buf: &mut [u8]| {
+                    read.push(offset);
+                    reader(&built.bytes)(offset, buf)
+                };
+                let answer = btree_lookup(&mut reader, node_size, 2 * item).expect("walk");
+                assert_eq!(answer.value, Some(7 * item + 1));
+                assert_eq!(read, shape.path_of(item), "item {item}");
+            }
         }
     }
 

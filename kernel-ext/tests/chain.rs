@@ -8,10 +8,10 @@
 mod common;
 
 use common::{lookup_scratch, reader, setup, write_fragmented};
-use exofs_abi::chain::{status, SCRATCH_SIZE};
+use exofs_abi::chain::{status, ChainCtx, MAX_HOPS, NO_FAULT, SCRATCH_SIZE};
 use exofs_abi::formats::Lookup;
 use kernel_ext::binding::{
-    BatchItem, BatchRequest, Binding, BindingError, BoundProgram, ChainRequest,
+    BatchItem, BatchRequest, Binding, BindingError, BoundProgram, ChainRequest, DeviceMapping,
 };
 use kernel_ext::examples;
 use kernel_ext::index::{self, Answer};
@@ -408,4 +408,92 @@ fn pipelined_lookups_match_the_reference_walk() {
         .run_pipelined(&btree, &request, &[], 32)
         .expect("empty");
     assert!(none.is_empty());
+}
+
+/// A chain run with NO_FAULT stops at a hop whose block is not mapped, says which block
+/// and where to resume, and resumed there (naming the block) goes on from that hop, not
+/// from the first; the answer at the end is the right one. A chain that names another
+/// block keeps stopping at the same hop.
+#[test]
+fn a_missed_hop_resumes_where_it_stopped() {
+    let Some((_image, fs, binding)) = setup("resume", 64 << 20) else {
+        return;
+    };
+    let btree = binding.bind("btree", examples::BTREE).expect("bind");
+    let shape = index::FullBtree {
+        depth: 4,
+        fanout: 8,
+        node_size: 4096,
+    };
+    let pairs: Vec<(u64, u64)> = (0..shape.keys()).map(|i| (2 * i, 5 * i)).collect();
+    let tree = index::build_btree(&pairs, 4096, 8).expect("build");
+    let ino = write_fragmented(&fs, "tree", &tree.bytes, 2);
+    let file = binding.register(ino).expect("register");
+    let extents = fs.extents(ino).expect("extents");
+    let device = |offset: u64| {
+        let block = offset / 4096;
+        let extent = extents
+            .iter()
+            .find(|e| e.logical <= block && block < e.logical + e.length)
+            .expect("mapped");
+        (extent.physical + block - extent.logical) * 4096
+    };
+    let item = 300;
+    let path = shape.path_of(item);
+    // A mapping of its own: nothing of it is mapped yet, so the first hop misses. (A
+    // fault maps the cached pages around it too, so later hops may not.)
+    let mapping = DeviceMapping::map(&fs).expect("map");
+    let (map_addr, map_len) = mapping.range();
+    let mut ctx = ChainCtx {
+        file_count: 1,
+        hop_limit: MAX_HOPS,
+        read_len: 4096,
+        map_addr,
+        map_len,
+        flags: NO_FAULT,
+        ..ChainCtx::default()
+    };
+    ctx.files[0] = file;
+    ctx.scratch[..24].copy_from_slice(&lookup_scratch(2 * item));
+    let run = |ctx: &mut ChainCtx| {
+        btree.chain_program().test_run_pod(ctx).expect("test run");
+    };
+    let mut resumed_at = Vec::new();
+    for _ in 0..=shape.depth {
+        run(&mut ctx);
+        if ctx.status != status::MISSING {
+            break;
+        }
+        let hop = ctx.start_hop as usize;
+        assert!(hop < path.len(), "{ctx:?}");
+        assert_eq!(
+            ctx.start_offset, path[hop],
+            "the offset of the hop that missed"
+        );
+        assert_eq!(ctx.missing, device(path[hop]), "that hop's block");
+        assert!(
+            resumed_at.last().is_none_or(|last| *last < hop),
+            "resumed at hop {hop} after {resumed_at:?}: a miss goes on, not back"
+        );
+        resumed_at.push(hop);
+        if resumed_at.len() == 1 {
+            // Naming no block: the same hop misses again, and says the same.
+            let mut again = ctx;
+            again.missing = u64::MAX;
+            run(&mut again);
+            assert_eq!(
+                (again.status, again.start_hop, again.missing),
+                (status::MISSING, ctx.start_hop, ctx.missing)
+            );
+        }
+    }
+    assert_eq!(ctx.status, status::DONE, "{ctx:?}");
+    assert_eq!(ctx.hops, shape.depth);
+    assert_eq!(resumed_at.first(), Some(&0), "the root was not mapped");
+    assert!(
+        resumed_at.len() >= 2,
+        "a later hop missed too (the leaves are far from the root): {resumed_at:?}"
+    );
+    let word = |i: usize| u64::from_le_bytes(ctx.scratch[i * 8..i * 8 + 8].try_into().expect("8"));
+    assert_eq!((word(0), word(1), word(2)), (2 * item, 1, 5 * item));
 }

@@ -13,9 +13,14 @@
 //! every mapping of it) first.
 //!
 //! Out of core: with `--cache-budget SIZE` the measured phases run in a memory cgroup
-//! limited to SIZE (budget.rs), and each phase reports the disk's reads and bytes per
-//! lookup. The index should be many times the budget (`--index-size 4G --cache-budget
-//! 256M`): an index that fits measures the page cache, not the disk.
+//! limited to SIZE (budget.rs), the cold phases become out-of-core ones ("ooc": each from
+//! the steady state of bench_ooc.rs), and each reports the disk's reads and bytes per
+//! lookup, its read amplification, and the best rate the device allows for its misses
+//! (measured in the same run). The index should be many times the budget (`--index-size
+//! 4G --cache-budget 256M`): an index that fits measures the page cache, not the disk.
+//!
+//! The index is streamed to the image node by node (`FullBtree::stream`): a 4 GiB index
+//! needs no 4 GiB of memory.
 
 use clap::Args;
 use exofs_abi::chain::status;
@@ -23,6 +28,7 @@ use exofs_abi::formats::btree;
 use kernel_ext::binding::{
     BatchItem, BatchRequest, Binding, BindingOptions, BoundProgram, ChainRequest, DeviceMapping,
 };
+use kernel_ext::index::FullBtree;
 use kernel_ext::{examples, index};
 use libfs::{Extent, FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::error::Error;
@@ -105,7 +111,7 @@ const PATHS: [&str; 10] = [
 const IN_FLIGHT: usize = 32;
 /// Lookups handed to one `run_batch` call (one kernel call of 32 per round; a window of
 /// 128 measured slower cold here: 3.2x pread against 4.0x).
-const BATCH_WINDOW: usize = 32;
+const BATCH_WINDOW: usize = 64;
 
 /// One measured phase.
 pub(crate) struct Phase {
@@ -118,6 +124,9 @@ pub(crate) struct Phase {
     pub(crate) cpu: Duration,
     /// The disk's reads during the phase (with --cache-budget).
     pub(crate) disk: Option<crate::budget::DiskCount>,
+    /// Out of core: distinct blocks the phase's lookups needed that were not in memory
+    /// when it started.
+    pub(crate) needed: Option<u64>,
 }
 
 impl Phase {
@@ -456,36 +465,45 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         .collect();
 
     // The index: a full tree, keys 0, 2, 4, ... (value 7k + 1).
-    let fanout = pick_fanout(args.depth, args.node_size, args.index_size);
-    let count = (fanout as u64).pow(args.depth);
-    let pairs: Vec<(u64, u64)> = (0..count).map(|i| (2 * i, value_of(2 * i))).collect();
-    let tree = index::build_btree(&pairs, args.node_size, fanout)?;
-    if tree.depth != args.depth {
-        return Err(format!("built depth {} instead of {}", tree.depth, args.depth).into());
-    }
-    let image_size = (tree.bytes.len() as u64 * 5 / 4 + (64 << 20)).next_multiple_of(1 << 20);
+    let tree = FullBtree {
+        depth: args.depth,
+        fanout: pick_fanout(args.depth, args.node_size, args.index_size),
+        node_size: args.node_size,
+    };
+    let count = tree.keys();
+    let image_size = (tree.bytes() * 5 / 4 + (64 << 20)).next_multiple_of(1 << 20);
     let device = FileDevice::create(&args.image, image_size)?;
     libfs::format(Arc::new(device), &FormatOptions::default())?;
     let fs = Arc::new(Fs::open(&args.image, &OpenOptions::default())?);
     let ino = fs.create(ROOT_INO, b"index", 0o644, 0, 0)?.ino;
-    for (i, chunk) in tree.bytes.chunks(1 << 20).enumerate() {
-        fs.write_at(ino, (i << 20) as u64, chunk)?;
-    }
+    let mut written = 0u64;
+    tree.stream(
+        |i| (2 * i, value_of(2 * i)),
+        1 << 20,
+        &mut |bytes: &[u8]| {
+            fs.write_at(ino, written, bytes)?;
+            written += bytes.len() as u64;
+            Ok::<(), libfs::Error>(())
+        },
+        &mut |done, total| progress("building the index", done, total),
+    )?;
     fs.sync()?;
+    eprintln!();
     if args.via_mount {
         drop(fs);
         let phases = crate::bench_via_mount::run(args, &args.image, count, tree.depth);
         std::fs::remove_file(&args.image)?;
-        return report(args, &phases?, 1, ("fuse_pread", "fuse_mmap"));
+        return report(args, &phases?, 1, ("fuse_pread", "fuse_mmap"), None);
     }
     let extents = fs.extents(ino)?;
     println!(
-        "index: {} keys, depth {}, {}-byte nodes (fanout {fanout}), {:.1} MiB in {} extents; \
+        "index: {} keys, depth {}, {}-byte nodes (fanout {}), {:.1} MiB in {} extents; \
          {threads} thread(s)",
         count,
         tree.depth,
         args.node_size,
-        tree.bytes.len() as f64 / (1 << 20) as f64,
+        tree.fanout,
+        tree.bytes() as f64 / (1 << 20) as f64,
         extents.len()
     );
     let device_fd = fs.device().raw_fd().ok_or("the device has no descriptor")?;
@@ -513,9 +531,25 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
                 "cache budget: {:.0} MiB in {} (index {:.1}x the budget)",
                 bytes as f64 / (1 << 20) as f64,
                 cgroup.dir().display(),
-                tree.bytes.len() as f64 / bytes as f64
+                tree.bytes() as f64 / bytes as f64
             );
-            Some((cgroup, disk))
+            Some((cgroup, disk, bytes))
+        }
+        None => None,
+    };
+    // Out of core: a mapping to ask which blocks are in memory, and the device's limit.
+    let ooc = match &budget {
+        Some(_) => {
+            let first = setup.extents.first().map_or(0, |e| e.physical);
+            let blocks = first..first + tree.bytes() / 4096;
+            eprintln!("measuring the device: O_DIRECT 4 KiB random reads at QD1 and QD32");
+            let limit =
+                crate::bench_ooc::device_limit(&args.image, blocks, Duration::from_millis(1500))?;
+            println!(
+                "device: {:.0} IOPS at QD1, {:.0} at QD32 (O_DIRECT 4 KiB random reads of the index)",
+                limit.qd1, limit.qd32
+            );
+            Some((DeviceMapping::map_private(&fs)?, limit))
         }
         None => None,
     };
@@ -532,20 +566,43 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         } else {
             (args.lookups / 10).max(500)
         };
+        let mode: &'static str = if *mode == "cold" && ooc.is_some() {
+            "ooc"
+        } else {
+            mode
+        };
         for path in &paths {
             let keys = random_keys(lookups);
-            if *mode == "warm" {
+            eprintln!("{path} {mode}: {lookups} lookups");
+            let mut needed = None;
+            if mode == "warm" {
                 // One untimed pass over the same keys fills the page cache and mappings.
                 measure(&setup, &binding, &program, path, &keys, threads)?;
             } else {
                 binding.remap()?;
                 crate::bench::drop_cache(device_fd)?;
+                if let (Some((mapping, _)), Some((_, _, bytes))) = (&ooc, &budget) {
+                    // The steady state (bench_ooc.rs): upper levels in, then the path's
+                    // own untimed lookups.
+                    let upper = crate::bench_ooc::levels_that_fit(&tree, bytes / 4);
+                    crate::bench_ooc::preload(&args.image, &setup.extents, upper)?;
+                    measure(
+                        &setup,
+                        &binding,
+                        &program,
+                        path,
+                        &random_keys(lookups),
+                        threads,
+                    )?;
+                    let blocks = crate::bench_ooc::needed_blocks(&tree, &setup.extents, &keys)?;
+                    needed = Some(crate::bench_ooc::not_cached(mapping, &blocks)?);
+                }
             }
-            let before = budget.as_ref().map(|(_, disk)| disk.now()).transpose()?;
+            let before = budget.as_ref().map(|(_, disk, _)| disk.now()).transpose()?;
             let (elapsed, latencies, cpu) =
                 measure(&setup, &binding, &program, path, &keys, threads)?;
             let disk = match (&budget, before) {
-                (Some((_, disk)), Some(before)) => Some(disk.now()? - before),
+                (Some((_, disk, _)), Some(before)) => Some(disk.now()? - before),
                 _ => None,
             };
             phases.push(Phase {
@@ -556,16 +613,30 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
                 latencies,
                 cpu,
                 disk,
+                needed,
             });
         }
     }
+    let limit = ooc.as_ref().map(|(_, limit)| *limit);
+    drop(ooc);
     drop(budget);
     drop(program);
     drop(binding);
     drop(setup);
     drop(fs);
     std::fs::remove_file(&args.image)?;
-    report(args, &phases, threads, ("pread", "mmap"))
+    report(args, &phases, threads, ("pread", "mmap"), limit)
+}
+
+/// One progress line on stderr, rewritten in place.
+fn progress(what: &str, done: u64, total: u64) {
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    eprint!(
+        "\r{what}: {:.0} of {:.0} MiB ({:.0}%)",
+        mib(done),
+        mib(total),
+        100.0 * done as f64 / total.max(1) as f64
+    );
 }
 
 fn phase_pipelined(
@@ -614,83 +685,146 @@ fn measure(
     }
 }
 
-/// Prints the table (ratios against the `bases`: the pread and the mmap path) and
-/// writes the JSON if asked.
+/// Prints the table (ratios against the `bases`: the pread and the mmap path; out of
+/// core, the device's limit for each path's misses) and writes the JSON if asked.
 fn report(
     args: &ChainArgs,
     phases: &[Phase],
     threads: usize,
     (pread, mmap): (&str, &str),
+    limit: Option<crate::bench_ooc::DeviceLimit>,
 ) -> Result<()> {
     let with_disk = phases.iter().any(|p| p.disk.is_some());
-    println!(
-        "{:<18} {:<5} {:>12} {:>9} {:>9} {:>12} {:>9} {:>9}{}",
-        "path",
-        "mode",
-        "lookups/s",
-        "p50 us",
-        "p99 us",
-        "cpu us/op",
-        "vs pread",
-        "vs mmap",
-        if with_disk {
-            format!(" {:>11} {:>11}", "reads/op", "KiB/op")
-        } else {
-            String::new()
-        }
+    let with_limit = limit.is_some() && phases.iter().any(|p| p.needed.is_some());
+    let mut header = format!(
+        "{:<18} {:<5} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8}",
+        "path", "mode", "lookups/s", "p50 us", "p99 us", "cpu us/op", "vs pread", "vs mmap"
     );
+    if with_disk {
+        header += &format!(" {:>8} {:>7}", "reads/op", "KiB/op");
+    }
+    if with_limit {
+        header += &format!(
+            " {:>9} {:>5} {:>9} {:>8}",
+            "misses/op", "amp", "limit/s", "of limit"
+        );
+    }
+    println!("{header}");
     let rate = |path: &str, mode: &str| {
         phases
             .iter()
             .find(|p| p.path == path && p.mode == mode)
             .map(Phase::per_sec)
     };
-    for phase in phases {
+    let figures: Vec<Figures> = phases
+        .iter()
+        .map(|phase| Figures::of(phase, limit))
+        .collect();
+    for (phase, figures) in phases.iter().zip(&figures) {
         let ratio = |base: &str| {
             rate(base, phase.mode).map_or("-".to_owned(), |b| format!("{:.2}", phase.per_sec() / b))
         };
-        let disk = phase.disk.map_or(String::new(), |d| {
-            let per = |n: u64| n as f64 / phase.lookups as f64;
-            format!(" {:>11.2} {:>11.1}", per(d.reads), per(d.bytes) / 1024.0)
-        });
-        println!(
-            "{:<18} {:<5} {:>12.0} {:>9.1} {:>9.1} {:>12.2} {:>9} {:>9}{disk}",
+        let mut line = format!(
+            "{:<18} {:<5} {:>10.0} {:>8.1} {:>8.1} {:>9.2} {:>8} {:>8}",
             phase.path,
             phase.mode,
             phase.per_sec(),
             phase.percentile_us(0.5),
             phase.percentile_us(0.99),
-            phase.cpu.as_secs_f64() * 1e6 / phase.lookups as f64,
+            figures.cpu_us,
             ratio(pread),
             ratio(mmap),
         );
+        if with_disk {
+            line += &match (figures.reads, figures.kib) {
+                (Some(reads), Some(kib)) => format!(" {reads:>8.2} {kib:>7.1}"),
+                _ => format!(" {:>8} {:>7}", "-", "-"),
+            };
+        }
+        if with_limit {
+            let show = |v: Option<f64>, precision: usize| {
+                v.map_or("-".to_owned(), |v| format!("{v:.precision$}"))
+            };
+            line += &format!(
+                " {:>9} {:>5} {:>9} {:>8}",
+                show(figures.misses, 2),
+                show(figures.amplification, 2),
+                show(figures.limit, 0),
+                figures.limit.map_or("-".to_owned(), |l| format!(
+                    "{:.0}%",
+                    100.0 * phase.per_sec() / l
+                )),
+            );
+        }
+        println!("{line}");
     }
     if let Some(path) = &args.json {
-        let items: Vec<String> = phases
-            .iter()
-            .map(|p| {
-                let disk = p.disk.map_or(String::new(), |d| {
-                    format!(
-                        ",\"device_reads\":{},\"device_bytes\":{}",
-                        d.reads, d.bytes
-                    )
-                });
-                format!(
-                    "{{\"path\":\"{}\",\"mode\":\"{}\",\"depth\":{},\"node_size\":{},\"threads\":{},\
-                     \"lookups_per_sec\":{:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_lookup\":{:.3}{disk}}}",
-                    p.path,
-                    p.mode,
-                    args.depth,
-                    args.node_size,
-                    threads,
-                    p.per_sec(),
-                    p.percentile_us(0.5),
-                    p.percentile_us(0.99),
-                    p.cpu.as_secs_f64() * 1e6 / p.lookups as f64
-                )
-            })
-            .collect();
-        std::fs::write(path, format!("{{\"results\":[{}]}}\n", items.join(",")))?;
+        let mut document = serde_json::json!({ "results": [] });
+        if let Some(limit) = limit {
+            document["device"] =
+                serde_json::json!({ "qd1_iops": limit.qd1, "qd32_iops": limit.qd32 });
+        }
+        for (phase, figures) in phases.iter().zip(&figures) {
+            document["results"]
+                .as_array_mut()
+                .ok_or("the results are a list")?
+                .push(serde_json::json!({
+                    "path": phase.path,
+                    "mode": phase.mode,
+                    "depth": args.depth,
+                    "node_size": args.node_size,
+                    "threads": threads,
+                    "lookups": phase.lookups,
+                    "lookups_per_sec": phase.per_sec(),
+                    "p50_us": phase.percentile_us(0.5),
+                    "p99_us": phase.percentile_us(0.99),
+                    "cpu_us_per_lookup": figures.cpu_us,
+                    "device_reads": phase.disk.map(|d| d.reads),
+                    "device_bytes": phase.disk.map(|d| d.bytes),
+                    "misses_per_lookup": figures.misses,
+                    "read_amplification": figures.amplification,
+                    "limit_lookups_per_sec": figures.limit,
+                }));
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")?;
     }
     Ok(())
+}
+
+/// A phase's derived figures.
+struct Figures {
+    cpu_us: f64,
+    reads: Option<f64>,
+    kib: Option<f64>,
+    /// Blocks needed and not in memory, per lookup.
+    misses: Option<f64>,
+    /// Device bytes over 4 KiB times the blocks needed and not in memory.
+    amplification: Option<f64>,
+    /// Lookups/s the device allows at the path's queue depth for those misses.
+    limit: Option<f64>,
+}
+
+impl Figures {
+    fn of(phase: &Phase, limit: Option<crate::bench_ooc::DeviceLimit>) -> Self {
+        let per = |n: u64| n as f64 / phase.lookups as f64;
+        let misses = phase.needed.map(per);
+        Self {
+            cpu_us: phase.cpu.as_secs_f64() * 1e6 / phase.lookups as f64,
+            reads: phase.disk.map(|d| per(d.reads)),
+            kib: phase.disk.map(|d| per(d.bytes) / 1024.0),
+            misses,
+            amplification: match (phase.disk, phase.needed) {
+                (Some(disk), Some(needed)) if needed > 0 => {
+                    Some(disk.bytes as f64 / (4096.0 * needed as f64))
+                }
+                _ => None,
+            },
+            limit: match (limit, misses) {
+                (Some(limit), Some(misses)) if misses > 0.0 => {
+                    Some(limit.iops_for(phase.path) / misses)
+                }
+                _ => None,
+            },
+        }
+    }
 }

@@ -280,6 +280,7 @@ fn client_phase(
         latencies,
         cpu,
         disk: None,
+        needed: None,
     })
 }
 

@@ -9,6 +9,7 @@ mod access;
 mod bench;
 mod bench_chain;
 mod bench_mount;
+mod bench_ooc;
 mod bench_via_mount;
 mod bench_walks;
 mod budget;

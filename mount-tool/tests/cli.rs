@@ -257,6 +257,18 @@ fn bench_chain_under_a_cache_budget_counts_the_disks_reads() {
     // On a real disk (the temporary directory may be tmpfs, which has no disk to count).
     let image = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("exofs-cli-{}-budget.img", std::process::id()));
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("exofs-cli-{}-budget.json", std::process::id()));
+    let paths = [
+        "pread",
+        "pread_direct",
+        "io_uring_32",
+        "io_uring_32_direct",
+        "chain",
+        "chain_batch",
+        "chain_pipelined",
+        "mmap_random",
+    ];
     let out = exofs(&[
         "bench",
         "chain",
@@ -269,32 +281,41 @@ fn bench_chain_under_a_cache_budget_counts_the_disks_reads() {
         "--lookups",
         "5000",
         "--paths",
-        "pread,pread_direct,io_uring_32,io_uring_32_direct,chain_batch,mmap_random",
+        &paths.join(","),
         "--image",
         image.to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
     ]);
     let printed = text(&out);
     assert!(out.status.success(), "bench: {printed}");
     assert!(printed.contains("cache budget: 8 MiB"), "{printed}");
-    // Every path answers every key right (the bench fails otherwise) and reads the disk.
-    for path in [
-        "pread",
-        "pread_direct",
-        "io_uring_32",
-        "io_uring_32_direct",
-        "chain_batch",
-        "mmap_random",
-    ] {
-        let line = printed
-            .lines()
-            .find(|line| line.starts_with(&format!("{path} ")))
-            .unwrap_or_else(|| panic!("no {path} line: {printed}"));
-        let columns: Vec<&str> = line.split_whitespace().collect();
-        let reads: f64 = columns[columns.len() - 2].parse().expect("reads/op");
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON")).expect("JSON");
+    std::fs::remove_file(&json).expect("remove the JSON");
+    // The device's limit, measured in the run.
+    for depth in ["qd1_iops", "qd32_iops"] {
+        let iops = figures["device"][depth].as_f64().unwrap_or_default();
+        assert!(iops > 100.0, "{depth}: {iops} ({printed})");
+    }
+    // Every path answers every key right (the bench fails otherwise), from the steady
+    // state out of core: some blocks it needs are not in memory, it reads the disk, and
+    // its read amplification and limit are reported.
+    let results = figures["results"].as_array().expect("results");
+    for path in paths {
+        let result = results
+            .iter()
+            .find(|r| r["path"] == path)
+            .unwrap_or_else(|| panic!("no {path} result: {printed}"));
+        assert_eq!(result["mode"], "ooc", "{result}");
+        let number = |field: &str| result[field].as_f64().unwrap_or_default();
         assert!(
-            reads > 0.0,
-            "a cold {path} read nothing from the disk: {line}"
+            number("device_reads") > 0.0,
+            "{path} read nothing: {result}"
         );
+        assert!(number("misses_per_lookup") > 0.0, "{path}: {result}");
+        assert!(number("read_amplification") > 0.0, "{path}: {result}");
+        assert!(number("limit_lookups_per_sec") > 0.0, "{path}: {result}");
     }
     // The bench removed its cgroup and its image.
     let mine = format!("exofs-bench-{}", out_pid(&printed));

@@ -58,6 +58,9 @@ struct exofs_chain_ctx {
 	__u64 subject_cgroup;
 	__s32 status;
 	__u32 hops;
+	__u32 flags;
+	__u32 start_hop;
+	__u64 missing;
 	__u8 scratch[EXOFS_SCRATCH_SIZE];
 };
 
@@ -76,7 +79,7 @@ struct exofs_hop_state {
 
 #define EXOFS_STATUS_MISSING 10
 #define EXOFS_BATCH_SCRATCH_SIZE 32
-#define EXOFS_BATCH_NO_FAULT 1
+#define EXOFS_NO_FAULT 1
 
 /* One lookup of a batch (the batch program's context is struct exofs_batch_ctx). */
 struct exofs_batch_lookup {
@@ -84,7 +87,7 @@ struct exofs_batch_lookup {
 	__s32 status;
 	__u64 start_offset;
 	__u32 hops;
-	__u32 _pad;
+	__u32 start_hop;
 	__u64 missing;
 	__u8 scratch[EXOFS_BATCH_SCRATCH_SIZE];
 };

@@ -52,9 +52,10 @@ pub mod status {
     pub const FAULT: i32 = 8;
     /// The arguments are malformed (counts, lengths, file indexes).
     pub const INVALID: i32 = 9;
-    /// Batches with [`super::BATCH_NO_FAULT`]: the block at [`super::BatchLookup::missing`]
-    /// is not in memory; the lookup did not finish. The caller brings the block in (with
-    /// the other missing blocks of the batch, concurrently) and runs the lookup again.
+    /// Chains and batches run with [`super::NO_FAULT`]: the block at `missing` is not in
+    /// memory; the chain did not finish. The caller brings the block into the page cache
+    /// and runs the chain again from where the context now says, naming that block in
+    /// `missing` (see [`super::ChainCtx::start_hop`]).
     pub const MISSING: i32 = 10;
 
     /// The status's name, for messages.
@@ -146,8 +147,20 @@ pub struct ChainCtx {
     pub subject_cgroup: u64,
     /// Out: a `status::*` value.
     pub status: i32,
-    /// Out: hops taken.
+    /// Out: hops taken (counted from hop 0, `start_hop` included).
     pub hops: u32,
+    /// In: [`NO_FAULT`] or 0.
+    pub flags: u32,
+    /// In: the number of the first hop (0 for a new chain). Out, with status MISSING:
+    /// where to resume. When no other branch of the walk was pending, the driver sets
+    /// `start_file`, `start_offset`, `start_hop` and `scratch` to the hop that missed, as
+    /// `next` left them; otherwise they stay as given and the chain is run again from
+    /// there.
+    pub start_hop: u32,
+    /// In: the device offset of a block the chain may wait for even with NO_FAULT (the
+    /// block the caller has just read into the page cache), or u64::MAX. Out, with
+    /// status MISSING: the device offset of the block that was not in memory.
+    pub missing: u64,
     /// In and out: the application's scratch (keys in, results out).
     pub scratch: [u8; SCRATCH_SIZE],
 }
@@ -168,21 +181,26 @@ impl Default for ChainCtx {
             subject_cgroup: 0,
             status: 0,
             hops: 0,
+            flags: 0,
+            start_hop: 0,
+            missing: u64::MAX,
             scratch: [0; SCRATCH_SIZE],
         }
     }
 }
 
-/// Bytes of scratch per lookup of a batch (the first bytes of `next`'s scratch; the
-/// rest of it starts zeroed).
+/// Bytes of scratch per lookup of a batch: the first bytes of `next`'s scratch, and all
+/// of a batched lookup's state between hops. The rest of the scratch starts zeroed, also
+/// when a lookup resumes after a miss.
 pub const BATCH_SCRATCH_SIZE: usize = 32;
-/// [`BatchCtx::flags`]: never wait for the disk; a block not in memory ends its lookup
-/// with status MISSING instead (see [`status::MISSING`]).
-pub const BATCH_NO_FAULT: u32 = 1;
+/// [`ChainCtx::flags`] and [`BatchCtx::flags`]: never wait for the disk (except for the
+/// block named in `missing`); a block not in memory ends the chain with status MISSING
+/// instead (see [`status::MISSING`]).
+pub const NO_FAULT: u32 = 1;
 
 /// One lookup of a batch.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLookup {
     /// In: index in the batch's files of the first hop's file.
     pub start_file: u32,
@@ -192,11 +210,27 @@ pub struct BatchLookup {
     pub start_offset: u64,
     /// Out: hops taken.
     pub hops: u32,
-    pub _pad: u32,
-    /// Out, with status MISSING: byte offset on the device of the block not in memory.
+    /// In and out: as [`ChainCtx::start_hop`] (with MISSING, the start fields and the
+    /// scratch say where to resume).
+    pub start_hop: u32,
+    /// In and out: as [`ChainCtx::missing`].
     pub missing: u64,
     /// In and out: the first BATCH_SCRATCH_SIZE bytes of the lookup's scratch.
     pub scratch: [u8; BATCH_SCRATCH_SIZE],
+}
+
+impl Default for BatchLookup {
+    fn default() -> Self {
+        Self {
+            start_file: 0,
+            status: 0,
+            start_offset: 0,
+            hops: 0,
+            start_hop: 0,
+            missing: u64::MAX,
+            scratch: [0; BATCH_SCRATCH_SIZE],
+        }
+    }
 }
 
 /// Arguments and results of a batch of independent lookups over the same files: the
@@ -289,5 +323,5 @@ mod pod {
 const _: () = assert!(size_of::<ChainFile>() == 16);
 const _: () = assert!(size_of::<BatchLookup>() == 32 + BATCH_SCRATCH_SIZE);
 const _: () = assert!(size_of::<BatchCtx>() == 64 + 16 + 16 + 8 + 8 + 8 + MAX_BATCH * 64);
-const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + 8 + SCRATCH_SIZE);
+const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + 8 + 16 + SCRATCH_SIZE);
 const _: () = assert!(size_of::<HopState>() == 24 + 16 + 32 + SCRATCH_SIZE + BLOCK_SIZE);

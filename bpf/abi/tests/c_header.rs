@@ -23,7 +23,8 @@ fn rust_layout() -> BTreeMap<String, i64> {
         files => "files", file_count => "file_count", hop_limit => "hop_limit",
         start_file => "start_file", read_len => "read_len", start_offset => "start_offset",
         map_addr => "map_addr", map_len => "map_len", subject_uid => "subject_uid",
-        subject_gid => "subject_gid", subject_cgroup => "subject_cgroup", status => "status", hops => "hops", scratch => "scratch");
+        subject_gid => "subject_gid", subject_cgroup => "subject_cgroup", status => "status", hops => "hops",
+        flags => "flags", start_hop => "start_hop", missing => "missing", scratch => "scratch");
     layout!(map, "exofs_hop_state", HopState;
         hop => "hop", file => "file", offset => "offset", data_len => "data_len",
         next_count => "next_count", next_file => "next_file", next_offset => "next_offset",
@@ -38,7 +39,7 @@ fn rust_layout() -> BTreeMap<String, i64> {
         count => "count", reserved => "reserved", extents => "extents");
     layout!(map, "exofs_batch_lookup", BatchLookup;
         start_file => "start_file", status => "status", start_offset => "start_offset",
-        hops => "hops", missing => "missing", scratch => "scratch");
+        hops => "hops", start_hop => "start_hop", missing => "missing", scratch => "scratch");
     layout!(map, "exofs_batch_ctx", BatchCtx;
         files => "files", file_count => "file_count", hop_limit => "hop_limit",
         read_len => "read_len", count => "count", map_addr => "map_addr", map_len => "map_len",
@@ -77,10 +78,7 @@ fn rust_layout() -> BTreeMap<String, i64> {
         "EXOFS_BATCH_SCRATCH_SIZE".into(),
         chain::BATCH_SCRATCH_SIZE as i64,
     );
-    map.insert(
-        "EXOFS_BATCH_NO_FAULT".into(),
-        i64::from(chain::BATCH_NO_FAULT),
-    );
+    map.insert("EXOFS_NO_FAULT".into(), i64::from(chain::NO_FAULT));
     layout!(map, "exofs_lookup", Lookup; key => "key", found => "found", value => "value");
     layout!(map, "exofs_btree_header", BtreeHeader;
         magic => "magic", level => "level", count => "count", node_size => "node_size",

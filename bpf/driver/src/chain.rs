@@ -23,9 +23,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use exofs_abi::chain::{
-    stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, BATCH_NO_FAULT,
-    BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT,
-    NEXT_CONTINUE, NEXT_DONE, SCRATCH_SIZE,
+    stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, BATCH_SCRATCH_SIZE,
+    BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT, NEXT_CONTINUE,
+    NEXT_DONE, NO_FAULT, SCRATCH_SIZE,
 };
 use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
@@ -247,10 +247,17 @@ pub struct Walk {
     depth: u64,
     hops: u64,
     status: i64,
-    /// `BATCH_*` flags (0 for a single chain).
+    /// NO_FAULT or 0.
     flags: u64,
-    /// With status MISSING: device offset of the block that was not in memory.
+    /// The block (device offset) a NO_FAULT chain may still wait for: the one the
+    /// caller has just read into the page cache (u64::MAX: none).
+    may_wait: u64,
+    /// The number of the chain's (or the running lookup's) first hop.
+    first_hop: u64,
+    /// With status MISSING: device offset of the block that was not in memory, and the
+    /// number of the hop that needed it.
     missing: u64,
+    missing_hop: u64,
     pending_file: [u32; STACK],
     pending_offset: [u64; STACK],
     /// Batches: the lookup running, how many there are, its hop, lookups done.
@@ -406,9 +413,11 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
     (*walk).pending_file[0] = (*ctx).start_file;
     (*walk).pending_offset[0] = (*ctx).start_offset;
     (*walk).depth = 1;
-    (*walk).hops = 0;
+    (*walk).first_hop = first_hop((*ctx).start_hop, (*walk).hop_limit);
+    (*walk).hops = (*walk).first_hop;
     (*walk).status = status::HOP_LIMIT as i64;
-    (*walk).flags = 0;
+    (*walk).flags = (*ctx).flags as u64;
+    (*walk).may_wait = (*ctx).missing;
     let mut values = Values { state, walk };
     bpf_loop(
         MAX_HOPS,
@@ -417,7 +426,17 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
         0,
     );
     let result = (*walk).status as i32;
-    if result == status::DONE {
+    let resumable = result == status::MISSING && (*walk).depth == 0;
+    if result == status::MISSING {
+        (*ctx).missing = (*walk).missing;
+    }
+    if resumable {
+        // The hop that missed is still at the bottom of the pending stack.
+        (*ctx).start_file = (*walk).pending_file[0];
+        (*ctx).start_offset = (*walk).pending_offset[0];
+        (*ctx).start_hop = (*walk).missing_hop as u32;
+    }
+    if result == status::DONE || resumable {
         for i in 0..SCRATCH_WORDS {
             words
                 .add(SCRATCH_WORD + i)
@@ -425,6 +444,18 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
         }
     }
     (result, (*walk).hops as u32)
+}
+
+/// The first hop's number as the caller gave it, at most the hop limit (a chain that
+/// starts there ends at once with HOP_LIMIT): hop numbers stay far from overflowing, and
+/// the hops reported never exceed the limit.
+#[inline(always)]
+fn first_hop(start_hop: u32, hop_limit: u64) -> u64 {
+    if start_hop as u64 > hop_limit {
+        hop_limit
+    } else {
+        start_hop as u64
+    }
 }
 
 /// One hop (the `bpf_loop` callback): 0 to go on, 1 to stop with `walk.status` set.
@@ -437,7 +468,7 @@ extern "C" fn hop(index: u64, values: *mut c_void) -> i64 {
     };
     // SAFETY: the caller's memory is only read through a helper, map values only through
     // bounds-checked indexes, inside `step`.
-    let outcome = unsafe { step(state, walk, index as u32) };
+    let outcome = unsafe { step(state, walk, (walk.first_hop + index) as u32) };
     if outcome == KEEP_GOING {
         return 0;
     }
@@ -462,6 +493,7 @@ unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
     let chain_file = walk.files[(file as usize) & (MAX_CHAIN_FILES - 1)];
     let outcome = read_hop(state, walk, &chain_file, offset);
     if outcome != status::DONE {
+        walk.missing_hop = hop as u64;
         return outcome;
     }
     state.hop = hop;
@@ -557,9 +589,16 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_offset)))
             .cast::<u64>()
             .read_volatile();
+        lookup.start_hop = bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_hop)))
+            .cast::<u32>()
+            .read_volatile();
+        lookup.missing = bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, missing)))
+            .cast::<u64>()
+            .read_volatile();
         lookup.status = status::INVALID;
         lookup.hops = 0;
-        lookup.missing = 0;
         let scratch = lookup.scratch.as_mut_ptr().cast::<u64>();
         for w in 0..BATCH_SCRATCH_WORDS {
             scratch.add(w).write_unaligned(
@@ -592,6 +631,18 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, missing)))
             .cast::<u64>()
             .write_volatile(lookup.missing);
+        bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_file)))
+            .cast::<u32>()
+            .write_volatile(lookup.start_file);
+        bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_offset)))
+            .cast::<u64>()
+            .write_volatile(lookup.start_offset);
+        bytes
+            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_hop)))
+            .cast::<u32>()
+            .write_volatile(lookup.start_hop);
         let scratch = lookup.scratch.as_ptr().cast::<u64>();
         for w in 0..BATCH_SCRATCH_WORDS {
             bytes
@@ -604,15 +655,17 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
     status::DONE
 }
 
-/// Starts lookup `walk.lookup`: its first offset, its scratch (the rest zeroed).
+/// Starts lookup `walk.lookup`: its first offset and hop, its scratch (the rest zeroed).
 #[inline(always)]
 fn begin_lookup(state: &mut HopState, walk: &mut Walk) {
     let lookup = &walk.batch[(walk.lookup as usize) & (MAX_BATCH - 1)];
     walk.pending_file[0] = lookup.start_file;
     walk.pending_offset[0] = lookup.start_offset;
     walk.depth = 1;
-    walk.hops = 0;
-    walk.lookup_hop = 0;
+    walk.first_hop = first_hop(lookup.start_hop, walk.hop_limit);
+    walk.hops = walk.first_hop;
+    walk.lookup_hop = walk.first_hop;
+    walk.may_wait = lookup.missing;
     state.scratch = [0; SCRATCH_SIZE];
     state.scratch[..BATCH_SCRATCH_SIZE].copy_from_slice(&lookup.scratch);
     state.next_file = [0; MAX_FANOUT];
@@ -635,6 +688,13 @@ extern "C" fn batch_hop(_index: u64, values: *mut c_void) -> i64 {
     let slot = (walk.lookup as usize) & (MAX_BATCH - 1);
     let hops = walk.hops;
     let missing = walk.missing;
+    // As for a single chain: resumable when no other branch was pending.
+    let resumable = outcome == status::MISSING && walk.depth == 0;
+    let (resume_file, resume_offset, resume_hop) = (
+        walk.pending_file[0],
+        walk.pending_offset[0],
+        walk.missing_hop as u32,
+    );
     let lookup = &mut walk.batch[slot];
     lookup.status = outcome;
     lookup.hops = hops as u32;
@@ -645,6 +705,14 @@ extern "C" fn batch_hop(_index: u64, values: *mut c_void) -> i64 {
         walk.done += 1;
     } else if outcome == status::MISSING {
         lookup.missing = missing;
+    }
+    if resumable {
+        lookup.start_file = resume_file;
+        lookup.start_offset = resume_offset;
+        lookup.start_hop = resume_hop;
+        lookup
+            .scratch
+            .copy_from_slice(&state.scratch[..BATCH_SCRATCH_SIZE]);
     }
     if outcome != status::MISSING {
         count_chain(outcome, hops);
@@ -704,8 +772,9 @@ unsafe fn read_hop(state: &mut HopState, walk: &mut Walk, file: &ChainFile, offs
     // chain, measured with perf).
     let mut ret = bpf_probe_read_user(state.data.as_mut_ptr().cast(), len, source);
     if ret != 0 {
-        if walk.flags & BATCH_NO_FAULT as u64 != 0 {
-            walk.missing = device_offset - within;
+        let block_offset = device_offset - within;
+        if walk.flags & NO_FAULT as u64 != 0 && block_offset != walk.may_wait {
+            walk.missing = block_offset;
             return status::MISSING;
         }
         // May sleep: faults the page in (from the page cache, or from the disk).

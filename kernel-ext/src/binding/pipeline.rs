@@ -8,28 +8,24 @@
 //! 1. Up to `window` lookups are in flight. Lookups ready to run go to the kernel in
 //!    calls of up to MAX_BATCH, without faulting (BATCH_NO_FAULT): each ends DONE (or
 //!    another final status) or MISSING with the device offset of the block it lacks.
-//! 2. A missing block is read with io_uring into a scratch buffer (a buffered read: the
-//!    block lands in the device's page cache, and only it: the mapping is MADV_RANDOM and
-//!    the read is one block). Lookups that miss a block already being read wait for it.
-//! 3. As each read completes, the block is mapped into the device mapping
-//!    (MADV_POPULATE_READ of a page in the cache: no disk wait) and its lookups are ready
-//!    again; they start from their first hop, whose upper levels are in memory.
+//! 2. A missing block is read with io_uring into a scratch buffer (a buffered 4 KiB read
+//!    on the POSIX_FADV_RANDOM descriptor: the block lands in the device's page cache, and
+//!    only it). Lookups that miss a block already being read wait for it.
+//! 3. As each read completes, its lookups are ready again. Each resumes at the hop that
+//!    missed (the driver handed back where), allowed to wait for that block: its page is
+//!    in the cache, so the copy maps it in with a minor fault.
 //!
 //! Safety is the driver's, as for every chain: user space only chooses which blocks to
 //! bring into memory and when to ask again. Coherence too: the reads go through the same
 //! page cache that libfs writes and chains read.
 
 use super::{BatchCounters, BatchItem, BatchOutcome, BatchRequest, Binding, BindingError};
-use super::{Result, MAX_ATTEMPTS};
+use super::{Cursor, Result, MAX_ATTEMPTS, MAX_MISSES};
 use crate::ring::Ring;
 use crate::store::BoundProgram;
 use exofs_abi::chain::{status, MAX_BATCH};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-/// Misses one lookup may have before it ends as MISSING (a block that keeps going out of
-/// memory under a tight budget must not keep a lookup going for ever).
-const MAX_MISSES: u32 = 4 * exofs_abi::chain::MAX_HOPS;
 
 /// One lookup of a pipelined run.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +33,7 @@ struct InFlight {
     started: Instant,
     stale_attempts: u32,
     misses: u32,
+    cursor: Cursor,
 }
 
 /// A block being read, and the lookups waiting for it.
@@ -63,10 +60,9 @@ impl Binding {
         };
         let window = window.clamp(1, 4096);
         let fd = self
-            .fs
-            .device()
-            .raw_fd()
-            .ok_or_else(|| BindingError::Invalid("the device has no file descriptor".into()))?;
+            .mapping
+            .fetch_fd()
+            .ok_or_else(|| BindingError::Invalid("the mapping reads nothing in".into()))?;
         // Reads in flight by slot (the io_uring user data), and slots by block. Declared
         // before the ring: dropping the ring waits for the reads into these buffers.
         let mut reads: Vec<Option<Read>> = Vec::new();
@@ -87,6 +83,7 @@ impl Binding {
                         started: Instant::now(),
                         stale_attempts: 0,
                         misses: 0,
+                        cursor: Cursor::from(&items[next]),
                     },
                 );
                 ready.push(next);
@@ -96,7 +93,13 @@ impl Binding {
                 let files = self.register_all(&request.files)?;
                 let mut stale = false;
                 for group in std::mem::take(&mut ready).chunks(MAX_BATCH) {
-                    let lookups: Vec<&BatchItem> = group.iter().map(|i| &items[*i]).collect();
+                    let lookups = group
+                        .iter()
+                        .map(|i| flights.get(i).map(|flight| flight.cursor))
+                        .collect::<Option<Vec<Cursor>>>()
+                        .ok_or_else(|| {
+                            BindingError::Invalid("a lookup left the pipeline".into())
+                        })?;
                     let called = self.call_batch(program, &request, &files, &lookups)?;
                     counters.calls += 1;
                     for (index, lookup) in group.iter().zip(called) {
@@ -108,10 +111,15 @@ impl Binding {
                                 flight.misses += 1;
                                 if flight.misses > MAX_MISSES {
                                     let latency = flight.started.elapsed();
-                                    results[*index] = Some((lookup.outcome, latency));
+                                    let outcome = BatchOutcome {
+                                        scratch: items[*index].scratch,
+                                        ..lookup.outcome
+                                    };
+                                    results[*index] = Some((outcome, latency));
                                     flights.remove(index);
                                     continue;
                                 }
+                                flight.cursor = lookup.resume;
                                 let block = lookup.missing / libfs::BLOCK_SIZE as u64
                                     * libfs::BLOCK_SIZE as u64;
                                 if let Some(slot) = reading.get(&block) {
@@ -156,18 +164,27 @@ impl Binding {
                                 counters.retries += 1;
                                 if flight.stale_attempts >= MAX_ATTEMPTS {
                                     let latency = flight.started.elapsed();
-                                    results[*index] = Some((lookup.outcome, latency));
+                                    let outcome = BatchOutcome {
+                                        scratch: items[*index].scratch,
+                                        ..lookup.outcome
+                                    };
+                                    results[*index] = Some((outcome, latency));
                                     flights.remove(index);
                                 } else {
                                     stale = true;
+                                    flight.cursor = Cursor::from(&items[*index]);
                                     ready.push(*index);
                                 }
                             }
-                            _ => {
+                            ended => {
                                 let latency = flights
                                     .remove(index)
                                     .map_or(Duration::ZERO, |f| f.started.elapsed());
-                                results[*index] = Some((lookup.outcome, latency));
+                                let mut outcome = lookup.outcome;
+                                if ended != status::DONE {
+                                    outcome.scratch = items[*index].scratch;
+                                }
+                                results[*index] = Some((outcome, latency));
                             }
                         }
                     }
@@ -206,7 +223,6 @@ impl Binding {
                         std::io::Error::from_raw_os_error(-result)
                     )));
                 }
-                self.mapping.map_in(read.block)?;
                 ready.extend(read.waiting);
             }
         }
