@@ -109,9 +109,9 @@ const PATHS: [&str; 10] = [
 ];
 /// Lookups the io_uring walks keep in flight.
 const IN_FLIGHT: usize = 32;
-/// Lookups handed to one `run_batch` call (one kernel call of 32 per round; a window of
-/// 128 measured slower cold here: 3.2x pread against 4.0x).
-const BATCH_WINDOW: usize = 64;
+/// Lookups handed to one `run_batch` call (four kernel calls of 32 per round). Out of
+/// core, interleaved: 128 gave 3.55-3.59x pread, 64 gave 3.3x, 256 no more than 128.
+const BATCH_WINDOW: usize = 128;
 
 /// One measured phase.
 pub(crate) struct Phase {
@@ -571,32 +571,28 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         } else {
             mode
         };
+        if let (Some((mapping, _)), Some((_, disk, bytes))) = (&ooc, &budget) {
+            let run = OutOfCore {
+                setup: &setup,
+                program: &program,
+                tree: &tree,
+                budget: *bytes,
+                disk,
+                mapping,
+                threads,
+            };
+            phases.extend(run.phases(&mut binding, &paths, lookups, &mut random_keys)?);
+            continue;
+        }
         for path in &paths {
             let keys = random_keys(lookups);
             eprintln!("{path} {mode}: {lookups} lookups");
-            let mut needed = None;
             if mode == "warm" {
                 // One untimed pass over the same keys fills the page cache and mappings.
                 measure(&setup, &binding, &program, path, &keys, threads)?;
             } else {
                 binding.remap()?;
                 crate::bench::drop_cache(device_fd)?;
-                if let (Some((mapping, _)), Some((_, _, bytes))) = (&ooc, &budget) {
-                    // The steady state (bench_ooc.rs): upper levels in, then the path's
-                    // own untimed lookups.
-                    let upper = crate::bench_ooc::levels_that_fit(&tree, bytes / 4);
-                    crate::bench_ooc::preload(&args.image, &setup.extents, upper)?;
-                    measure(
-                        &setup,
-                        &binding,
-                        &program,
-                        path,
-                        &random_keys(lookups),
-                        threads,
-                    )?;
-                    let blocks = crate::bench_ooc::needed_blocks(&tree, &setup.extents, &keys)?;
-                    needed = Some(crate::bench_ooc::not_cached(mapping, &blocks)?);
-                }
             }
             let before = budget.as_ref().map(|(_, disk, _)| disk.now()).transpose()?;
             let (elapsed, latencies, cpu) =
@@ -613,7 +609,7 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
                 latencies,
                 cpu,
                 disk,
-                needed,
+                needed: None,
             });
         }
     }
@@ -626,6 +622,130 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     drop(fs);
     std::fs::remove_file(&args.image)?;
     report(args, &phases, threads, ("pread", "mmap"), limit)
+}
+
+/// Lookups per path and round out of core.
+const ROUND_LOOKUPS: usize = 256;
+
+/// The out-of-core phases of a run (bench_ooc.rs says what they start from).
+struct OutOfCore<'a> {
+    setup: &'a Setup,
+    program: &'a BoundProgram,
+    tree: &'a FullBtree,
+    budget: u64,
+    disk: &'a crate::budget::DiskReads,
+    mapping: &'a DeviceMapping,
+    threads: usize,
+}
+
+impl OutOfCore<'_> {
+    /// Measures every path out of core, `lookups` each. The paths share one steady
+    /// state and take turns in rounds of ROUND_LOOKUPS lookups, in a rotating order:
+    /// this host's disk drifts by half its speed over seconds, and paths measured one
+    /// after the other measured the drift. The plain mmap walk goes last, alone and
+    /// shorter: its read-around ruins the steady state (and runs at tens of lookups/s).
+    fn phases(
+        &self,
+        binding: &mut Binding,
+        paths: &[&'static str],
+        lookups: usize,
+        random_keys: &mut dyn FnMut(usize) -> Vec<u64>,
+    ) -> Result<Vec<Phase>> {
+        let (together, alone): (Vec<&'static str>, Vec<&'static str>) =
+            paths.iter().partition(|path| **path != "mmap");
+        let mut phases: Vec<Phase> = together.iter().map(|path| Phase::empty(path)).collect();
+        if !together.is_empty() {
+            self.settle(binding)?;
+            for path in &together {
+                eprintln!("{path} ooc: {lookups} untimed lookups (warm-up)");
+                self.measure(binding, path, &random_keys(lookups))?;
+            }
+            let rounds = lookups.div_ceil(ROUND_LOOKUPS);
+            for round in 0..rounds {
+                eprint!("\rooc: round {} of {rounds}", round + 1);
+                let count = ROUND_LOOKUPS.min(lookups - round * ROUND_LOOKUPS);
+                for turn in 0..together.len() {
+                    let index = (round + turn) % together.len();
+                    let keys = random_keys(count);
+                    let measured = self.measure(binding, together[index], &keys)?;
+                    phases[index].add(measured);
+                }
+            }
+            eprintln!();
+        }
+        for path in alone {
+            let count = lookups.min(ROUND_LOOKUPS);
+            eprintln!("{path} ooc: {count} lookups, alone");
+            self.settle(binding)?;
+            self.measure(binding, path, &random_keys(count / 2))?;
+            let mut phase = Phase::empty(path);
+            phase.add(self.measure(binding, path, &random_keys(count))?);
+            phases.push(phase);
+        }
+        Ok(phases)
+    }
+
+    /// The steady state's start: nothing in memory, then the upper levels that fit in a
+    /// quarter of the budget.
+    fn settle(&self, binding: &mut Binding) -> Result<()> {
+        binding.remap()?;
+        crate::bench::drop_cache(self.setup.device_fd)?;
+        let upper = crate::bench_ooc::levels_that_fit(self.tree, self.budget / 4);
+        crate::bench_ooc::preload(&self.setup.image, &self.setup.extents, upper)?;
+        Ok(())
+    }
+
+    /// One measured run of `keys` through `path`, with the blocks they need that were
+    /// not in memory and the disk's reads.
+    fn measure(&self, binding: &Binding, path: &'static str, keys: &[u64]) -> Result<Phase> {
+        let blocks = crate::bench_ooc::needed_blocks(self.tree, &self.setup.extents, keys)?;
+        let needed = crate::bench_ooc::not_cached(self.mapping, &blocks)?;
+        let before = self.disk.now()?;
+        let (elapsed, latencies, cpu) =
+            measure(self.setup, binding, self.program, path, keys, self.threads)?;
+        Ok(Phase {
+            path,
+            mode: "ooc",
+            lookups: keys.len(),
+            elapsed,
+            latencies,
+            cpu,
+            disk: Some(self.disk.now()? - before),
+            needed: Some(needed),
+        })
+    }
+}
+
+impl Phase {
+    /// A phase with nothing measured yet.
+    fn empty(path: &'static str) -> Self {
+        Self {
+            path,
+            mode: "ooc",
+            lookups: 0,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+            cpu: Duration::ZERO,
+            disk: Some(crate::budget::DiskCount::default()),
+            needed: Some(0),
+        }
+    }
+
+    /// Adds the lookups of `other` (of the same path) to this phase.
+    fn add(&mut self, mut other: Phase) {
+        self.lookups += other.lookups;
+        self.elapsed += other.elapsed;
+        self.latencies.append(&mut other.latencies);
+        self.cpu += other.cpu;
+        self.disk = match (self.disk, other.disk) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        self.needed = match (self.needed, other.needed) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// One progress line on stderr, rewritten in place.

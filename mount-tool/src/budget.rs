@@ -137,6 +137,16 @@ impl std::ops::Sub for DiskCount {
     }
 }
 
+impl std::ops::Add for DiskCount {
+    type Output = DiskCount;
+    fn add(self, other: DiskCount) -> DiskCount {
+        DiskCount {
+            reads: self.reads + other.reads,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
 /// The read counters of the block device a file lives on.
 #[derive(Debug)]
 pub struct DiskReads {

@@ -769,11 +769,17 @@ unsafe fn read_hop(state: &mut HopState, walk: &mut Walk, file: &ChainFile, offs
     let source = (map_addr + device_offset) as *const c_void;
     // First without faulting: when the page is mapped (warm), this skips the page-fault
     // machinery and the hardened-usercopy checks of bpf_copy_from_user (5% of a warm
-    // chain, measured with perf).
-    let mut ret = bpf_probe_read_user(state.data.as_mut_ptr().cast(), len, source);
+    // chain, measured with perf). Not for the block the caller has just read in: that
+    // page is in memory but not yet mapped, and the attempt would only fail.
+    let block_offset = device_offset - within;
+    let awaited = block_offset == walk.may_wait;
+    let mut ret = if awaited {
+        -1
+    } else {
+        bpf_probe_read_user(state.data.as_mut_ptr().cast(), len, source)
+    };
     if ret != 0 {
-        let block_offset = device_offset - within;
-        if walk.flags & NO_FAULT as u64 != 0 && block_offset != walk.may_wait {
+        if walk.flags & NO_FAULT as u64 != 0 && !awaited {
             walk.missing = block_offset;
             return status::MISSING;
         }

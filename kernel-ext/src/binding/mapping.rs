@@ -65,7 +65,9 @@ impl DeviceMapping {
     }
 
     /// Reads the block at device offset `start` into the page cache (one 4 KiB buffered
-    /// read, no read-ahead), for a chain that missed it to go on.
+    /// read, no read-ahead), for a chain that missed it to go on. Only its first byte is
+    /// copied out: the read of the page is the same, and the copy of a page fresh from
+    /// the disk (not in the CPU's caches) was 5% of an out-of-core chain's time.
     pub fn fetch(&self, start: u64) -> Result<()> {
         let block = libfs::BLOCK_SIZE as u64;
         let start = start / block * block;
@@ -73,7 +75,7 @@ impl DeviceMapping {
             .fetch
             .as_ref()
             .ok_or_else(|| BindingError::Invalid("this mapping reads nothing in".into()))?;
-        let mut buffer = [0u8; libfs::BLOCK_SIZE];
+        let mut buffer = [0u8; 1];
         std::os::unix::fs::FileExt::read_at(file, &mut buffer, start).map_err(|err| {
             BindingError::Invalid(format!("cannot read the device at byte {start}: {err}"))
         })?;
