@@ -67,6 +67,10 @@ pub struct ChainArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Draw the last mode's lookups/s per path (beside the device's limit, out of core)
+    /// as an SVG chart here.
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
     /// Run the measured phases in a memory cgroup of this many bytes (e.g. 256M), made
     /// and removed by the bench, and count the disk's reads of each phase.
     #[arg(long, value_parser = crate::size::parse_size)]
@@ -877,6 +881,25 @@ fn report(
             );
         }
         println!("{line}");
+    }
+    if let Some(file) = &args.plot {
+        let mode = phases.last().map_or("", |p| p.mode);
+        let bars: Vec<crate::bench_plot::Bar> = phases
+            .iter()
+            .zip(&figures)
+            .filter(|(phase, _)| phase.mode == mode)
+            .map(|(phase, figures)| crate::bench_plot::Bar {
+                path: phase.path.to_owned(),
+                rate: phase.per_sec(),
+                limit: figures.limit,
+            })
+            .collect();
+        let title = format!(
+            "B-tree lookups ({mode}), depth {}, {}-byte nodes, {threads} thread(s)",
+            args.depth, args.node_size
+        );
+        crate::bench_plot::plot(file, &title, &bars)?;
+        println!("plot: {}", file.display());
     }
     if let Some(path) = &args.json {
         let mut document = serde_json::json!({ "results": [] });

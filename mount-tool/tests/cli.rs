@@ -259,6 +259,8 @@ fn bench_chain_under_a_cache_budget_counts_the_disks_reads() {
         .join(format!("exofs-cli-{}-budget.img", std::process::id()));
     let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("exofs-cli-{}-budget.json", std::process::id()));
+    let plot = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("exofs-cli-{}-budget.svg", std::process::id()));
     let paths = [
         "pread",
         "pread_direct",
@@ -286,6 +288,8 @@ fn bench_chain_under_a_cache_budget_counts_the_disks_reads() {
         image.to_str().expect("utf-8"),
         "--json",
         json.to_str().expect("utf-8"),
+        "--plot",
+        plot.to_str().expect("utf-8"),
     ]);
     let printed = text(&out);
     assert!(out.status.success(), "bench: {printed}");
@@ -293,6 +297,15 @@ fn bench_chain_under_a_cache_budget_counts_the_disks_reads() {
     let figures: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("the JSON")).expect("JSON");
     std::fs::remove_file(&json).expect("remove the JSON");
+    let svg = std::fs::read_to_string(&plot).expect("the plot");
+    std::fs::remove_file(&plot).expect("remove the plot");
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for path in paths {
+        assert!(
+            svg.lines().any(|line| line.trim() == path),
+            "{path} is not in the plot"
+        );
+    }
     // The device's limit, measured in the run.
     for depth in ["qd1_iops", "qd32_iops"] {
         let iops = figures["device"][depth].as_f64().unwrap_or_default();
