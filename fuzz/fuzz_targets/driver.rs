@@ -21,7 +21,9 @@
 //! Input: byte 0 is a mode (bit 0: batch context; bit 1: the scratch key is SECRET; bit 2:
 //! tame: each file slot names PUBLIC, SECRET, UNREGISTERED (by the low bits of its ino)
 //! at their generation or the next one, the subject is uid 1000, gid 2000, cgroup 77 or
-//! as given, offsets fall inside 128 KiB; bit 3: keep the context's map_len). The rest
+//! as given, offsets fall inside 128 KiB, a resumed hop is below 8 and the block it may
+//! wait for lies on the device; bit 3: keep the context's map_len; bit 4: unmap the
+//! mapping's pages first, so that NO_FAULT hops miss). The rest
 //! is the context's bytes (zero-padded). map_addr is always this process's mapping of
 //! the device: it names the caller's own memory, which a caller can read without the
 //! driver (the daemon sets it, an ioctl caller never does), so forging it proves nothing.
@@ -29,8 +31,10 @@
 //! Asserted for every context: the test run succeeds (no syscall error); the program's
 //! return value and every status is one of the ABI's; hops never exceed the clamped hop
 //! limit; nothing but status, hops, scratch (and a batch's per-lookup results and done)
-//! changes; a chain or lookup that is not DONE gives its scratch back untouched; a DONE
-//! scratch never gains the SECRET word; a context the driver must refuse before the walk
+//! changes, except that a MISSING chain or lookup (only with NO_FAULT) names a block of
+//! the device and may say where to resume: then its hops are the resumed hop's number,
+//! and if it does not, its scratch is untouched; a chain or lookup that is neither DONE
+//! nor MISSING gives its scratch back untouched; no scratch ever gains the SECRET word; a context the driver must refuse before the walk
 //! (file count, read length, batch count) is refused with INVALID and no hop; and a chain
 //! that got past the policy names only files the policy grants its subject (checked
 //! against the policy as written here, for the hops and batch size asked).
@@ -332,7 +336,9 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
     if mode & 4 != 0 {
         ctx.start_offset %= TAME_OFFSETS;
         ctx.start_file %= MAX_CHAIN_FILES as u32 + 1;
+        (ctx.start_hop, ctx.missing) = tame_resume(world, ctx.start_hop, ctx.missing);
     }
+    unmap_if_asked(world, mode);
     if mode & 2 != 0 {
         ctx.scratch[..8].copy_from_slice(&SECRET.to_ne_bytes());
     }
@@ -373,6 +379,12 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
             "resume at hop {} of file {}: {sent:?}",
             ctx.start_hop,
             ctx.start_file
+        );
+        resume_is_sane(
+            (sent.start_file, sent.start_offset, sent.start_hop),
+            (ctx.start_file, ctx.start_offset, ctx.start_hop),
+            ctx.hops,
+            (&sent.scratch, &ctx.scratch),
         );
         (
             unchanged.start_file,
@@ -419,6 +431,50 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
     }
 }
 
+/// Mostly a small resumed hop, and mostly a block of the device (or none) to wait for.
+fn tame_resume(world: &World, start_hop: u32, missing: u64) -> (u32, u64) {
+    let len = world.mapping.range().1;
+    let missing = if missing & 1 == 0 {
+        u64::MAX
+    } else {
+        (missing >> 1) % len / BLOCK_SIZE as u64 * BLOCK_SIZE as u64
+    };
+    (start_hop % 8, missing)
+}
+
+/// Mode bit 4: zaps the mapping's page tables (the pages stay in the page cache), so
+/// that the hops of a NO_FAULT chain miss and MISSING is exercised.
+fn unmap_if_asked(world: &World, mode: u8) {
+    if mode & 16 != 0 {
+        world
+            .mapping
+            .advise(libc::MADV_DONTNEED)
+            .expect("madvise(MADV_DONTNEED)");
+    }
+}
+
+/// A MISSING chain or lookup that says where to resume has walked up to that hop; one
+/// that does not (a fan-out branch was pending), or that missed its first hop, leaves
+/// its scratch as it was given.
+fn resume_is_sane(
+    sent: (u32, u64, u32),
+    resume: (u32, u64, u32),
+    hops: u32,
+    (sent_scratch, scratch): (&[u8], &[u8]),
+) {
+    if resume != sent {
+        assert_eq!(
+            hops, resume.2,
+            "MISSING: resume at hop {resume:?}, {hops} hops"
+        );
+    } else {
+        assert_eq!(
+            sent_scratch, scratch,
+            "MISSING without a resume point: the scratch changed"
+        );
+    }
+}
+
 /// A MISSING chain or lookup: only with NO_FAULT, and `missing` names a block of the
 /// device.
 fn missing_is_sane(world: &World, flags: u32, missing: u64) {
@@ -455,11 +511,14 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
         if mode & 4 != 0 {
             lookup.start_file %= MAX_CHAIN_FILES as u32 + 1;
             lookup.start_offset %= TAME_OFFSETS;
+            (lookup.start_hop, lookup.missing) =
+                tame_resume(world, lookup.start_hop, lookup.missing);
         }
         if mode & 2 != 0 {
             lookup.scratch[..8].copy_from_slice(&SECRET.to_ne_bytes());
         }
     }
+    unmap_if_asked(world, mode);
     let sent = ctx;
     let returned = world
         .program
@@ -553,6 +612,12 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
                 "lookup {slot}: resume at hop {} of file {}",
                 after.start_hop,
                 after.start_file
+            );
+            resume_is_sane(
+                (before.start_file, before.start_offset, before.start_hop),
+                (after.start_file, after.start_offset, after.start_hop),
+                after.hops,
+                (&before.scratch, &after.scratch),
             );
         }
         assert!(

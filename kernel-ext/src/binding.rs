@@ -319,6 +319,9 @@ struct Cursor {
     /// The block (device offset) the lookup may wait for, having just been read into the
     /// page cache; u64::MAX for none.
     wait: u64,
+    /// For a lookup resumed after a miss: the files (with their generations) it ran
+    /// over. It may resume only over the same ones; see [`Cursor::over`].
+    files: Option<[ChainFile; MAX_CHAIN_FILES]>,
 }
 
 impl From<&BatchItem> for Cursor {
@@ -329,6 +332,21 @@ impl From<&BatchItem> for Cursor {
             hop: 0,
             scratch: item.scratch,
             wait: u64::MAX,
+            files: None,
+        }
+    }
+}
+
+impl Cursor {
+    /// This cursor, to run over `files` as registered now. A lookup stopped by a miss
+    /// resumes at its hop only if no file changed since: its scratch holds offsets read
+    /// from the old file, which the driver would otherwise follow in the new one (under
+    /// the new generation it has no reason to say STALE). Otherwise the lookup starts
+    /// again from its item.
+    fn over(self, files: &[ChainFile; MAX_CHAIN_FILES], item: &BatchItem) -> Self {
+        match self.files {
+            Some(resumed) if resumed != *files => Cursor::from(item),
+            _ => self,
         }
     }
 }
@@ -536,10 +554,12 @@ impl Binding {
     /// Runs the chain without waiting for the disk inside the kernel (NO_FAULT): a hop
     /// whose block is not in memory stops the chain (MISSING); the block is read into the
     /// page cache with one 4 KiB pread, and the chain resumes at that hop, allowed to wait
-    /// for that block alone (a minor fault now). A miss so costs what a pread of the block
-    /// costs (DESIGN "How a chain's misses are served"). Waiting for the disk inside the
-    /// kernel instead (a fault in the chain, or WILLNEED then the fault) measured 0.65x
-    /// pread per hop out of core here, against 0.96x this way.
+    /// for that block alone (a minor fault now): about what a pread of the block costs,
+    /// plus a kernel call (docs/DESIGN.md "How a chain's misses are served"). Waiting
+    /// for the disk inside the kernel instead (a fault in the chain) measured 0.71-0.91x
+    /// pread per hop out of core here, against 0.81-0.99x this way, with a worse p99.
+    /// Past MAX_MISSES misses (a budget so tight that blocks leave memory before they
+    /// are used) the chain runs with faults allowed, so that it ends.
     fn run_attempts(
         &self,
         program: &BoundProgram,
@@ -645,7 +665,10 @@ impl Binding {
             let mut again: Vec<usize> = Vec::new();
             let mut stale = false;
             for group in pending.chunks(MAX_BATCH) {
-                let lookups: Vec<Cursor> = group.iter().map(|index| cursors[*index]).collect();
+                let lookups: Vec<Cursor> = group
+                    .iter()
+                    .map(|index| cursors[*index].over(&files, &items[*index]))
+                    .collect();
                 let called = self.call_batch(program, request, &files, &lookups)?;
                 counters.calls += 1;
                 for (index, called) in group.iter().zip(called) {
@@ -766,6 +789,7 @@ impl Binding {
                     hop: lookup.start_hop,
                     scratch: lookup.scratch,
                     wait: lookup.missing,
+                    files: Some(*files),
                 },
             })
             .collect())
@@ -882,5 +906,47 @@ impl libfs::ChainProgram for Bound<'_> {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn a_lookup_resumes_only_over_the_files_it_missed_in() {
+        let item = BatchItem::new(4096, &[7; 8]);
+        let mut files = [ChainFile::default(); MAX_CHAIN_FILES];
+        files[0] = ChainFile {
+            ino: 12,
+            generation: 3,
+        };
+        let resumed = Cursor {
+            start_file: 0,
+            start: 40960,
+            hop: 4,
+            scratch: [9; BATCH_SCRATCH_SIZE],
+            wait: 8192,
+            files: Some(files),
+        };
+        let same = resumed.over(&files, &item);
+        assert_eq!((same.start, same.hop, same.wait), (40960, 4, 8192));
+        // The file changed (a new generation): back to the item's start.
+        let mut changed = files;
+        changed[0].generation = 4;
+        let restarted = resumed.over(&changed, &item);
+        assert_eq!(
+            (
+                restarted.start,
+                restarted.hop,
+                restarted.wait,
+                restarted.files
+            ),
+            (4096, 0, u64::MAX, None)
+        );
+        assert_eq!(restarted.scratch, item.scratch);
+        // A lookup that never ran goes over whatever files are registered.
+        let fresh = Cursor::from(&item).over(&changed, &item);
+        assert_eq!((fresh.start, fresh.hop), (4096, 0));
     }
 }

@@ -53,8 +53,10 @@ pub struct ChainArgs {
     #[arg(long, default_value_t = 100_000)]
     pub(crate) lookups: usize,
     /// Index size to aim for (the tree is full: the size follows from depth and fanout).
-    #[arg(long, default_value = "64M", value_parser = crate::size::parse_size)]
-    pub(crate) index_size: u64,
+    /// Default: 64M, or 16 times the --cache-budget (out of core means the index is many
+    /// times the memory it may use).
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub(crate) index_size: Option<u64>,
     /// Image file to build the index in (created; removed afterwards).
     #[arg(long, default_value = "/tmp/exofs-bench-chain.img")]
     pub(crate) image: PathBuf,
@@ -469,11 +471,24 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
         .collect();
 
     // The index: a full tree, keys 0, 2, 4, ... (value 7k + 1).
+    let index_size = args
+        .index_size
+        .unwrap_or_else(|| args.cache_budget.map_or(64 << 20, |budget| 16 * budget));
     let tree = FullBtree {
         depth: args.depth,
-        fanout: pick_fanout(args.depth, args.node_size, args.index_size),
+        fanout: pick_fanout(args.depth, args.node_size, index_size),
         node_size: args.node_size,
     };
+    if let Some(budget) = args.cache_budget {
+        if tree.bytes() < 16 * budget {
+            eprintln!(
+                "warning: the index ({:.0} MiB) is less than 16 times the cache budget \
+                 ({:.0} MiB): much of it will fit, and the figures are not out of core",
+                tree.bytes() as f64 / (1 << 20) as f64,
+                budget as f64 / (1 << 20) as f64
+            );
+        }
+    }
     let count = tree.keys();
     let image_size = (tree.bytes() * 5 / 4 + (64 << 20)).next_multiple_of(1 << 20);
     let device = FileDevice::create(&args.image, image_size)?;

@@ -412,6 +412,9 @@ impl ChainService {
                 batch.hop_limit = hop_limit;
                 batch.read_len = request.read_len;
                 batch.subject = Some(subject);
+                // Misses are read together and resumed (DESIGN "How a chain's misses
+                // are served"), never waited for one at a time inside the kernel.
+                batch.overlap_misses = true;
                 let items: Vec<BatchItem> = request.lookups[..count]
                     .iter()
                     .map(|lookup| BatchItem::new(lookup.start, &lookup.scratch))

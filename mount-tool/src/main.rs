@@ -143,7 +143,7 @@ enum Command {
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
-        which: bench::Which,
+        which: Box<bench::Which>,
     },
 }
 
@@ -272,7 +272,7 @@ fn main() -> ExitCode {
             keys,
             node_size,
         } => progs::write_index(&image, &path, kind, keys, node_size),
-        Command::Bench { which } => bench::run(which),
+        Command::Bench { which } => bench::run(*which),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -198,11 +198,15 @@ fn count(index: u32, amount: u64) {
     }
 }
 
-/// Counts one finished chain (or lookup of a batch).
+/// Counts the hops one call walked for a chain (or a lookup of a batch) and, unless it
+/// stopped MISSING to be resumed, the chain's end and outcome.
 #[inline(always)]
-fn count_chain(result: i32, hops: u64) {
+fn count_chain(result: i32, walked: u64) {
+    count(stats::HOPS, walked);
+    if result == status::MISSING {
+        return;
+    }
     count(stats::CHAINS, 1);
-    count(stats::HOPS, hops);
     let outcome = match result {
         status::DONE => stats::DONE,
         status::STALE => stats::STALE,
@@ -385,21 +389,23 @@ pub extern "C" fn exofs_chain(ctx: *mut c_void) -> i32 {
     let ctx = ctx.cast::<ChainCtx>();
     // SAFETY: the kernel passes the caller's context, at least size_of::<ChainCtx>() bytes
     // (the verifier records the largest offset used; test-run refuses smaller buffers).
-    let (result, hops) = unsafe { run(ctx) };
+    let (result, hops, walked) = unsafe { run(ctx) };
     // SAFETY: as above; constant offsets.
     unsafe {
         (*ctx).status = result;
         (*ctx).hops = hops;
     }
-    count_chain(result, hops as u64);
+    count_chain(result, walked);
     result
 }
 
-unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
+/// Runs the chain: its status, its hops (counted from hop 0), and the hops this call
+/// walked (a resumed chain starts at `start_hop`).
+unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32, u64) {
     let header = header_of!(ctx);
     let (state, walk) = match prepare(&header, 1) {
         Ok(values) => values,
-        Err(outcome) => return (outcome, 0),
+        Err(outcome) => return (outcome, 0, 0),
     };
     let words = ctx.cast::<u64>();
     let scratch = (*state).scratch.as_mut_ptr().cast::<u64>();
@@ -443,7 +449,8 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32) {
                 .write_volatile(scratch.add(i).read_unaligned());
         }
     }
-    (result, (*walk).hops as u32)
+    let walked = (*walk).hops.saturating_sub((*walk).first_hop);
+    (result, (*walk).hops as u32, walked)
 }
 
 /// The first hop's number as the caller gave it, at most the hop limit (a chain that
@@ -714,9 +721,7 @@ extern "C" fn batch_hop(_index: u64, values: *mut c_void) -> i64 {
             .scratch
             .copy_from_slice(&state.scratch[..BATCH_SCRATCH_SIZE]);
     }
-    if outcome != status::MISSING {
-        count_chain(outcome, hops);
-    }
+    count_chain(outcome, hops.saturating_sub(walk.first_hop));
     walk.lookup += 1;
     if walk.lookup >= walk.count {
         return 1;

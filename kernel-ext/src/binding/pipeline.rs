@@ -6,7 +6,7 @@
 //! lookup goes on as soon as its own block is in:
 //!
 //! 1. Up to `window` lookups are in flight. Lookups ready to run go to the kernel in
-//!    calls of up to MAX_BATCH, without faulting (BATCH_NO_FAULT): each ends DONE (or
+//!    calls of up to MAX_BATCH, without faulting (NO_FAULT): each ends DONE (or
 //!    another final status) or MISSING with the device offset of the block it lacks.
 //! 2. A missing block is read with io_uring into a scratch buffer (a buffered 4 KiB read
 //!    on the POSIX_FADV_RANDOM descriptor: the block lands in the device's page cache, and
@@ -95,7 +95,11 @@ impl Binding {
                 for group in std::mem::take(&mut ready).chunks(MAX_BATCH) {
                     let lookups = group
                         .iter()
-                        .map(|i| flights.get(i).map(|flight| flight.cursor))
+                        .map(|i| {
+                            flights
+                                .get(i)
+                                .map(|flight| flight.cursor.over(&files, &items[*i]))
+                        })
                         .collect::<Option<Vec<Cursor>>>()
                         .ok_or_else(|| {
                             BindingError::Invalid("a lookup left the pipeline".into())
