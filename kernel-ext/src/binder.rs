@@ -26,7 +26,7 @@
 //! - Splicing moves code only between subprograms: jumps never cross a subprogram, so only
 //!   calls and function references that cross the cut are re-aimed.
 
-use crate::loader::{Linker, LoadError};
+use crate::loader::{Kfuncs, Linker, LoadError};
 
 /// The application function's symbol.
 pub const APP_FUNCTION: &str = "next";
@@ -100,8 +100,8 @@ pub enum BindError {
 
 /// `next` and its callees from an application object, checked against the allowlist.
 pub fn extract(app_elf: &[u8]) -> Result<Vec<u64>, BindError> {
-    let mut linker =
-        Linker::parse(app_elf, &[(APP_SECTION, APP_SECTION_ALIAS)]).map_err(BindError::Object)?;
+    let mut linker = Linker::parse(app_elf, &[(APP_SECTION, APP_SECTION_ALIAS)], Kfuncs::Refuse)
+        .map_err(BindError::Object)?;
     if let Some((name, _)) = linker.take_maps().into_iter().next() {
         return Err(BindError::Data { name });
     }

@@ -180,6 +180,22 @@ fn identifier(name: &str) -> String {
     out
 }
 
+/// The BTF id of the kernel function `name` in the running kernel's BTF
+/// (/sys/kernel/btf/vmlinux, read once): what a kfunc call's immediate holds.
+pub fn vmlinux_func_id(name: &str) -> Result<u32, String> {
+    static VMLINUX: std::sync::OnceLock<Result<aya_obj::btf::Btf, String>> =
+        std::sync::OnceLock::new();
+    let btf = VMLINUX
+        .get_or_init(|| {
+            aya_obj::btf::Btf::from_sys_fs()
+                .map_err(|err| format!("reading /sys/kernel/btf/vmlinux: {err}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)?;
+    btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func)
+        .map_err(|_| format!("the running kernel's BTF has no function `{name}`"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

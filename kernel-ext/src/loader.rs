@@ -87,6 +87,15 @@ pub enum LoadError {
         /// The program's name.
         name: String,
     },
+    /// A call to a kernel function (kfunc) that cannot be made: unknown to the running
+    /// kernel, referred to other than by a call, or in an object that may not call one.
+    #[error("kernel function `{name}`: {why}")]
+    Kfunc {
+        /// The function's name.
+        name: String,
+        /// Why the call cannot be made.
+        why: String,
+    },
     /// A bpf(2) call failed (including a verifier refusal, which carries the log).
     #[error(transparent)]
     Sys(#[from] SysError),
@@ -112,7 +121,7 @@ impl Object {
     /// Parses `elf`, creates its maps, relocates and loads every program of its `syscall`
     /// sections as a sleepable BPF_PROG_TYPE_SYSCALL program.
     pub fn load(elf: &[u8]) -> Result<Self, LoadError> {
-        let mut linker = Linker::parse(elf, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
+        let mut linker = Linker::parse(elf, &[(SYSCALL_SECTION, ALIAS_SECTION)], Kfuncs::Resolve)?;
         let mut created: Vec<(String, MapHandle, aya_obj::Map)> = Vec::new();
         for (name, map) in linker.take_maps() {
             let handle = MapHandle::create(&name, &map)?;
@@ -176,10 +185,25 @@ pub(crate) struct Linker {
     text_sections: HashSet<usize>,
 }
 
+/// What a [`Linker`] does with calls to kernel functions (elf_check::externs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kfuncs {
+    /// Resolve them against the running kernel's BTF (the trusted driver, objects loaded
+    /// by root).
+    Resolve,
+    /// Refuse the object (applications: their code may call no kernel function).
+    Refuse,
+}
+
 impl Linker {
-    /// Parses `elf`, with the program sections in `aliases` (name, alias for aya-obj).
-    pub(crate) fn parse(elf: &[u8], aliases: &[(&str, &str)]) -> Result<Self, LoadError> {
-        let (aliased, program_sections) = alias_sections(elf, aliases)?;
+    /// Parses `elf`, with the program sections in `aliases` (name, alias for aya-obj),
+    /// and its calls to kernel functions as `kfuncs` says.
+    pub(crate) fn parse(
+        elf: &[u8],
+        aliases: &[(&str, &str)],
+        kfuncs: Kfuncs,
+    ) -> Result<Self, LoadError> {
+        let (aliased, program_sections) = alias_sections(elf, aliases, kfuncs)?;
         let obj = aya_obj::Object::parse(aliased.bytes())?;
         for (name, program) in &obj.programs {
             if !program_sections.contains(&program.section_index) {
@@ -666,12 +690,22 @@ impl AlignedBytes {
 /// and only section headers change (the table's offset and size, the renamed sections'
 /// `sh_name`): every other offset in the file, and every other name (symbols share the
 /// table in LLVM's output), stays as it was.
+///
+/// Calls to kernel functions are resolved in the copy, or refused, as `kfuncs` says.
 fn alias_sections(
     elf: &[u8],
     aliases: &[(&str, &str)],
+    kfuncs: Kfuncs,
 ) -> Result<(AlignedBytes, HashSet<usize>), LoadError> {
     let object = ElfObject::parse(elf)?;
     elf_check::check(&object)?;
+    let calls = elf_check::externs::extern_calls(&object)?;
+    if let (Some(call), Kfuncs::Refuse) = (calls.first(), kfuncs) {
+        return Err(LoadError::Kfunc {
+            name: call.name.clone(),
+            why: "this object may call no kernel function".to_owned(),
+        });
+    }
 
     // Section index -> index of its alias in `aliases`.
     let mut renamed: BTreeMap<usize, usize> = BTreeMap::new();
@@ -684,11 +718,12 @@ fn alias_sections(
         }
     }
     let sections: HashSet<usize> = renamed.keys().copied().collect();
-    if renamed.is_empty() {
+    if renamed.is_empty() && calls.is_empty() {
         return Ok((AlignedBytes::new(elf), sections));
     }
 
     let mut out = elf.to_vec();
+    elf_check::externs::resolve(&mut out, &calls, &crate::btf::vmlinux_func_id)?;
     let new_strtab_off = out.len();
     out.extend_from_slice(object.names);
     let mut alias_offsets = Vec::with_capacity(aliases.len());
@@ -720,7 +755,8 @@ mod tests {
     fn aliasing_renames_only_the_syscall_section() {
         let elf = crate::DRIVER_ELF;
         let (aliased, renamed) =
-            alias_sections(elf, &[(SYSCALL_SECTION, ALIAS_SECTION)]).expect("alias");
+            alias_sections(elf, &[(SYSCALL_SECTION, ALIAS_SECTION)], Kfuncs::Resolve)
+                .expect("alias");
         assert_eq!(renamed.len(), 1);
         let obj = aya_obj::Object::parse(aliased.bytes()).expect("aya-obj parses the alias");
         assert!(obj.programs.contains_key("exofs_probe"));

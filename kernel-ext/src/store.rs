@@ -39,7 +39,9 @@ use crate::binder;
 use crate::binding::{
     io_error, BindingError, BindingOptions, Result, BATCH_PROGRAM, CHAIN_PROGRAM,
 };
-use crate::loader::{Linker, LoadError, MapHandle, SyscallProgram, ALIAS_SECTION, SYSCALL_SECTION};
+use crate::loader::{
+    Kfuncs, Linker, LoadError, MapHandle, SyscallProgram, ALIAS_SECTION, SYSCALL_SECTION,
+};
 use crate::sys;
 
 /// Directory, beside `progs/`, of the pins of the programs' batch variants (bpffs refuses
@@ -380,7 +382,11 @@ impl Store {
             }
             None => None,
         };
-        let mut linker = Linker::parse(crate::DRIVER_ELF, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
+        let mut linker = Linker::parse(
+            crate::DRIVER_ELF,
+            &[(SYSCALL_SECTION, ALIAS_SECTION)],
+            Kfuncs::Resolve,
+        )?;
         let mut all = BTreeMap::new();
         for (name, definition) in linker.take_maps() {
             let pin = PINNED_MAPS
@@ -510,7 +516,11 @@ impl Store {
             return Err(BindingError::Exists(name.to_owned()));
         }
         let app = binder::extract(app_elf)?;
-        let mut driver = Linker::parse(crate::DRIVER_ELF, &[(SYSCALL_SECTION, ALIAS_SECTION)])?;
+        let mut driver = Linker::parse(
+            crate::DRIVER_ELF,
+            &[(SYSCALL_SECTION, ALIAS_SECTION)],
+            Kfuncs::Resolve,
+        )?;
         let definitions = driver.take_maps();
         let mut relocations = Vec::new();
         for (map_name, definition) in &definitions {

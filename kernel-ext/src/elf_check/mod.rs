@@ -23,6 +23,7 @@
 //! arithmetic; nothing here panics on any input (fuzz target `binder_elf`).
 
 mod btf;
+pub(crate) mod externs;
 #[cfg(test)]
 mod tests;
 
