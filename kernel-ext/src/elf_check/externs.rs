@@ -80,7 +80,14 @@ pub(crate) fn extern_calls(object: &ElfObject<'_>) -> Result<Vec<ExternCall>, Lo
 
 /// Each symbol's name, by index (from the string table the symbol table links to).
 fn symbol_names(object: &ElfObject<'_>, table: &SymbolTable) -> Result<Vec<String>, LoadError> {
-    let strings = object.section_bytes(object.sections[table.index].link as usize)?;
+    let link = object.sections[table.index].link as usize;
+    if link >= object.sections.len() {
+        return Err(super::malformed(
+            &object.sections[table.index].display_name(),
+            format!("the symbol table's string table is section {link}, which does not exist"),
+        ));
+    }
+    let strings = object.section_bytes(link)?;
     let symbols = object.section_bytes(table.index)?;
     symbols
         .chunks_exact(super::SYMBOL_SIZE)
