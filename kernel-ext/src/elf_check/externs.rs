@@ -58,7 +58,10 @@ pub(crate) fn extern_calls(object: &ElfObject<'_>) -> Result<Vec<ExternCall>, Lo
             if symbol.is_defined() || symbol.kind != STT_NOTYPE {
                 continue;
             }
-            let Some(insn) = code.get(offset..offset + INSN_SIZE) else {
+            let Some(insn) = offset
+                .checked_add(INSN_SIZE)
+                .and_then(|end| code.get(offset..end))
+            else {
                 continue;
             };
             let name = names.get(symbol_index).cloned().unwrap_or_default();
@@ -114,8 +117,10 @@ pub(crate) fn resolve(
             name: call.name.clone(),
             why,
         })?;
-        let insn = elf
-            .get_mut(call.file_offset..call.file_offset + INSN_SIZE)
+        let insn = call
+            .file_offset
+            .checked_add(INSN_SIZE)
+            .and_then(|end| elf.get_mut(call.file_offset..end))
             .ok_or_else(|| LoadError::Elf("a call past the end of the file".to_owned()))?;
         insn[1] = PSEUDO_KFUNC_CALL << 4;
         insn[2..4].copy_from_slice(&0u16.to_le_bytes());
