@@ -114,13 +114,7 @@ impl Binding {
                                 })?;
                                 flight.misses += 1;
                                 if flight.misses > MAX_MISSES {
-                                    let latency = flight.started.elapsed();
-                                    let outcome = BatchOutcome {
-                                        scratch: items[*index].scratch,
-                                        ..lookup.outcome
-                                    };
-                                    results[*index] = Some((outcome, latency));
-                                    flights.remove(index);
+                                    end(&mut flights, &mut results, items, *index, lookup.outcome);
                                     continue;
                                 }
                                 flight.cursor = lookup.resume;
@@ -167,29 +161,14 @@ impl Binding {
                                 flight.stale_attempts += 1;
                                 counters.retries += 1;
                                 if flight.stale_attempts >= MAX_ATTEMPTS {
-                                    let latency = flight.started.elapsed();
-                                    let outcome = BatchOutcome {
-                                        scratch: items[*index].scratch,
-                                        ..lookup.outcome
-                                    };
-                                    results[*index] = Some((outcome, latency));
-                                    flights.remove(index);
+                                    end(&mut flights, &mut results, items, *index, lookup.outcome);
                                 } else {
                                     stale = true;
                                     flight.cursor = Cursor::from(&items[*index]);
                                     ready.push(*index);
                                 }
                             }
-                            ended => {
-                                let latency = flights
-                                    .remove(index)
-                                    .map_or(Duration::ZERO, |f| f.started.elapsed());
-                                let mut outcome = lookup.outcome;
-                                if ended != status::DONE {
-                                    outcome.scratch = items[*index].scratch;
-                                }
-                                results[*index] = Some((outcome, latency));
-                            }
+                            _ => end(&mut flights, &mut results, items, *index, lookup.outcome),
                         }
                     }
                 }
@@ -238,4 +217,23 @@ impl Binding {
             .collect::<Result<Vec<_>>>()?;
         Ok((outcomes, counters))
     }
+}
+
+/// Ends lookup `index` of a pipelined run with `outcome`, timed from its first call. A
+/// lookup that did not end DONE hands back its item's scratch, not the state of a
+/// resumed walk.
+fn end(
+    flights: &mut HashMap<usize, InFlight>,
+    results: &mut [Option<(BatchOutcome, Duration)>],
+    items: &[BatchItem],
+    index: usize,
+    mut outcome: BatchOutcome,
+) {
+    let latency = flights
+        .remove(&index)
+        .map_or(Duration::ZERO, |flight| flight.started.elapsed());
+    if outcome.status != status::DONE {
+        outcome.scratch = items[index].scratch;
+    }
+    results[index] = Some((outcome, latency));
 }

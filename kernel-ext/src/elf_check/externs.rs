@@ -11,7 +11,7 @@
 //! and leaves it alone; the verifier checks the call against the kernel's prototype and
 //! flags (acquire, release, may return NULL).
 
-use super::{le_u32, le_u64, ElfObject, SymbolTable, SHT_REL, SHT_RELA};
+use super::{le_u32, le_u64, ElfObject, SymbolTable};
 use crate::loader::LoadError;
 
 const CALL: u8 = 0x85;
@@ -36,16 +36,7 @@ pub(crate) fn extern_calls(object: &ElfObject<'_>) -> Result<Vec<ExternCall>, Lo
     };
     let names = symbol_names(object, &table)?;
     let mut calls = Vec::new();
-    for (index, section) in object.sections.iter().enumerate() {
-        let entry_size = match section.kind {
-            SHT_REL => 16,
-            SHT_RELA => 24,
-            _ => continue,
-        };
-        let target = section.info as usize;
-        if section.link as usize != table.index || target == 0 || !object.is_code(target) {
-            continue;
-        }
+    for (index, target, entry_size) in super::code_relocations(object, &table) {
         let relocations = object.section_bytes(index)?;
         let code_offset = super::to_usize(object.sections[target].offset)?;
         let code = object.section_bytes(target)?;

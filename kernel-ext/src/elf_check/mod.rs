@@ -369,19 +369,8 @@ fn check_code(object: &ElfObject<'_>, symbols: &Option<SymbolTable>) -> Result<(
     let Some(table) = symbols else {
         return Ok(());
     };
-    for (index, section) in object.sections.iter().enumerate() {
-        let entry_size = match section.kind {
-            SHT_REL => 16,
-            SHT_RELA => 24,
-            _ => continue,
-        };
-        // `object` hands aya-obj the relocations of sections linked to its symbol table
-        // and applying to another section.
-        let target = section.info as usize;
-        if section.link as usize != table.index || target == 0 || !object.is_code(target) {
-            continue;
-        }
-        let name = section.display_name();
+    for (index, target, entry_size) in code_relocations(object, table) {
+        let name = object.sections[index].display_name();
         let relocations = object.section_bytes(index)?;
         let code = object.section_bytes(target)?;
         for (number, entry) in relocations.chunks_exact(entry_size).enumerate() {
@@ -407,6 +396,30 @@ fn check_code(object: &ElfObject<'_>, symbols: &Option<SymbolTable>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The relocation sections aya-obj applies to code, as (relocation section, code section
+/// it applies to, entry size): `object` hands aya-obj the relocations of sections linked
+/// to its symbol table and applying to another section.
+fn code_relocations<'o>(
+    object: &'o ElfObject<'_>,
+    table: &'o SymbolTable,
+) -> impl Iterator<Item = (usize, usize, usize)> + 'o {
+    object
+        .sections
+        .iter()
+        .enumerate()
+        .filter_map(move |(index, section)| {
+            let entry_size = match section.kind {
+                SHT_REL => 16,
+                SHT_RELA => 24,
+                _ => return None,
+            };
+            let target = section.info as usize;
+            let applies =
+                section.link as usize == table.index && target != 0 && object.is_code(target);
+            applies.then_some((index, target, entry_size))
+        })
 }
 
 /// One relocation of a code section.
