@@ -1,8 +1,16 @@
 //! exofs-client: run chained lookups over a file of an exofs mount from an ordinary,
 //! unprivileged process. Open the file on the mount, then call [`chain`] or
-//! [`chain_batch`] with the name of a program loaded with `exofs prog load`: the mount
-//! daemon runs it in the kernel (one FUSE round trip per call, however many hops) if the
-//! mount's policy grants it to you.
+//! [`chain_batch`] with the name of a program loaded with `exofs prog load`. If the
+//! mount's policy grants it to you, the program runs in the kernel, one of two ways
+//! ([`Via`]):
+//! - directly: this process runs the program's direct variant itself (one system call per
+//!   chain or batch, however many hops; the daemon is asked once per file and program,
+//!   and again after the file changes);
+//! - through the daemon: one FUSE round trip per call, the daemon runs the chain.
+//!
+//! By default ([`Via::Auto`]) a call goes directly when it can and falls back to the
+//! daemon otherwise (a daemon without direct chains, pins this process cannot open, or a
+//! grant the kernel cannot see, such as one to a supplementary group).
 //!
 //! ```no_run
 //! use exofs_abi::formats::Lookup;
@@ -27,6 +35,20 @@ use exofs_abi::ioctl::{
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
+mod direct;
+
+/// How a chain reaches the kernel (see the crate documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Via {
+    /// Directly when possible, else through the daemon.
+    #[default]
+    Auto,
+    /// Directly only: an error if that is not possible.
+    Direct,
+    /// Through the daemon's ioctl only.
+    Daemon,
+}
+
 /// One chain to run.
 #[derive(Debug, Clone)]
 pub struct Chain<'a> {
@@ -40,6 +62,8 @@ pub struct Chain<'a> {
     pub read_len: u32,
     /// The program's scratch (at most SCRATCH_SIZE bytes; the rest starts zeroed).
     pub scratch: &'a [u8],
+    /// Which way to run it.
+    pub via: Via,
 }
 
 impl<'a> Chain<'a> {
@@ -52,6 +76,7 @@ impl<'a> Chain<'a> {
             hop_limit: 0,
             read_len: BLOCK_SIZE as u32,
             scratch,
+            via: Via::Auto,
         }
     }
 }
@@ -111,8 +136,40 @@ unsafe fn issue<T>(file: &impl AsFd, request: u32, value: &mut T) -> io::Result<
     }
 }
 
-/// Runs one chain over `file` (open on an exofs mount).
+/// Runs one chain over `file` (open on an exofs mount), the way `chain.via` says. A chain
+/// the policy denies is an error (PermissionDenied) whichever way it ran.
 pub fn chain(file: &impl AsFd, chain: &Chain<'_>) -> io::Result<Answer> {
+    if chain.scratch.len() > SCRATCH_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "scratch of {} bytes; at most {SCRATCH_SIZE}",
+                chain.scratch.len()
+            ),
+        ));
+    }
+    match chain.via {
+        Via::Daemon => daemon_chain(file, chain),
+        Via::Direct => match direct::chain(file, chain) {
+            Ok(answer) if answer.status == status::DENIED => Err(denied()),
+            Ok(answer) => Ok(answer),
+            Err(err) => Err(err.into_io()),
+        },
+        Via::Auto => match direct::chain(file, chain) {
+            Ok(answer) if answer.status != status::DENIED => Ok(answer),
+            // Denied in the kernel, which sees uid, gid and cgroup only: the daemon also
+            // honours supplementary groups.
+            Ok(_) | Err(direct::DirectError::Unavailable(_)) => daemon_chain(file, chain),
+            Err(err) => Err(err.into_io()),
+        },
+    }
+}
+
+fn denied() -> io::Error {
+    io::Error::from_raw_os_error(libc::EACCES)
+}
+
+fn daemon_chain(file: &impl AsFd, chain: &Chain<'_>) -> io::Result<Answer> {
     if chain.scratch.len() > SCRATCH_SIZE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -139,10 +196,55 @@ pub fn chain(file: &impl AsFd, chain: &Chain<'_>) -> io::Result<Answer> {
     })
 }
 
-/// Runs independent lookups over `file`, up to MAX_BATCH per ioctl: each is a start
+/// Runs independent lookups over `file`, up to MAX_BATCH per call: each is a start
 /// offset and the first bytes (at most BATCH_SCRATCH_SIZE) of its scratch. `hop_limit`
-/// caps every lookup (0: the grant's maximum).
+/// caps every lookup (0: the grant's maximum). Directly when possible ([`Via::Auto`]).
 pub fn chain_batch(
+    file: &impl AsFd,
+    program: &str,
+    hop_limit: u32,
+    lookups: &[(u64, &[u8])],
+) -> io::Result<Vec<BatchAnswer>> {
+    chain_batch_via(file, program, hop_limit, lookups, Via::Auto)
+}
+
+/// [`chain_batch`], the way `via` says. A batch the policy denies is an error
+/// (PermissionDenied).
+pub fn chain_batch_via(
+    file: &impl AsFd,
+    program: &str,
+    hop_limit: u32,
+    lookups: &[(u64, &[u8])],
+    via: Via,
+) -> io::Result<Vec<BatchAnswer>> {
+    if let Some((_, scratch)) = lookups.iter().find(|(_, s)| s.len() > BATCH_SCRATCH_SIZE) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "batch scratch of {} bytes; at most {BATCH_SCRATCH_SIZE}",
+                scratch.len()
+            ),
+        ));
+    }
+    let any_denied = |answers: &[BatchAnswer]| answers.iter().any(|a| a.status == status::DENIED);
+    match via {
+        Via::Daemon => daemon_batch(file, program, hop_limit, lookups),
+        Via::Direct => match direct::batch(file, program, hop_limit, lookups) {
+            Ok(answers) if any_denied(&answers) => Err(denied()),
+            Ok(answers) => Ok(answers),
+            Err(err) => Err(err.into_io()),
+        },
+        Via::Auto => match direct::batch(file, program, hop_limit, lookups) {
+            Ok(answers) if !any_denied(&answers) => Ok(answers),
+            Ok(_) | Err(direct::DirectError::Unavailable(_)) => {
+                daemon_batch(file, program, hop_limit, lookups)
+            }
+            Err(err) => Err(err.into_io()),
+        },
+    }
+}
+
+fn daemon_batch(
     file: &impl AsFd,
     program: &str,
     hop_limit: u32,

@@ -13,8 +13,9 @@
 //!   but granted to nobody;
 //! - UNREGISTERED, the same secret bytes: granted to uid 1000 but never registered.
 //!
-//! This process is the policy's speaker (the mount daemon's role), so the subject named in
-//! the context counts. Every block of the secret files, read at any
+//! This process is the registered daemon (the policy's speaker), so the subject named in
+//! the context counts when the context says so (SUBJECT_NAMED); otherwise its own ids
+//! (root, granted nothing) do. Every block of the secret files, read at any
 //! alignment, is the word SECRET; a `next` that reads one with SECRET as its key answers
 //! SECRET as the value.
 //!
@@ -42,7 +43,7 @@
 
 use exofs_abi::chain::{
     status, BatchCtx, BatchLookup, ChainCtx, ChainFile, BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH,
-    MAX_CHAIN_FILES, MAX_HOPS, NO_FAULT,
+    MAX_CHAIN_FILES, MAX_HOPS, NO_FAULT, SUBJECT_NAMED,
 };
 use exofs_abi::policy::PolicyGrant;
 use kernel_ext::binding::{
@@ -124,6 +125,7 @@ fn setup() -> World {
     let binding = Binding::open(fs.clone(), &options).unwrap_or_else(|err| {
         panic!("the driver target needs root (CAP_BPF + CAP_PERFMON): {err}")
     });
+    binding.serve_direct().expect("become the daemon");
     let public = binding.register(public).expect("register public");
     let secret = binding.register(secret).expect("register secret");
     let unregistered = ChainFile {
@@ -161,15 +163,14 @@ fn setup() -> World {
         .map(|rule| PolicyEntry {
             subject: rule.subject,
             ino: rule.ino,
+            program: "fuzz_list".to_owned(),
             grant: PolicyGrant {
                 max_hops: rule.max_hops,
                 max_batch: rule.max_batch,
             },
         })
         .collect();
-    binding
-        .load_policy(&entries, Some(std::process::id()))
-        .expect("load the policy");
+    binding.load_policy(&entries).expect("load the policy");
     let program = binding
         .bind("fuzz_list", kernel_ext::examples::LINKED_LIST)
         .expect("bind the linked-list example");
@@ -279,6 +280,17 @@ fn prepare(world: &World, mode: u8, header: Header<'_>) {
             ) = (0, 0, SUBJECT_CGROUP)
         }
         _ => {}
+    }
+}
+
+/// The subject the policy is checked for: the one the context names with SUBJECT_NAMED
+/// (this process is the daemon), else this process's own (uid 0, gid 0, a cgroup no rule
+/// names).
+fn named_subject(flags: u32, named: (u32, u32, u64)) -> (u32, u32, u64) {
+    if flags & SUBJECT_NAMED != 0 {
+        named
+    } else {
+        (0, 0, 0)
     }
 }
 
@@ -422,7 +434,10 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
         return;
     }
     if ctx.status != status::DENIED && ctx.status != status::INVALID {
-        let subject = (sent.subject_uid, sent.subject_gid, sent.subject_cgroup);
+        let subject = named_subject(
+            sent.flags,
+            (sent.subject_uid, sent.subject_gid, sent.subject_cgroup),
+        );
         assert!(
             granted(world, &sent.files[..file_count], subject, hop_limit, 1),
             "status {}: a chain the policy does not grant ran: {sent:?}",
@@ -548,7 +563,10 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
     }
     assert!(!malformed, "a malformed batch ran: {sent:?}");
     let hop_limit = sent.hop_limit.min(MAX_HOPS);
-    let subject = (sent.subject_uid, sent.subject_gid, sent.subject_cgroup);
+    let subject = named_subject(
+        sent.flags,
+        (sent.subject_uid, sent.subject_gid, sent.subject_cgroup),
+    );
     assert!(
         granted(
             world,

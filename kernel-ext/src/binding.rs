@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use exofs_abi::chain::{
     status, BatchCtx, ChainCtx, ChainFile, BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH,
-    MAX_CHAIN_FILES, MAX_HOPS, NO_FAULT, SCRATCH_SIZE,
+    MAX_CHAIN_FILES, MAX_HOPS, NO_FAULT, SCRATCH_SIZE, SUBJECT_NAMED,
 };
 use exofs_abi::extents::{ExtentKey, FileInfo, FileKey};
 use libfs::{ChangeKind, ExtentChange, ExtentListener, Fs};
@@ -47,10 +47,6 @@ use crate::store::Maps;
 pub use crate::store::{pin_dir, BoundProgram, PolicyEntry, Stats, Store, Subject, DEFAULT_BPFFS};
 use crate::sys::{self, SysError};
 
-/// The driver's single-chain program.
-pub const CHAIN_PROGRAM: &str = "exofs_chain";
-/// The driver's batch program.
-pub const BATCH_PROGRAM: &str = "exofs_chain_batch";
 /// Attempts of one chain when it finds a file stale or unregistered (re-publishing it
 /// in between).
 const MAX_ATTEMPTS: u32 = 8;
@@ -91,6 +87,10 @@ pub enum BindingError {
     NotPinned(PathBuf),
     #[error("invalid chain: {0}")]
     Invalid(String),
+    #[error("registering as the daemon: {0}")]
+    Register(&'static str),
+    #[error("the device mapping serves direct chains and cannot be replaced")]
+    Serving,
 }
 
 impl BindingError {
@@ -379,6 +379,8 @@ pub struct Binding {
     fs: Arc<Fs>,
     listener: Arc<dyn ExtentListener>,
     mapping: DeviceMapping,
+    /// Whether direct chains read `mapping` (see [`Binding::serve_direct`]).
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl std::ops::Deref for Binding {
@@ -419,12 +421,28 @@ impl Binding {
             fs,
             listener,
             mapping,
+            serving: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Makes this process the daemon of the binding's maps: the policy's speaker, and the
+    /// process whose device mapping direct chains read (see `Store::register_daemon`).
+    /// The mapping stays as it is from then on ([`Binding::remap`] is refused): a chain
+    /// that read its address must never find something else there.
+    pub fn serve_direct(&self) -> Result<()> {
+        let (map_addr, map_len) = self.mapping.range();
+        self.store.register_daemon(map_addr, map_len)?;
+        self.serving
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// Replaces the device mapping with a fresh one: its pages are no longer mapped here,
     /// so dropping the page cache afterwards really makes the next chains cold.
     pub fn remap(&mut self) -> Result<()> {
+        if self.serving.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BindingError::Serving);
+        }
         self.mapping = DeviceMapping::map(&self.fs)?;
         Ok(())
     }
@@ -583,10 +601,14 @@ impl Binding {
             ctx.map_len = map_len;
             ctx.scratch = request.scratch;
             ctx.flags = NO_FAULT;
-            if let Some(subject) = request.subject {
+            let named = if let Some(subject) = request.subject {
                 (ctx.subject_uid, ctx.subject_gid) = (subject.uid, subject.gid);
                 ctx.subject_cgroup = subject.cgroup;
-            }
+                SUBJECT_NAMED
+            } else {
+                0
+            };
+            ctx.flags |= named;
             let mut misses = 0;
             loop {
                 {
@@ -601,7 +623,7 @@ impl Binding {
                 self.mapping.fetch(ctx.missing)?;
                 misses += 1;
                 if misses >= MAX_MISSES {
-                    ctx.flags = 0;
+                    ctx.flags = named;
                 }
             }
             let again = matches!(ctx.status, status::STALE | status::NOT_REGISTERED);
@@ -744,6 +766,7 @@ impl Binding {
         if let Some(subject) = request.subject {
             (ctx.subject_uid, ctx.subject_gid) = (subject.uid, subject.gid);
             ctx.subject_cgroup = subject.cgroup;
+            ctx.flags |= SUBJECT_NAMED;
         }
         for (slot, cursor) in lookups.iter().enumerate() {
             ctx.lookups[slot].start_file = cursor.start_file;

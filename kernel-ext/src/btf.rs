@@ -123,6 +123,68 @@ pub fn map_btf(value_size: u32) -> (Vec<u8>, u32, u32) {
     (blob(&types, strings), INT_TYPE, 3)
 }
 
+/// BTF for an array map (`int` key, type 1) whose value of `value_size` bytes starts with
+/// a referenced kptr to the kernel's `task_struct` (type 7: `{ task: PTR -> TYPE_TAG
+/// "kptr" -> STRUCT task_struct; rest: u8[value_size - 8] }`). The kernel finds the field
+/// by its type tag and resolves `task_struct` by name in its own BTF, so the struct here
+/// is empty. `value_size` must exceed 8.
+pub fn task_kptr_map_btf(value_size: u32) -> (Vec<u8>, u32, u32) {
+    const BTF_KIND_PTR: u32 = 2;
+    const BTF_KIND_ARRAY: u32 = 3;
+    const BTF_KIND_STRUCT: u32 = 4;
+    const BTF_KIND_TYPE_TAG: u32 = 18;
+    let strings = b"\0int\0u8\0task_struct\0kptr\0exofs_task_value\0task\0rest\0";
+    let name = |text: &str| -> u32 {
+        let needle = [&[0u8][..], text.as_bytes(), &[0u8][..]].concat();
+        strings
+            .windows(needle.len())
+            .position(|window| window == needle)
+            .map_or(0, |at| at as u32 + 1)
+    };
+    let types: Vec<u32> = vec![
+        // [1] int
+        name("int"),
+        BTF_KIND_INT << 24,
+        4,
+        BTF_INT_SIGNED_32,
+        // [2] u8
+        name("u8"),
+        BTF_KIND_INT << 24,
+        1,
+        8,
+        // [3] struct task_struct {}
+        name("task_struct"),
+        BTF_KIND_STRUCT << 24,
+        0,
+        // [4] task_struct __kptr
+        name("kptr"),
+        BTF_KIND_TYPE_TAG << 24,
+        3,
+        // [5] pointer to [4]
+        0,
+        BTF_KIND_PTR << 24,
+        4,
+        // [6] u8[value_size - 8]
+        0,
+        BTF_KIND_ARRAY << 24,
+        0,
+        2,
+        1,
+        value_size.saturating_sub(8),
+        // [7] struct exofs_task_value { task; rest }
+        name("exofs_task_value"),
+        (BTF_KIND_STRUCT << 24) | 2,
+        value_size,
+        name("task"),
+        5,
+        0,
+        name("rest"),
+        6,
+        64,
+    ];
+    (blob(&types, strings), INT_TYPE, 7)
+}
+
 /// A raw BTF blob: header, then `types`, then `strings`.
 fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
     let type_len = (types.len() * 4) as u32;

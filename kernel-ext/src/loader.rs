@@ -60,6 +60,11 @@ const PER_CPU_MAP_TYPES: [u32; 4] = [5, 6, 10, 21];
 /// which the kernel creates only with BTF for their key and value.
 const LOCAL_STORAGE_MAP_TYPES: [u32; 4] = [24, 28, 29, 32];
 
+/// Maps, by name, whose value starts with a referenced kptr to a task (the driver's
+/// daemon map): the kernel accepts `bpf_kptr_xchg` on the field only if the map was
+/// created with BTF saying so ([`crate::btf::task_kptr_map_btf`]).
+const TASK_KPTR_MAPS: &[&str] = &[exofs_abi::chain::MAP_DAEMON];
+
 /// Why an object could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -424,8 +429,14 @@ impl MapHandle {
         if map.pinning() != PinningType::None {
             log::warn!("map `{name}` asks to be pinned; loading it unpinned (pin explicitly)");
         }
-        let fd = if LOCAL_STORAGE_MAP_TYPES.contains(&spec.map_type) {
-            let (btf, key_type_id, value_type_id) = crate::btf::map_btf(spec.value_size);
+        let btf = if LOCAL_STORAGE_MAP_TYPES.contains(&spec.map_type) {
+            Some(crate::btf::map_btf(spec.value_size))
+        } else if TASK_KPTR_MAPS.contains(&name) {
+            Some(crate::btf::task_kptr_map_btf(spec.value_size))
+        } else {
+            None
+        };
+        let fd = if let Some((btf, key_type_id, value_type_id)) = btf {
             let btf = sys::btf_load(&btf)?;
             let map_btf = sys::MapBtf {
                 btf: btf.as_fd(),

@@ -10,8 +10,13 @@
 //!
 //! Invariants:
 //! - Pins live under `<bpffs>/exofs/<fs-uuid>/`: `maps/{files,extents,policy,stats}`,
-//!   `maps/generation`, `progs/<name>`, `batch/<name>`. Maps are pinned before the first
-//!   program.
+//!   `maps/generation`, `progs/<name>`, `batch/<name>` (root's alone), and the direct
+//!   variants `direct/<name>`, `direct-batch/<name>`, which every user may open (mode
+//!   0666: BPF_OBJ_GET of a program needs read and write permission): the driver denies
+//!   whatever the policy does not grant (see docs/MOUNT.md "Direct chains"). Maps are
+//!   pinned before the first program.
+//! - Each bound program has its own instance of the driver's `EXOFS_PROGRAM` map, holding
+//!   its name's tag, by which the kernel policy grants it.
 //! - Every pin or unpin of a program through a store bumps `maps/generation` afterwards;
 //!   a store looks at a program's pin again only when that count moved.
 //! - Without a holder, the last program's unload removes every pin and the directory. A
@@ -24,21 +29,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use exofs_abi::chain::stats;
+use exofs_abi::chain::{programs, stats, RegisterCtx, MAP_DAEMON, MAP_PROGRAM};
 use exofs_abi::extents::{ExtentKey, FileKey, MAP_EXTENTS, MAP_FILES};
 use exofs_abi::policy::{
-    PolicyGrant, PolicyKey, KIND_SPEAKER, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
+    program_tag, PolicyGrant, PolicyKey, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
     SUBJECT_UID,
 };
 
 use crate::binder;
-use crate::binding::{
-    io_error, BindingError, BindingOptions, Result, BATCH_PROGRAM, CHAIN_PROGRAM,
-};
+use crate::binding::{io_error, BindingError, BindingOptions, Result};
 use crate::loader::{
     Kfuncs, Linker, LoadError, MapHandle, SyscallProgram, ALIAS_SECTION, SYSCALL_SECTION,
 };
@@ -47,6 +50,13 @@ use crate::sys;
 /// Directory, beside `progs/`, of the pins of the programs' batch variants (bpffs refuses
 /// dots in names, so `progs/<name>.batch` is not possible).
 const BATCH_PIN_DIR: &str = "batch";
+/// Directories, beside `progs/`, of the pins of the direct variants, open to every user.
+pub const DIRECT_PIN_DIR: &str = "direct";
+pub const DIRECT_BATCH_PIN_DIR: &str = "direct-batch";
+/// Every directory of program pins, `progs/` first.
+const PROGRAM_PIN_DIRS: [&str; 4] = ["progs", BATCH_PIN_DIR, DIRECT_PIN_DIR, DIRECT_BATCH_PIN_DIR];
+/// Mode of the direct variants' pins.
+const DIRECT_PIN_MODE: u32 = 0o666;
 /// Where bpffs is mounted.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs mount).
@@ -57,6 +67,8 @@ const PINNED_MAPS: &[(&str, &str)] = &[
     (MAP_EXTENTS, "extents"),
     (MAP_POLICY, "policy"),
     (stats::MAP_STATS, "stats"),
+    // Every process that binds programs must link them to the one daemon entry.
+    (MAP_DAEMON, "daemon"),
 ];
 
 /// Directory, beside `maps/`, whose presence says a holder (the mount daemon) owns the
@@ -203,12 +215,15 @@ impl Maps {
 }
 
 /// A program bound into the driver, loaded, ready to run chains: the driver's single-chain
-/// and batch programs, each linked with the application's `next`.
+/// and batch programs and their direct variants, each linked with the application's
+/// `next`.
 #[derive(Debug)]
 pub struct BoundProgram {
     name: String,
     pub(crate) program: SyscallProgram,
     pub(crate) batch: SyscallProgram,
+    direct: SyscallProgram,
+    direct_batch: SyscallProgram,
     /// Inode number of its pin (`progs/<name>`), when pinned: tells a program loaded
     /// again under the same name from this one.
     pin_ino: Option<u64>,
@@ -234,6 +249,16 @@ impl BoundProgram {
     pub fn batch_program(&self) -> &SyscallProgram {
         &self.batch
     }
+
+    /// The direct single-chain program (reads through the registered daemon's mapping).
+    pub fn direct_program(&self) -> &SyscallProgram {
+        &self.direct
+    }
+
+    /// The direct batch program.
+    pub fn direct_batch_program(&self) -> &SyscallProgram {
+        &self.direct_batch
+    }
 }
 
 /// Whom a policy grant is for.
@@ -245,11 +270,13 @@ pub enum Subject {
     Cgroup(u64),
 }
 
-/// One grant of the kernel policy: `subject` may run chains over `ino`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One grant of the kernel policy: `subject` may run chains of the program named
+/// `program` over `ino`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyEntry {
     pub subject: Subject,
     pub ino: u64,
+    pub program: String,
     pub grant: PolicyGrant,
 }
 
@@ -265,6 +292,7 @@ impl PolicyEntry {
             _pad: 0,
             id,
             ino: self.ino,
+            program: program_tag(&self.program),
         }
     }
 }
@@ -281,6 +309,13 @@ pub struct Stats {
     pub aborted: u64,
     /// Requests the mount daemon refused before they reached the kernel.
     pub refused: u64,
+    /// Denials by reason: no grant for the subject (uid, gid, cgroup) and program on a
+    /// file; more hops, or a bigger batch, than the grant allows.
+    pub denied_no_grant: u64,
+    pub denied_hops: u64,
+    pub denied_batch: u64,
+    /// Direct calls refused for naming a mapping or a subject (or asking for NO_FAULT).
+    pub direct_invalid: u64,
 }
 
 /// One file system's driver maps and bound programs (see the module documentation).
@@ -293,6 +328,8 @@ pub struct Store {
     generation: Option<Generation>,
     /// Serialises [`Store::count_refused`] (a read-modify-write).
     refused_lock: Mutex<()>,
+    /// The driver's `exofs_register`, never pinned: whoever runs it becomes the daemon.
+    register: SyscallProgram,
 }
 
 impl std::fmt::Debug for Store {
@@ -331,11 +368,17 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
     })
 }
 
-/// The pin of a program's batch variant: `<pin dir>/batch/<name>` for `progs/<name>`.
-fn batch_pin(path: &Path) -> PathBuf {
+/// The pin of a program's variant in `dir` (`batch`, `direct`...): `<pin dir>/<dir>/<name>`
+/// for `progs/<name>`.
+fn variant_pin(path: &Path, dir: &str) -> PathBuf {
     let name = path.file_name().unwrap_or_default();
     let pin_dir = path.parent().and_then(Path::parent).unwrap_or(path);
-    pin_dir.join(BATCH_PIN_DIR).join(name)
+    pin_dir.join(dir).join(name)
+}
+
+/// The pin of a program's batch variant.
+fn batch_pin(path: &Path) -> PathBuf {
+    variant_pin(path, BATCH_PIN_DIR)
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -387,21 +430,29 @@ impl Store {
             &[(SYSCALL_SECTION, ALIAS_SECTION)],
             Kfuncs::Resolve,
         )?;
+        let definitions = linker.take_maps();
         let mut all = BTreeMap::new();
-        for (name, definition) in linker.take_maps() {
+        for (name, definition) in &definitions {
             let pin = PINNED_MAPS
                 .iter()
-                .find(|(driver, _)| *driver == name)
+                .find(|(driver, _)| driver == name)
                 .and_then(|(_, pin)| maps_dir.as_ref().map(|dir| dir.join(pin)));
             let handle = match &pin {
-                Some(path) if path.exists() => MapHandle::open_pinned(path, &name, &definition)?,
+                Some(path) if path.exists() => MapHandle::open_pinned(path, name, definition)?,
                 Some(path) if pinned_only => {
                     return Err(BindingError::NotPinned(path.to_owned()));
                 }
-                _ => MapHandle::create(&name, &definition)?,
+                _ => MapHandle::create(name, definition)?,
             };
-            all.insert(name, handle);
+            all.insert(name.clone(), handle);
         }
+        // The registration program, linked to these maps.
+        linker.relocate(definitions.iter().map(|(name, definition)| {
+            (name.as_str(), all[name].as_fd().as_raw_fd(), definition)
+        }))?;
+        let linked = linker.linked(programs::REGISTER)?;
+        let register =
+            SyscallProgram::load_insns(programs::REGISTER, &linked.insns, &linked.license)?;
         drop(linker);
         let take = |all: &mut BTreeMap<String, MapHandle>, name: &str| {
             all.remove(name)
@@ -425,7 +476,27 @@ impl Store {
             programs: Mutex::new(BTreeMap::new()),
             generation,
             refused_lock: Mutex::new(()),
+            register,
         })
+    }
+
+    /// Makes the calling process the daemon of these maps (see `exofs_abi::chain::programs`
+    /// and the driver's `daemon` module): the policy's speaker, whose device mapping
+    /// (`map_addr`, `map_len`, which must stay mapped while direct chains may run) direct
+    /// chains read.
+    pub fn register_daemon(&self, map_addr: u64, map_len: u64) -> Result<()> {
+        let mut ctx = RegisterCtx {
+            map_addr,
+            map_len,
+            ..RegisterCtx::default()
+        };
+        self.register.test_run_pod(&mut ctx)?;
+        if ctx.status != 0 {
+            return Err(BindingError::Register(exofs_abi::chain::status::name(
+                ctx.status,
+            )));
+        }
+        Ok(())
     }
 
     /// Removes every file entry and extent chunk from the maps: what a process that owns
@@ -478,19 +549,23 @@ impl Store {
         let Some(dir) = &self.pin_dir else {
             return Ok(());
         };
-        for sub in ["maps", "progs", BATCH_PIN_DIR] {
+        for sub in PROGRAM_PIN_DIRS.into_iter().chain(["maps"]) {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_error(&path))?;
         }
         for (driver_name, pin) in PINNED_MAPS {
             let path = dir.join("maps").join(pin);
             if !path.exists() {
-                let handle = match *driver_name {
-                    MAP_FILES => &self.maps.files,
-                    MAP_EXTENTS => &self.maps.extents,
-                    MAP_POLICY => &self.maps.policy,
-                    _ => &self.maps.stats,
-                };
+                let handle =
+                    match *driver_name {
+                        MAP_FILES => &self.maps.files,
+                        MAP_EXTENTS => &self.maps.extents,
+                        MAP_POLICY => &self.maps.policy,
+                        stats::MAP_STATS => &self.maps.stats,
+                        other => self.maps.all.get(other).ok_or_else(|| {
+                            LoadError::Elf(format!("the driver has no map {other}"))
+                        })?,
+                    };
                 handle.pin(&path)?;
             }
         }
@@ -523,8 +598,23 @@ impl Store {
         )?;
         let definitions = driver.take_maps();
         let mut relocations = Vec::new();
+        // This program's own instance of the program map: its tag, for the policy.
+        let tag_map = match definitions
+            .iter()
+            .find(|(map_name, _)| map_name == MAP_PROGRAM)
+        {
+            Some((map_name, definition)) => {
+                let map = MapHandle::create(map_name, definition)?;
+                map.set(&0u32, &program_tag(name), sys::BPF_ANY)?;
+                Some(map)
+            }
+            None => None,
+        };
         for (map_name, definition) in &definitions {
             let handle = match map_name.as_str() {
+                MAP_PROGRAM => tag_map.as_ref().ok_or_else(|| {
+                    LoadError::Elf(format!("the driver's map {MAP_PROGRAM} was not created"))
+                })?,
                 MAP_FILES => &self.maps.files,
                 MAP_EXTENTS => &self.maps.extents,
                 MAP_POLICY => &self.maps.policy,
@@ -536,18 +626,48 @@ impl Store {
             relocations.push((map_name.as_str(), handle.as_fd().as_raw_fd(), definition));
         }
         driver.relocate(relocations.into_iter())?;
-        let license = driver.linked(CHAIN_PROGRAM)?.license;
-        let insns = binder::link_into_driver(&driver, CHAIN_PROGRAM, &app)?;
-        let program = SyscallProgram::load_insns(name, &insns, &license)?;
-        let insns = binder::link_into_driver(&driver, BATCH_PROGRAM, &app)?;
-        let batch = SyscallProgram::load_insns(name, &insns, &license)?;
+        let license = driver.linked(programs::CHAIN)?.license;
+        let load = |entry: &str| -> Result<SyscallProgram> {
+            let insns = binder::link_into_driver(&driver, entry, &app)?;
+            Ok(SyscallProgram::load_insns(name, &insns, &license)?)
+        };
+        let program = load(programs::CHAIN)?;
+        let batch = load(programs::BATCH)?;
+        let direct = load(programs::DIRECT_CHAIN)?;
+        let direct_batch = load(programs::DIRECT_BATCH)?;
         if let Some(path) = &pin {
             self.ensure_map_pins()?;
-            program.pin(path)?;
-            let batch_path = batch_pin(path);
-            if let Err(err) = batch.pin(&batch_path) {
-                let _ = fs::remove_file(path);
-                return Err(err.into());
+            let variants = [
+                (&program, path.clone(), None),
+                (&batch, batch_pin(path), None),
+                (
+                    &direct,
+                    variant_pin(path, DIRECT_PIN_DIR),
+                    Some(DIRECT_PIN_MODE),
+                ),
+                (
+                    &direct_batch,
+                    variant_pin(path, DIRECT_BATCH_PIN_DIR),
+                    Some(DIRECT_PIN_MODE),
+                ),
+            ];
+            for (index, (loaded, pin_path, mode)) in variants.iter().enumerate() {
+                let pinned = loaded
+                    .pin(pin_path)
+                    .map_err(BindingError::from)
+                    .and_then(|()| match mode {
+                        Some(mode) => {
+                            fs::set_permissions(pin_path, fs::Permissions::from_mode(*mode))
+                                .map_err(io_error(pin_path))
+                        }
+                        None => Ok(()),
+                    });
+                if let Err(err) = pinned {
+                    for (_, earlier, _) in &variants[..=index] {
+                        let _ = fs::remove_file(earlier);
+                    }
+                    return Err(err);
+                }
             }
         }
         let pin_ino = match &pin {
@@ -558,6 +678,8 @@ impl Store {
             name: name.to_owned(),
             program,
             batch,
+            direct,
+            direct_batch,
             pin_ino,
         });
         self.programs().insert(
@@ -610,6 +732,11 @@ impl Store {
             name: name.to_owned(),
             program: SyscallProgram::from_pin(&path, name)?,
             batch: SyscallProgram::from_pin(&batch_pin(&path), name)?,
+            direct: SyscallProgram::from_pin(&variant_pin(&path, DIRECT_PIN_DIR), name)?,
+            direct_batch: SyscallProgram::from_pin(
+                &variant_pin(&path, DIRECT_BATCH_PIN_DIR),
+                name,
+            )?,
             pin_ino: Some(pin_ino),
         });
         let known = Known {
@@ -618,6 +745,18 @@ impl Store {
         };
         self.programs().insert(name.to_owned(), known);
         Ok(bound)
+    }
+
+    /// The pins of the direct variants of the program `name` (single chain, batch), or
+    /// None when this store does not pin. Fails if no such program is bound.
+    pub fn direct_pins(&self, name: &str) -> Result<Option<(PathBuf, PathBuf)>> {
+        self.program(name)?;
+        Ok(self.prog_pin(name).map(|path| {
+            (
+                variant_pin(&path, DIRECT_PIN_DIR),
+                variant_pin(&path, DIRECT_BATCH_PIN_DIR),
+            )
+        }))
     }
 
     /// Tells every process using the pins that programs were pinned or unpinned.
@@ -649,9 +788,11 @@ impl Store {
         let pinned = match self.prog_pin(name) {
             Some(path) if path.exists() => {
                 fs::remove_file(&path).map_err(io_error(&path))?;
-                let batch = batch_pin(&path);
-                if batch.exists() {
-                    fs::remove_file(&batch).map_err(io_error(&batch))?;
+                for dir in &PROGRAM_PIN_DIRS[1..] {
+                    let variant = variant_pin(&path, dir);
+                    if variant.exists() {
+                        fs::remove_file(&variant).map_err(io_error(&variant))?;
+                    }
                 }
                 self.bump_generation();
                 true
@@ -687,7 +828,7 @@ impl Store {
             return Ok(());
         };
         self.programs().clear();
-        for sub in ["progs", BATCH_PIN_DIR] {
+        for sub in PROGRAM_PIN_DIRS {
             let path = dir.join(sub);
             if path.exists() {
                 for entry in fs::read_dir(&path).map_err(io_error(&path))? {
@@ -704,7 +845,7 @@ impl Store {
                 fs::remove_file(&path).map_err(io_error(&path))?;
             }
         }
-        for sub in ["maps", "progs", BATCH_PIN_DIR, HELD_MARKER] {
+        for sub in PROGRAM_PIN_DIRS.into_iter().chain(["maps", HELD_MARKER]) {
             let path = dir.join(sub);
             if path.exists() {
                 fs::remove_dir(&path).map_err(io_error(&path))?;
@@ -721,26 +862,17 @@ impl Store {
     }
 
     /// Replaces the kernel policy: enforcement on (every chain denied unless each of its
-    /// files has a grant for the subject), exactly `entries`, and `speaker`, the process
-    /// allowed to name the subject of its chains (the mount daemon). The mode entry goes
-    /// in first and old grants go before new ones are added, so a reload is never more
-    /// permissive than either policy.
-    pub fn load_policy(&self, entries: &[PolicyEntry], speaker: Option<u32>) -> Result<()> {
+    /// files has a grant for the subject and the program), exactly `entries`. The mode
+    /// entry goes in first and old grants go before new ones are added, so a reload is
+    /// never more permissive than either policy. (Who may name a subject is not part of
+    /// the policy: it is the registered daemon, see [`Store::register_daemon`].)
+    pub fn load_policy(&self, entries: &[PolicyEntry]) -> Result<()> {
         let map = &self.maps.policy;
         map.set(&MODE_KEY, &PolicyGrant::default(), sys::BPF_ANY)?;
         let mut wanted: HashMap<PolicyKey, PolicyGrant> = entries
             .iter()
             .map(|entry| (entry.key(), entry.grant))
             .collect();
-        if let Some(pid) = speaker {
-            let key = PolicyKey {
-                kind: KIND_SPEAKER,
-                _pad: 0,
-                id: u64::from(pid),
-                ino: 0,
-            };
-            wanted.insert(key, PolicyGrant::default());
-        }
         wanted.insert(MODE_KEY, PolicyGrant::default());
         for key in map.keys::<PolicyKey>()? {
             if !wanted.contains_key(&key) {
@@ -780,6 +912,10 @@ impl Store {
             denied: counts[stats::DENIED as usize],
             aborted: counts[stats::ABORTED as usize],
             refused: counts[stats::REFUSED as usize],
+            denied_no_grant: counts[stats::DENIED_NO_GRANT as usize],
+            denied_hops: counts[stats::DENIED_HOPS as usize],
+            denied_batch: counts[stats::DENIED_BATCH as usize],
+            direct_invalid: counts[stats::DIRECT_INVALID as usize],
         })
     }
 

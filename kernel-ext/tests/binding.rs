@@ -426,13 +426,14 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
     let grant = |subject, ino, max_hops| PolicyEntry {
         subject,
         ino,
+        program: "list".to_owned(),
         grant: PolicyGrant {
             max_hops,
             max_batch: 8,
         },
     };
     binding
-        .load_policy(&[grant(Subject::Uid(uid), allowed, 20)], None)
+        .load_policy(&[grant(Subject::Uid(uid), allowed, 20)])
         .expect("policy");
     let denied_before = binding.stats().expect("stats").denied;
     assert_eq!(
@@ -477,19 +478,14 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
 
     // A subject named in the request counts only for the registered speaker.
     binding
-        .load_policy(&[grant(Subject::Uid(4242), other, 64)], None)
+        .load_policy(&[grant(Subject::Uid(4242), other, 64)])
         .expect("policy");
     assert_eq!(
         run(other, 20, named(4242, 4242, 0)),
         status::DENIED,
         "not the speaker"
     );
-    binding
-        .load_policy(
-            &[grant(Subject::Uid(4242), other, 64)],
-            Some(std::process::id()),
-        )
-        .expect("policy");
+    binding.serve_direct().expect("become the daemon");
     assert_eq!(
         run(other, 20, named(4242, 4242, 0)),
         status::DONE,
@@ -499,10 +495,7 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
     assert_eq!(run(other, 20, named(4243, 4243, 0)), status::DENIED);
     // Group and cgroup grants.
     binding
-        .load_policy(
-            &[grant(Subject::Gid(777), other, 64)],
-            Some(std::process::id()),
-        )
+        .load_policy(&[grant(Subject::Gid(777), other, 64)])
         .expect("policy");
     assert_eq!(
         run(other, 20, named(1, 777, 0)),
@@ -510,10 +503,7 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
         "granted to the group"
     );
     binding
-        .load_policy(
-            &[grant(Subject::Cgroup(31337), other, 64)],
-            Some(std::process::id()),
-        )
+        .load_policy(&[grant(Subject::Cgroup(31337), other, 64)])
         .expect("policy");
     assert_eq!(
         run(other, 20, named(1, 1, 31337)),
@@ -539,7 +529,7 @@ fn the_kernel_policy_denies_by_default_and_caps_hops() {
     assert!(outcomes.iter().all(|o| o.status == status::DENIED));
     if let Some(cgroup) = root_cgroup_id() {
         binding
-            .load_policy(&[grant(Subject::Cgroup(cgroup), other, 64)], None)
+            .load_policy(&[grant(Subject::Cgroup(cgroup), other, 64)])
             .expect("policy");
         assert_eq!(run(other, 20, None), status::DONE, "granted to the cgroup");
         assert_eq!(run(allowed, 20, None), status::DENIED);
@@ -574,15 +564,15 @@ fn a_new_subject_never_sees_the_previous_block() {
         .map(|uid| PolicyEntry {
             subject: Subject::Uid(*uid),
             ino: secret,
+            program: "tail".to_owned(),
             grant: PolicyGrant {
                 max_hops: 64,
                 max_batch: 32,
             },
         })
         .collect();
-    binding
-        .load_policy(&grants, Some(std::process::id()))
-        .expect("policy");
+    binding.serve_direct().expect("become the daemon");
+    binding.load_policy(&grants).expect("policy");
     let run = |uid: u32, read_len: u32| {
         let mut request = ChainRequest::new(secret, 0, &[]);
         request.read_len = read_len;

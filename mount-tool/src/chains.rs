@@ -23,7 +23,9 @@
 use crate::access::Credentials;
 use crate::policy::{self, Policy, Who};
 pub use crate::request::Refusal;
-use crate::request::{decode_batch, decode_chain, struct_bytes, BatchCall, ChainCall};
+use crate::request::{
+    decode_batch, decode_chain, decode_direct, struct_bytes, BatchCall, ChainCall,
+};
 use exofs_abi::chain::status;
 use exofs_abi::ioctl::{self, PolicyReload};
 use exofs_abi::policy::PolicyGrant;
@@ -102,6 +104,10 @@ impl ChainService {
             None => Policy::default(),
         };
         binding.hold().map_err(|e| e.to_string())?;
+        // The daemon is the policy's speaker, and direct chains read its mapping.
+        binding
+            .serve_direct()
+            .map_err(|e| format!("registering the daemon with the driver: {e}"))?;
         let service = Self {
             binding,
             policy_path,
@@ -137,28 +143,31 @@ impl ChainService {
             return Ok(compiled.grants.clone());
         }
         let grants = self.compile(&compiled.policy);
-        let mut kernel: HashMap<(Resolved, u64), PolicyGrant> = HashMap::new();
+        let mut kernel: HashMap<(Resolved, u64, &str), PolicyGrant> = HashMap::new();
         for grant in &grants {
             for ino in &grant.inos {
-                let entry = kernel.entry((grant.who, *ino)).or_default();
-                entry.max_hops = entry.max_hops.max(grant.max_hops);
-                entry.max_batch = entry.max_batch.max(grant.max_batch);
+                for program in &grant.programs {
+                    let entry = kernel.entry((grant.who, *ino, program)).or_default();
+                    entry.max_hops = entry.max_hops.max(grant.max_hops);
+                    entry.max_batch = entry.max_batch.max(grant.max_batch);
+                }
             }
         }
         let entries: Vec<PolicyEntry> = kernel
             .into_iter()
-            .map(|((who, ino), grant)| PolicyEntry {
+            .map(|((who, ino, program), grant)| PolicyEntry {
                 subject: match who {
                     Resolved::Uid(uid) => Subject::Uid(uid),
                     Resolved::Gid(gid) => Subject::Gid(gid),
                     Resolved::Cgroup(id) => Subject::Cgroup(id),
                 },
                 ino,
+                program: program.to_owned(),
                 grant,
             })
             .collect();
         self.binding
-            .load_policy(&entries, Some(std::process::id()))
+            .load_policy(&entries)
             .map_err(|err| Refusal::new(libc::EIO, format!("loading the kernel policy: {err}")))?;
         compiled.grants = Arc::new(grants);
         compiled.namespace = Some(namespace);
@@ -265,6 +274,31 @@ impl ChainService {
             })
     }
 
+    /// As [`Self::check`] for a chain of the most hops the grants allow: the subject, and
+    /// the widest grant's max_hops and max_batch.
+    fn check_widest(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        program: &str,
+    ) -> Result<(NamedSubject, u32, u32), Refusal> {
+        let (subject, max_hops) = self.check(caller, ino, program, 0, 1)?;
+        let grants = self.compiled_now()?;
+        let max_batch = grants
+            .iter()
+            .filter(|g| g.inos.contains(&ino) && g.programs.iter().any(|p| p == program))
+            .filter(|g| match g.who {
+                Resolved::Uid(uid) => uid == subject.uid,
+                Resolved::Gid(gid) => gid == subject.gid,
+                Resolved::Cgroup(id) => id == subject.cgroup,
+            })
+            .filter(|g| g.max_hops >= max_hops)
+            .map(|g| g.max_batch)
+            .max()
+            .unwrap_or(1);
+        Ok((subject, max_hops, max_batch))
+    }
+
     fn decide(
         &self,
         caller: &Caller,
@@ -365,6 +399,46 @@ impl ChainService {
             }
             err => Refusal::new(libc::EIO, err.to_string()),
         }
+    }
+
+    /// Recompiles the policy now if the namespace changed: the kernel's grants must follow
+    /// names before the next direct chain, which never asks the daemon.
+    pub fn refresh_policy(&self) {
+        if let Err(refusal) = self.compiled_now() {
+            log::error!("recompiling the policy: {}", refusal.reason);
+        }
+    }
+
+    /// `IOC_DIRECT` on inode `ino`: checks the grant (as for a chain of the grant's hops),
+    /// registers the file and answers with its identity and the program's direct pins.
+    pub fn direct(&self, caller: &Caller, ino: u64, input: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let (mut request, program) = decode_direct(input)?;
+        let (_, max_hops, max_batch) = self.check_widest(caller, ino, &program)?;
+        let pins = self
+            .binding
+            .direct_pins(&program)
+            .map_err(Self::run_error)?
+            .ok_or_else(|| Refusal::new(libc::EOPNOTSUPP, "the programs are not pinned"))?;
+        let file = self.binding.register(ino).map_err(Self::run_error)?;
+        request.ino = file.ino;
+        request.generation = file.generation;
+        request.max_hops = max_hops;
+        request.max_batch = max_batch;
+        for (field, path) in [
+            (&mut request.chain_pin, &pins.0),
+            (&mut request.batch_pin, &pins.1),
+        ] {
+            let bytes = path.as_os_str().as_encoded_bytes();
+            if bytes.len() >= field.len() {
+                return Err(Refusal::new(
+                    libc::ENAMETOOLONG,
+                    format!("pin path {} is too long", path.display()),
+                ));
+            }
+            field.fill(0);
+            field[..bytes.len()].copy_from_slice(bytes);
+        }
+        Ok(struct_bytes(&request))
     }
 
     /// `IOC_CHAIN` on inode `ino`: the answer's bytes, or a refusal.

@@ -22,7 +22,7 @@ use crate::access::{self, Credentials, SetattrRequest, TimeChange, XattrAccess};
 use crate::chains::{Caller, ChainService};
 
 mod checked;
-use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD};
+use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_DIRECT, IOC_POLICY_RELOAD};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -96,6 +96,9 @@ impl ExofsFuse {
     /// Notes a change of names (after it is made).
     fn names_changed(&self) {
         self.namespace.fetch_add(1, Ordering::AcqRel);
+        if let Some(chains) = &self.chains {
+            chains.refresh_policy();
+        }
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Handle>> {
@@ -733,7 +736,7 @@ impl Filesystem for ExofsFuse {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        if ![IOC_CHAIN, IOC_CHAIN_BATCH, IOC_POLICY_RELOAD].contains(&cmd) {
+        if ![IOC_CHAIN, IOC_CHAIN_BATCH, IOC_DIRECT, IOC_POLICY_RELOAD].contains(&cmd) {
             return reply.error(Errno::ENOTTY);
         }
         let Some(chains) = &self.chains else {
@@ -750,6 +753,9 @@ impl Filesystem for ExofsFuse {
                 .map(|bytes| (0, bytes)),
             IOC_CHAIN_BATCH => chains
                 .chain_batch(&caller, ino.0, in_data)
+                .map(|bytes| (0, bytes)),
+            IOC_DIRECT => chains
+                .direct(&caller, ino.0, in_data)
                 .map(|bytes| (0, bytes)),
             _ => chains.reload_policy(&caller),
         };

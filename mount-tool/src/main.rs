@@ -124,6 +124,10 @@ enum Command {
         /// Hops at most (default: 64; through a mount, as many as your grant allows).
         #[arg(long)]
         hops: Option<u32>,
+        /// Through a mount: run the chain directly in the kernel (`direct`), through the
+        /// daemon's ioctl (`daemon`), or directly when possible (`auto`).
+        #[arg(long, value_enum, default_value_t = progs::ViaArg::Auto)]
+        via: progs::ViaArg,
     },
     /// Chain statistics of an image's binding (or of a mount's): chains, hops, rejects,
     /// stale retries.
@@ -260,7 +264,19 @@ fn main() -> ExitCode {
             key,
             start,
             hops,
-        } => match progs::chain(&image, bpffs, &path, &prog, key, start, hops) {
+            via,
+        } => match progs::chain(
+            &image,
+            bpffs,
+            &progs::ChainArgs {
+                path,
+                prog,
+                key,
+                start,
+                hops,
+                via,
+            },
+        ) {
             Ok(code) => return code,
             Err(e) => Err(e),
         },

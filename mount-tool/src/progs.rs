@@ -142,18 +142,38 @@ pub fn unload(image: &Path, bpffs: &Path, name: &str) -> Result<()> {
 
 /// `exofs chain IMAGE PATH --prog NAME --key KEY`: one lookup with the examples' scratch
 /// layout (key in; found, value out). Exit 0 found or not found, 1 if the chain failed.
-pub fn chain(
-    image: &Path,
-    bpffs: &Path,
-    path: &Path,
-    prog: &str,
-    key: u64,
-    start: u64,
-    hops: Option<u32>,
-) -> Result<ExitCode> {
+/// How `exofs chain` reaches the kernel through a mount (`exofs_client::Via`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ViaArg {
+    Auto,
+    Direct,
+    Daemon,
+}
+
+/// What `exofs chain` runs.
+#[derive(Debug, Clone)]
+pub struct ChainArgs {
+    pub path: PathBuf,
+    pub prog: String,
+    pub key: u64,
+    pub start: u64,
+    pub hops: Option<u32>,
+    pub via: ViaArg,
+}
+
+pub fn chain(image: &Path, bpffs: &Path, args: &ChainArgs) -> Result<ExitCode> {
+    let ChainArgs {
+        path,
+        prog,
+        key,
+        start,
+        hops,
+        ..
+    } = args;
+    let (path, prog, key, start, hops) = (path.as_path(), prog.as_str(), *key, *start, *hops);
     // A mounted image: through the mount, as any unprivileged application (no BPF here).
     if let Some((_, mountpoint)) = mounted(image)? {
-        return chain_through_mount(&mountpoint, path, prog, key, start, hops);
+        return chain_through_mount(&mountpoint, args);
     }
     let Target::Image(binding) = open_target(image, bpffs)? else {
         return Err(format!("{}: in use by another process", image.display()).into());
@@ -173,26 +193,26 @@ pub fn chain(
     ))
 }
 
-/// A chain through the mount's ioctl, as any unprivileged application runs it.
-fn chain_through_mount(
-    mountpoint: &Path,
-    path: &Path,
-    prog: &str,
-    key: u64,
-    start: u64,
-    hops: Option<u32>,
-) -> Result<ExitCode> {
+/// A chain through the mount, as any unprivileged application runs it (exofs-client:
+/// directly in the kernel, or through the daemon's ioctl).
+fn chain_through_mount(mountpoint: &Path, args: &ChainArgs) -> Result<ExitCode> {
+    let path = &args.path;
     let inside = mountpoint.join(path.strip_prefix("/").unwrap_or(path));
     let file = std::fs::File::open(&inside).map_err(|e| format!("{}: {e}", inside.display()))?;
-    let ask = Lookup::ask(key);
-    let mut chain = exofs_client::Chain::new(prog, start, &ask);
-    if let Some(hops) = hops {
+    let ask = Lookup::ask(args.key);
+    let mut chain = exofs_client::Chain::new(&args.prog, args.start, &ask);
+    if let Some(hops) = args.hops {
         chain.hop_limit = hops;
     }
+    chain.via = match args.via {
+        ViaArg::Auto => exofs_client::Via::Auto,
+        ViaArg::Direct => exofs_client::Via::Direct,
+        ViaArg::Daemon => exofs_client::Via::Daemon,
+    };
     let answer = exofs_client::chain(&file, &chain)
-        .map_err(|e| format!("{}: chain ioctl: {e}", inside.display()))?;
+        .map_err(|e| format!("{}: chain: {e}", inside.display()))?;
     Ok(report_lookup(
-        key,
+        args.key,
         answer.status,
         answer.hops,
         &answer.scratch,
@@ -229,6 +249,13 @@ pub fn stats(image: &Path, bpffs: &Path) -> Result<()> {
         stats.rejected + stats.denied + stats.refused
     );
     println!("  denied  {} (by the kernel policy)", stats.denied);
+    println!("    no grant      {}", stats.denied_no_grant);
+    println!("    too many hops {}", stats.denied_hops);
+    println!("    batch too big {}", stats.denied_batch);
+    println!(
+        "  direct  {} (direct calls that named a mapping or a subject)",
+        stats.direct_invalid
+    );
     println!(
         "  refused {} (by the mount daemon's policy check)",
         stats.refused

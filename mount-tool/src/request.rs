@@ -12,7 +12,7 @@
 //! [`Refusal`] with EINVAL whose reason names the field.
 
 use exofs_abi::chain::{BLOCK_SIZE, MAX_BATCH, MAX_HOPS};
-use exofs_abi::ioctl::{self, BatchIoctl, ChainIoctl};
+use exofs_abi::ioctl::{self, BatchIoctl, ChainIoctl, DirectIoctl};
 
 /// A refused request: the errno for the caller and what to log.
 #[derive(Debug)]
@@ -49,6 +49,13 @@ pub struct BatchCall {
     pub program: String,
     /// Lookups in `request.lookups` (1..=MAX_BATCH).
     pub count: usize,
+}
+
+/// Decodes and checks an `IOC_DIRECT` request: the struct and its program name.
+pub fn decode_direct(input: &[u8]) -> Result<(DirectIoctl, String), Refusal> {
+    let request: DirectIoctl = read_struct(input)?;
+    let program = program_of(&request.program)?;
+    Ok((request, program))
 }
 
 /// Decodes and checks an `IOC_CHAIN` request.

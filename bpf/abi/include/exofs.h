@@ -78,8 +78,10 @@ struct exofs_hop_state {
 };
 
 #define EXOFS_STATUS_MISSING 10
+#define EXOFS_STATUS_NO_DAEMON 11 /* direct chains: the mount daemon is gone */
 #define EXOFS_BATCH_SCRATCH_SIZE 32
 #define EXOFS_NO_FAULT 1
+#define EXOFS_SUBJECT_NAMED 2
 
 /* One lookup of a batch (the batch program's context is struct exofs_batch_ctx). */
 struct exofs_batch_lookup {
@@ -229,8 +231,28 @@ struct exofs_batch_ioctl {
 struct exofs_policy_reload {
 	char message[EXOFS_MESSAGE_SIZE]; /* out: empty, or what was wrong */
 };
+/*
+ * Direct chains: EXOFS_IOC_DIRECT on a file of the mount tells which pins to open
+ * (BPF_OBJ_GET, file_flags 0) and how the driver names the file. Then run the pin with
+ * BPF_PROG_TEST_RUN on a struct exofs_chain_ctx (or, for the batch pin, a struct
+ * exofs_batch_ctx) with files[0] = { ino, generation }, file_count 1, and map_addr,
+ * map_len, the subject fields and flags all zero, while the file is open.
+ * EXOFS_STATUS_STALE or EXOFS_STATUS_NOT_REGISTERED: the file changed (or was closed by
+ * everyone); ask again.
+ */
+#define EXOFS_PIN_PATH_SIZE 256
+struct exofs_direct_ioctl {
+	char program[EXOFS_PROGRAM_NAME_SIZE];  /* in: NUL-terminated */
+	__u64 ino;                              /* out */
+	__u64 generation;                       /* out */
+	__u32 max_hops;                         /* out: the caller's grant */
+	__u32 max_batch;                        /* out */
+	char chain_pin[EXOFS_PIN_PATH_SIZE];    /* out: the single-chain program's pin */
+	char batch_pin[EXOFS_PIN_PATH_SIZE];    /* out: the batch program's pin */
+};
 #define EXOFS_IOC_CHAIN _IOWR(EXOFS_IOCTL_TYPE, 1, struct exofs_chain_ioctl)
 #define EXOFS_IOC_CHAIN_BATCH _IOWR(EXOFS_IOCTL_TYPE, 2, struct exofs_batch_ioctl)
 #define EXOFS_IOC_POLICY_RELOAD _IOR(EXOFS_IOCTL_TYPE, 3, struct exofs_policy_reload)
+#define EXOFS_IOC_DIRECT _IOWR(EXOFS_IOCTL_TYPE, 4, struct exofs_direct_ioctl)
 
 #endif /* EXOFS_H */

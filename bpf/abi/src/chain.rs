@@ -57,6 +57,9 @@ pub mod status {
     /// and runs the chain again from where the context now says, naming that block in
     /// `missing` (see [`super::ChainCtx::start_hop`]).
     pub const MISSING: i32 = 10;
+    /// A direct chain could not read the mount daemon's mapping of the device: the daemon
+    /// exited (or was killed), or the device read failed. No data was returned.
+    pub const NO_DAEMON: i32 = 11;
 
     /// The status's name, for messages.
     pub const fn name(status: i32) -> &'static str {
@@ -72,6 +75,7 @@ pub mod status {
             FAULT => "fault reading the device mapping",
             INVALID => "invalid arguments",
             MISSING => "block not in memory",
+            NO_DAEMON => "the mount daemon is gone (its device mapping cannot be read)",
             _ => "unknown status",
         }
     }
@@ -103,8 +107,53 @@ pub mod stats {
     /// or file the policy does not grant). Written by the daemon alone, on CPU 0's slot:
     /// the driver never touches it.
     pub const REFUSED: u32 = 7;
+    /// Denials (also counted in DENIED) because a file of the chain has no grant for the
+    /// subject: its uid, gid and cgroup have none (or none for this program).
+    pub const DENIED_NO_GRANT: u32 = 8;
+    /// Denials because the chain asked for more hops than the grant allows.
+    pub const DENIED_HOPS: u32 = 9;
+    /// Denials because the batch carried more lookups than the grant allows.
+    pub const DENIED_BATCH: u32 = 10;
+    /// Direct calls refused because their context named a mapping or a subject, or asked
+    /// for NO_FAULT (also counted in REJECTED).
+    pub const DIRECT_INVALID: u32 = 11;
     /// Entries in the map.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
+}
+
+/// The driver's programs, by ELF symbol: the privileged single chain and batch (the
+/// caller names its own mapping of the device, and the mount daemon may name a subject),
+/// their direct variants for unprivileged callers (the device is read through the mount
+/// daemon's mapping; nothing in the context may name a mapping or a subject), and the
+/// daemon's registration (see [`RegisterCtx`]).
+pub mod programs {
+    pub const CHAIN: &str = "exofs_chain";
+    pub const BATCH: &str = "exofs_chain_batch";
+    pub const DIRECT_CHAIN: &str = "exofs_direct_chain";
+    pub const DIRECT_BATCH: &str = "exofs_direct_batch";
+    pub const REGISTER: &str = "exofs_register";
+}
+
+/// Name of the daemon map: one entry, the mount daemon's task (a referenced kptr) and its
+/// mapping of the device, written by `exofs_register` alone.
+pub const MAP_DAEMON: &str = "EXOFS_DAEMON";
+/// Name of the program map: one entry per bound program, its [`crate::policy::program_tag`]
+/// (each bound program gets its own instance of this map).
+pub const MAP_PROGRAM: &str = "EXOFS_PROGRAM";
+
+/// The context of `exofs_register`: the calling process becomes the daemon (the speaker of
+/// the policy, whose mapping direct chains read). Only holders of that program's fd (the
+/// process that loaded it) can run it; it is never pinned.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegisterCtx {
+    /// In: address of the caller's read-only mapping of the whole device.
+    pub map_addr: u64,
+    /// In: its length in bytes.
+    pub map_len: u64,
+    /// Out: 0, or a `status::*` value.
+    pub status: i32,
+    pub _pad: u32,
 }
 
 /// One file a chain may read.
@@ -139,8 +188,9 @@ pub struct ChainCtx {
     pub map_addr: u64,
     /// In: length of that mapping in bytes.
     pub map_len: u64,
-    /// In: the subject the policy is checked for, when the caller is the trusted daemon
-    /// speaking for a FUSE caller; ignored for other callers (their own ids count).
+    /// In: the subject the policy is checked for, with [`SUBJECT_NAMED`], when the caller
+    /// is the registered daemon speaking for a FUSE caller; ignored for other callers
+    /// (their own ids count). Direct programs refuse a context that sets any of these.
     pub subject_uid: u32,
     pub subject_gid: u32,
     /// In: the subject's cgroup id (0: none), as `subject_uid`.
@@ -149,7 +199,7 @@ pub struct ChainCtx {
     pub status: i32,
     /// Out: hops taken (counted from hop 0, `start_hop` included).
     pub hops: u32,
-    /// In: [`NO_FAULT`] or 0.
+    /// In: [`NO_FAULT`], [`SUBJECT_NAMED`], or 0.
     pub flags: u32,
     /// In: the number of the first hop (0 for a new chain). Out, with status MISSING:
     /// where to resume. When no other branch of the walk was pending, the driver sets
@@ -197,6 +247,12 @@ pub const BATCH_SCRATCH_SIZE: usize = 32;
 /// block named in `missing`); a block not in memory ends the chain with status MISSING
 /// instead (see [`status::MISSING`]).
 pub const NO_FAULT: u32 = 1;
+
+/// [`ChainCtx::flags`] and [`BatchCtx::flags`]: the policy is checked for the subject the
+/// context names (`subject_uid`, `subject_gid`, `subject_cgroup`) instead of the caller,
+/// if the caller is the registered mount daemon (otherwise the flag changes nothing).
+/// Direct programs refuse it.
+pub const SUBJECT_NAMED: u32 = 2;
 
 /// One lookup of a batch.
 #[repr(C)]
@@ -255,7 +311,7 @@ pub struct BatchCtx {
     pub subject_uid: u32,
     pub subject_gid: u32,
     pub subject_cgroup: u64,
-    /// In: `BATCH_*` flags.
+    /// In: as [`ChainCtx::flags`].
     pub flags: u32,
     /// Out: lookups that finished with status DONE.
     pub done: u32,
@@ -318,9 +374,12 @@ mod pod {
     unsafe impl aya::Pod for super::ChainFile {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::BatchCtx {}
+    // SAFETY: as above (explicit padding field).
+    unsafe impl aya::Pod for super::RegisterCtx {}
 }
 
 const _: () = assert!(size_of::<ChainFile>() == 16);
+const _: () = assert!(size_of::<RegisterCtx>() == 24);
 const _: () = assert!(size_of::<BatchLookup>() == 32 + BATCH_SCRATCH_SIZE);
 const _: () = assert!(size_of::<BatchCtx>() == 64 + 16 + 16 + 8 + 8 + 8 + MAX_BATCH * 64);
 const _: () = assert!(size_of::<ChainCtx>() == 64 + 16 + 8 + 8 + 8 + 8 + 8 + 8 + 16 + SCRATCH_SIZE);

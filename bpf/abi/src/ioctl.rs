@@ -86,6 +86,49 @@ pub struct PolicyReload {
     pub message: [u8; MESSAGE_SIZE],
 }
 
+/// Bytes of a pin path in [`DirectIoctl`], NUL-terminated.
+pub const PIN_PATH_SIZE: usize = 256;
+
+/// Discovery for direct chains: what a process needs to run a program over the ioctl's
+/// file itself, in the kernel, with no daemon in the data path. The daemon checks that the
+/// policy grants the caller the program on this file (else EACCES, counted and logged as
+/// a refusal), registers the file's extents with the driver (publishing them again if the
+/// file changed), and answers. The caller then opens the pins with BPF_OBJ_GET and runs
+/// them with BPF_PROG_TEST_RUN on a [`crate::chain::ChainCtx`] or
+/// [`crate::chain::BatchCtx`] naming `files[0] = { ino, generation }`, with `map_addr`,
+/// `map_len`, the subject fields and `flags` zero. The daemon keeps the file registered
+/// while a handle on it is open: keep it open while chains run. A STALE or NOT_REGISTERED
+/// answer means the file changed (or was closed): ask again.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectIoctl {
+    /// In: the program's name, NUL-terminated.
+    pub program: [u8; PROGRAM_NAME_SIZE],
+    /// Out: the file's inode number and generation, as a chain names them.
+    pub ino: u64,
+    pub generation: u64,
+    /// Out: the most hops and lookups per batch the caller's grant allows.
+    pub max_hops: u32,
+    pub max_batch: u32,
+    /// Out: the pins of the program's direct single-chain and batch variants.
+    pub chain_pin: [u8; PIN_PATH_SIZE],
+    pub batch_pin: [u8; PIN_PATH_SIZE],
+}
+
+impl Default for DirectIoctl {
+    fn default() -> Self {
+        Self {
+            program: [0; PROGRAM_NAME_SIZE],
+            ino: 0,
+            generation: 0,
+            max_hops: 0,
+            max_batch: 0,
+            chain_pin: [0; PIN_PATH_SIZE],
+            batch_pin: [0; PIN_PATH_SIZE],
+        }
+    }
+}
+
 /// `_IOC(dir, type, nr, size)` of Linux's asm-generic/ioctl.h.
 const fn ioc(dir: u32, nr: u8, size: usize) -> u32 {
     const NR_SHIFT: u32 = 0;
@@ -116,6 +159,9 @@ pub const IOC_CHAIN_BATCH: u32 = ioc(READ | WRITE, 2, core::mem::size_of::<Batch
 /// when the file has mistakes (named in the answer; the old policy stays). EINVAL when
 /// the mount has no policy file.
 pub const IOC_POLICY_RELOAD: u32 = ioc(READ, 3, core::mem::size_of::<PolicyReload>());
+/// `_IOWR('E', 4, struct exofs_direct_ioctl)`: see [`DirectIoctl`]. Errors as for
+/// IOC_CHAIN.
+pub const IOC_DIRECT: u32 = ioc(READ | WRITE, 4, core::mem::size_of::<DirectIoctl>());
 
 impl Default for ChainIoctl {
     fn default() -> Self {
@@ -181,6 +227,7 @@ pub fn program_field(name: &str) -> Option<[u8; PROGRAM_NAME_SIZE]> {
 
 const _: () = assert!(core::mem::size_of::<ChainIoctl>() == 64 + 8 + 16 + SCRATCH_SIZE);
 const _: () = assert!(core::mem::size_of::<IoctlLookup>() == 16 + BATCH_SCRATCH_SIZE);
+const _: () = assert!(core::mem::size_of::<DirectIoctl>() == 64 + 24 + 2 * PIN_PATH_SIZE);
 const _: () = assert!(core::mem::size_of::<BatchIoctl>() == 64 + 16 + MAX_BATCH * 48);
 
 #[cfg(feature = "user")]
@@ -194,4 +241,6 @@ mod pod {
     unsafe impl aya::Pod for super::BatchIoctl {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyReload {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DirectIoctl {}
 }

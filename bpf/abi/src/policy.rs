@@ -7,9 +7,14 @@
 //! denied unless each of its files has a grant for the subject's uid, one of its gid, or
 //! its cgroup; the grant also caps the hops and the batch size.
 //!
+//! A grant names a subject, a file and a program (by [`program_tag`] of its name): each
+//! bound program reads its own tag from its instance of the `EXOFS_PROGRAM` map.
+//!
 //! The subject is the calling task's uid, gid and cgroup, except when the caller is the
-//! registered speaker (the mount daemon, by its process id): its chains are checked for
-//! the uid and gid it passes in the context, the FUSE caller's.
+//! speaker (the mount daemon: the process that ran `exofs_register`, held by the kernel as
+//! a task reference, so a process that reuses a dead daemon's pid is not it) running a
+//! privileged program: its chains are checked for the uid, gid and cgroup it passes in the
+//! context, the FUSE caller's. Direct programs never take a subject from the context.
 
 /// Name of the map (HashMap<PolicyKey, PolicyGrant>).
 pub const MAP_POLICY: &str = "EXOFS_POLICY";
@@ -22,8 +27,6 @@ pub const SUBJECT_GID: u32 = 2;
 pub const SUBJECT_CGROUP: u32 = 3;
 /// The mode entry (id 0, ino 0): its presence turns enforcement on.
 pub const KIND_MODE: u32 = 4;
-/// The speaker entry: `id` is the daemon's process id (tgid), ino 0.
-pub const KIND_SPEAKER: u32 = 5;
 
 /// Key of the policy map.
 #[repr(C)]
@@ -32,8 +35,10 @@ pub struct PolicyKey {
     pub kind: u32,
     pub _pad: u32,
     pub id: u64,
-    /// The file (0 for the mode and speaker entries).
+    /// The file (0 for the mode entry).
     pub ino: u64,
+    /// The program's [`program_tag`] (0 for the mode entry).
+    pub program: u64,
 }
 
 /// The mode entry's key.
@@ -42,7 +47,29 @@ pub const MODE_KEY: PolicyKey = PolicyKey {
     _pad: 0,
     id: 0,
     ino: 0,
+    program: 0,
 };
+
+/// The tag a program is granted by: the 64-bit FNV-1a hash of its name (never 0, which
+/// the mode entry uses). Program names are chosen by whoever may load programs (root), so
+/// a collision is not an attacker's to make.
+pub const fn program_tag(name: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let bytes = name.as_bytes();
+    let mut hash = OFFSET;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(PRIME);
+        i += 1;
+    }
+    if hash == 0 {
+        1
+    } else {
+        hash
+    }
+}
 
 /// Value of the policy map.
 #[repr(C)]
@@ -62,5 +89,5 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyGrant {}
 }
 
-const _: () = assert!(core::mem::size_of::<PolicyKey>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 32);
 const _: () = assert!(core::mem::size_of::<PolicyGrant>() == 8);

@@ -54,6 +54,20 @@ fn rust_layout() -> BTreeMap<String, i64> {
         program => "program", hop_limit => "hop_limit", read_len => "read_len",
         count => "count", done => "done", lookups => "lookups");
     layout!(map, "exofs_policy_reload", ioctl::PolicyReload; message => "message");
+    layout!(map, "exofs_direct_ioctl", ioctl::DirectIoctl;
+        program => "program", ino => "ino", generation => "generation",
+        max_hops => "max_hops", max_batch => "max_batch", chain_pin => "chain_pin",
+        batch_pin => "batch_pin");
+    map.insert("EXOFS_IOC_DIRECT".into(), i64::from(ioctl::IOC_DIRECT));
+    map.insert("EXOFS_PIN_PATH_SIZE".into(), ioctl::PIN_PATH_SIZE as i64);
+    map.insert(
+        "EXOFS_STATUS_NO_DAEMON".into(),
+        i64::from(chain::status::NO_DAEMON),
+    );
+    map.insert(
+        "EXOFS_SUBJECT_NAMED".into(),
+        i64::from(chain::SUBJECT_NAMED),
+    );
     // The ioctl numbers as <sys/ioctl.h> computes them (unsigned: print as long).
     map.insert("EXOFS_IOC_CHAIN".into(), i64::from(ioctl::IOC_CHAIN));
     map.insert(

@@ -16,8 +16,8 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::generated::{
-        bpf_copy_from_user, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_copy_from_user, bpf_get_current_cgroup_id, bpf_get_current_uid_gid, bpf_loop,
+        bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
@@ -25,16 +25,15 @@ use aya_ebpf::{
 use exofs_abi::chain::{
     stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, BATCH_SCRATCH_SIZE,
     BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT, NEXT_CONTINUE,
-    NEXT_DONE, NO_FAULT, SCRATCH_SIZE,
+    NEXT_DONE, NO_FAULT, SCRATCH_SIZE, SUBJECT_NAMED,
 };
 use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
 };
 
-use exofs_abi::policy::{
-    PolicyKey, KIND_SPEAKER, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID, SUBJECT_UID,
-};
+use exofs_abi::policy::{PolicyKey, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID, SUBJECT_UID};
 
+use crate::daemon;
 use crate::task_storage::TaskStorage;
 
 /// Registered files.
@@ -50,15 +49,20 @@ static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entrie
 static EXOFS_POLICY: HashMap<PolicyKey, exofs_abi::policy::PolicyGrant> =
     HashMap::with_max_entries(65536, 0);
 
+/// This program's tag (`exofs_abi::policy::program_tag` of its name): each bound program
+/// has its own instance of this map, written by kernel-ext when it binds the program.
+#[map]
+static EXOFS_PROGRAM: Array<u64> = Array::with_max_entries(1, 0);
+
 /// No grant (see `grant_for`).
 const NO_GRANT: u64 = u64::MAX;
 
-/// The grant for `ino` of the first subject that has one (uid, gid, then cgroup), as
-/// max_hops << 32 | max_batch, or NO_GRANT. (A plain u64 rather than an
+/// The grant for `ino` and this program of the first subject that has one (uid, gid, then
+/// cgroup), as max_hops << 32 | max_batch, or NO_GRANT. (A plain u64 rather than an
 /// `Option<PolicyGrant>`: LLVM's code for the option read a clobbered register, which the
 /// verifier refused.)
 #[inline(always)]
-fn grant_for(uid: u32, gid: u32, cgroup: u64, ino: u64) -> u64 {
+fn grant_for(uid: u32, gid: u32, cgroup: u64, ino: u64, program: u64) -> u64 {
     let subjects = [
         (SUBJECT_UID, uid as u64),
         (SUBJECT_GID, gid as u64),
@@ -73,6 +77,7 @@ fn grant_for(uid: u32, gid: u32, cgroup: u64, ino: u64) -> u64 {
             _pad: 0,
             id,
             ino,
+            program,
         };
         // SAFETY: the map's values are plain integers, read at once.
         if let Some(grant) = unsafe { EXOFS_POLICY.get(&key) } {
@@ -82,39 +87,40 @@ fn grant_for(uid: u32, gid: u32, cgroup: u64, ino: u64) -> u64 {
     NO_GRANT
 }
 
+/// What `allowed` returns when the policy allows the chain (else a `stats::DENIED_*`).
+const ALLOWED: u32 = 0;
+
 /// Whether the policy lets the subject run a chain of at most `hops` hops (and, for a
-/// batch, `batch` lookups) over the first `file_count` of `files`. Open when the policy
-/// map has no mode entry. The subject is the calling task, or, when the caller is the
-/// registered speaker (the mount daemon), the uid, gid and cgroup it names. Small values
-/// travel packed (`limits`: hops << 32 | batch << 16 | file_count; `subject`: uid | gid <<
-/// 32): with five arguments LLVM read the fifth from r5 after a helper call had clobbered
-/// it, which the verifier refused ("R5 !read_ok").
+/// batch, `batch` lookups) over the first `file_count` of `files` with this program:
+/// ALLOWED, or the `stats::DENIED_*` reason. Open when the policy map has no mode entry.
+/// The subject is the calling task, or, when the context names one ([`NAMED_BIT`] of
+/// `limits`, never set for direct programs) and the caller is the speaker (the registered
+/// mount daemon, see `daemon`), the uid, gid and cgroup it names. Small values travel
+/// packed (`limits`: hops << 32 | batch << 16 | named << 15 | file_count; `subject`: uid |
+/// gid << 32): with five arguments LLVM read the fifth from r5 after a helper call had
+/// clobbered it, which the verifier refused ("R5 !read_ok").
 #[inline(never)]
 fn allowed(
     files: &[ChainFile; MAX_CHAIN_FILES],
     limits: u64,
     subject: u64,
     subject_cgroup: u64,
-) -> bool {
-    let (hops, batch, file_count) = (
+) -> u32 {
+    let (hops, batch, named, file_count) = (
         (limits >> 32) as u32,
         (limits >> 16) as u32 & 0xffff,
-        limits & 0xffff,
+        limits & NAMED_BIT != 0,
+        limits & 0x7fff,
     );
     // SAFETY: a lookup of a plain value.
     if unsafe { EXOFS_POLICY.get(&MODE_KEY) }.is_none() {
-        return true;
+        return ALLOWED;
     }
-    // SAFETY: these helpers take no arguments.
-    let tgid = unsafe { bpf_get_current_pid_tgid() } >> 32;
-    let speaker_key = PolicyKey {
-        kind: KIND_SPEAKER,
-        _pad: 0,
-        id: tgid,
-        ino: 0,
+    let program = match EXOFS_PROGRAM.get(0) {
+        Some(tag) => *tag,
+        None => 0,
     };
-    // SAFETY: as above.
-    let speaker = unsafe { EXOFS_POLICY.get(&speaker_key) }.is_some();
+    let speaker = named && daemon::is_daemon();
     let (uid, gid, cgroup) = if speaker {
         let cgroup = if subject_cgroup == 0 {
             NO_GRANT
@@ -133,13 +139,22 @@ fn allowed(
         if index as u64 >= file_count {
             break;
         }
-        let grant = grant_for(uid, gid, cgroup, file.ino);
-        if grant == NO_GRANT || hops > (grant >> 32) as u32 || batch > grant as u32 {
-            return false;
+        let grant = grant_for(uid, gid, cgroup, file.ino, program);
+        if grant == NO_GRANT {
+            return stats::DENIED_NO_GRANT;
+        }
+        if hops > (grant >> 32) as u32 {
+            return stats::DENIED_HOPS;
+        }
+        if batch > grant as u32 {
+            return stats::DENIED_BATCH;
         }
     }
-    true
+    ALLOWED
 }
+
+/// `limits` bit of `allowed`: the context names a subject.
+const NAMED_BIT: u64 = 1 << 15;
 
 /// One block of zeros, never written by anyone: the source that clears the hop state's
 /// block buffer at the end of a chain.
@@ -311,6 +326,7 @@ struct Header {
     subject: u64,
     /// The cgroup id named by the caller (as `subject`).
     subject_cgroup: u64,
+    flags: u32,
 }
 
 /// Reads a [`Header`] from a `ChainCtx` or `BatchCtx` pointer, at constant offsets.
@@ -330,14 +346,36 @@ macro_rules! header_of {
             map_len: (*$ctx).map_len,
             subject: (*$ctx).subject_uid as u64 | ((*$ctx).subject_gid as u64) << 32,
             subject_cgroup: (*$ctx).subject_cgroup,
+            flags: (*$ctx).flags,
         }
     };
 }
 
 /// Checks the arguments and the policy for `lookups` lookups, finds the task's hop and
 /// walk state, and fills the walk's common fields. Err(status) refuses the call.
+///
+/// A direct program (`DIRECT`) refuses a context that names a mapping or a subject, or
+/// asks for NO_FAULT (it cannot be honoured: a block of another process's mapping can only
+/// be read with a copy that may fault), and reads through the registered daemon's mapping.
 #[inline(always)]
-unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut Walk), i32> {
+unsafe fn prepare<const DIRECT: bool>(
+    header: &Header,
+    lookups: u64,
+) -> Result<(*mut HopState, *mut Walk), i32> {
+    let (map_addr, map_len) = if DIRECT {
+        if header.map_addr != 0
+            || header.map_len != 0
+            || header.subject != 0
+            || header.subject_cgroup != 0
+            || header.flags & (NO_FAULT | SUBJECT_NAMED) != 0
+        {
+            count(stats::DIRECT_INVALID, 1);
+            return Err(status::INVALID);
+        }
+        daemon::mapping()
+    } else {
+        (header.map_addr, header.map_len)
+    };
     if header.file_count == 0
         || header.file_count > MAX_CHAIN_FILES as u64
         || header.read_len == 0
@@ -350,9 +388,19 @@ unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut 
     } else {
         header.hop_limit
     };
-    let limits = (hop_limit as u64) << 32 | lookups << 16 | header.file_count;
-    if !allowed(&header.files, limits, header.subject, header.subject_cgroup) {
+    let named = if !DIRECT && header.flags & SUBJECT_NAMED != 0 {
+        NAMED_BIT
+    } else {
+        0
+    };
+    let limits = (hop_limit as u64) << 32 | lookups << 16 | named | header.file_count;
+    let verdict = allowed(&header.files, limits, header.subject, header.subject_cgroup);
+    if verdict != ALLOWED {
+        count(verdict, lookups);
         return Err(status::DENIED);
+    }
+    if DIRECT && map_len == 0 {
+        return Err(status::NO_DAEMON);
     }
     let Some(state) = EXOFS_HOP.current() else {
         return Err(status::INVALID);
@@ -370,8 +418,8 @@ unsafe fn prepare(header: &Header, lookups: u64) -> Result<(*mut HopState, *mut 
     (*walk).file_count = header.file_count;
     (*walk).read_len = header.read_len;
     (*walk).hop_limit = hop_limit as u64;
-    (*walk).map_addr = header.map_addr;
-    (*walk).map_len = header.map_len;
+    (*walk).map_addr = map_addr;
+    (*walk).map_len = map_len;
     Ok((state, walk))
 }
 
@@ -386,10 +434,23 @@ const KEEP_GOING: i32 = -1;
 #[no_mangle]
 #[link_section = "syscall"]
 pub extern "C" fn exofs_chain(ctx: *mut c_void) -> i32 {
+    chain::<false>(ctx)
+}
+
+/// Entry point of direct callers (unprivileged processes): as `exofs_chain`, reading the
+/// device through the mount daemon's mapping (see `prepare`).
+#[no_mangle]
+#[link_section = "syscall"]
+pub extern "C" fn exofs_direct_chain(ctx: *mut c_void) -> i32 {
+    chain::<true>(ctx)
+}
+
+#[inline(always)]
+fn chain<const DIRECT: bool>(ctx: *mut c_void) -> i32 {
     let ctx = ctx.cast::<ChainCtx>();
     // SAFETY: the kernel passes the caller's context, at least size_of::<ChainCtx>() bytes
     // (the verifier records the largest offset used; test-run refuses smaller buffers).
-    let (result, hops, walked) = unsafe { run(ctx) };
+    let (result, hops, walked) = unsafe { run::<DIRECT>(ctx) };
     // SAFETY: as above; constant offsets.
     unsafe {
         (*ctx).status = result;
@@ -401,9 +462,9 @@ pub extern "C" fn exofs_chain(ctx: *mut c_void) -> i32 {
 
 /// Runs the chain: its status, its hops (counted from hop 0), and the hops this call
 /// walked (a resumed chain starts at `start_hop`).
-unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32, u64) {
+unsafe fn run<const DIRECT: bool>(ctx: *mut ChainCtx) -> (i32, u32, u64) {
     let header = header_of!(ctx);
-    let (state, walk) = match prepare(&header, 1) {
+    let (state, walk) = match prepare::<DIRECT>(&header, 1) {
         Ok(values) => values,
         Err(outcome) => return (outcome, 0, 0),
     };
@@ -427,7 +488,7 @@ unsafe fn run(ctx: *mut ChainCtx) -> (i32, u32, u64) {
     let mut values = Values { state, walk };
     bpf_loop(
         MAX_HOPS,
-        hop as *const () as usize as *mut c_void,
+        hop::<DIRECT> as *const () as usize as *mut c_void,
         (&mut values as *mut Values).cast(),
         0,
     );
@@ -466,7 +527,7 @@ fn first_hop(start_hop: u32, hop_limit: u64) -> u64 {
 }
 
 /// One hop (the `bpf_loop` callback): 0 to go on, 1 to stop with `walk.status` set.
-extern "C" fn hop(index: u64, values: *mut c_void) -> i64 {
+extern "C" fn hop<const DIRECT: bool>(index: u64, values: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `run` gave it, to a live `Values` whose
     // pointers are the task's two map values (checked non-null in `run`).
     let (state, walk) = unsafe {
@@ -475,7 +536,7 @@ extern "C" fn hop(index: u64, values: *mut c_void) -> i64 {
     };
     // SAFETY: the caller's memory is only read through a helper, map values only through
     // bounds-checked indexes, inside `step`.
-    let outcome = unsafe { step(state, walk, (walk.first_hop + index) as u32) };
+    let outcome = unsafe { step::<DIRECT>(state, walk, (walk.first_hop + index) as u32) };
     if outcome == KEEP_GOING {
         return 0;
     }
@@ -483,7 +544,7 @@ extern "C" fn hop(index: u64, values: *mut c_void) -> i64 {
     1
 }
 
-unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
+unsafe fn step<const DIRECT: bool>(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
     if walk.depth == 0 || walk.depth > STACK as u64 {
         // Every branch ended without NEXT_DONE.
         return status::ABORTED;
@@ -498,7 +559,7 @@ unsafe fn step(state: &mut HopState, walk: &mut Walk, hop: u32) -> i32 {
         return status::INVALID;
     }
     let chain_file = walk.files[(file as usize) & (MAX_CHAIN_FILES - 1)];
-    let outcome = read_hop(state, walk, &chain_file, offset);
+    let outcome = read_hop::<DIRECT>(state, walk, &chain_file, offset);
     if outcome != status::DONE {
         walk.missing_hop = hop as u64;
         return outcome;
@@ -562,17 +623,26 @@ pub extern "C" fn exofs_chain_batch(ctx: *mut c_void) -> i32 {
     let ctx = ctx.cast::<BatchCtx>();
     // SAFETY: the kernel passes the caller's context, at least size_of::<BatchCtx>() bytes;
     // every access below is at a constant offset.
-    unsafe { run_batch(ctx) }
+    unsafe { run_batch::<false>(ctx) }
 }
 
-unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
+/// Batch entry point of direct callers (see `exofs_direct_chain`).
+#[no_mangle]
+#[link_section = "syscall"]
+pub extern "C" fn exofs_direct_batch(ctx: *mut c_void) -> i32 {
+    let ctx = ctx.cast::<BatchCtx>();
+    // SAFETY: as in `exofs_chain_batch`.
+    unsafe { run_batch::<true>(ctx) }
+}
+
+unsafe fn run_batch<const DIRECT: bool>(ctx: *mut BatchCtx) -> i32 {
     let bytes = ctx.cast::<u8>();
     let lookups = (*ctx).count as u64;
     if lookups == 0 || lookups > MAX_BATCH as u64 {
         return status::INVALID;
     }
     let header = header_of!(ctx);
-    let (state, walk) = match prepare(&header, lookups) {
+    let (state, walk) = match prepare::<DIRECT>(&header, lookups) {
         Ok(values) => values,
         Err(outcome) => {
             if outcome == status::DENIED {
@@ -620,7 +690,7 @@ unsafe fn run_batch(ctx: *mut BatchCtx) -> i32 {
     let mut values = Values { state, walk };
     bpf_loop(
         MAX_BATCH as u32 * (MAX_HOPS + 1),
-        batch_hop as *const () as usize as *mut c_void,
+        batch_hop::<DIRECT> as *const () as usize as *mut c_void,
         (&mut values as *mut Values).cast(),
         0,
     );
@@ -680,14 +750,14 @@ fn begin_lookup(state: &mut HopState, walk: &mut Walk) {
 }
 
 /// One hop of a batch (the `bpf_loop` callback): 0 to go on, 1 when every lookup is done.
-extern "C" fn batch_hop(_index: u64, values: *mut c_void) -> i64 {
+extern "C" fn batch_hop<const DIRECT: bool>(_index: u64, values: *mut c_void) -> i64 {
     // SAFETY: as in `hop`.
     let (state, walk) = unsafe {
         let values = &*values.cast::<Values>();
         (&mut *values.state, &mut *values.walk)
     };
     // SAFETY: as in `hop`.
-    let outcome = unsafe { step(state, walk, walk.lookup_hop as u32) };
+    let outcome = unsafe { step::<DIRECT>(state, walk, walk.lookup_hop as u32) };
     if outcome == KEEP_GOING {
         walk.lookup_hop += 1;
         return 0;
@@ -731,9 +801,16 @@ extern "C" fn batch_hop(_index: u64, values: *mut c_void) -> i64 {
 }
 
 /// Checks the file, translates `offset`, copies the bytes into `state.data` and re-checks
-/// the generation. Returns status::DONE when the data is valid.
+/// the generation. Returns status::DONE when the data is valid. A direct program copies
+/// from the daemon's mapping (a copy that may fault; there is no other way to read another
+/// process's memory), every other from the caller's own.
 #[inline(always)]
-unsafe fn read_hop(state: &mut HopState, walk: &mut Walk, file: &ChainFile, offset: u64) -> i32 {
+unsafe fn read_hop<const DIRECT: bool>(
+    state: &mut HopState,
+    walk: &mut Walk,
+    file: &ChainFile,
+    offset: u64,
+) -> i32 {
     let (read_len, map_addr, map_len) = (walk.read_len, walk.map_addr, walk.map_len);
     let key = FileKey { ino: file.ino };
     let Some(info) = EXOFS_FILES.get(&key) else {
@@ -771,6 +848,17 @@ unsafe fn read_hop(state: &mut HopState, walk: &mut Walk, file: &ChainFile, offs
     if len == 0 || len as usize > BLOCK_SIZE {
         return status::INVALID;
     }
+    if DIRECT {
+        let ret = daemon::copy_from_daemon(
+            state.data.as_mut_ptr().cast(),
+            len,
+            map_addr + device_offset,
+        );
+        if ret != 0 {
+            return status::NO_DAEMON;
+        }
+        return checked_again(state, file, len);
+    }
     let source = (map_addr + device_offset) as *const c_void;
     // First without faulting: when the page is mapped (warm), this skips the page-fault
     // machinery and the hardened-usercopy checks of bpf_copy_from_user (5% of a warm
@@ -794,8 +882,14 @@ unsafe fn read_hop(state: &mut HopState, walk: &mut Walk, file: &ChainFile, offs
             return status::FAULT;
         }
     }
-    // The file may have changed while the block was copied: trust the data only if the
-    // generation is still the one the chain started with.
+    checked_again(state, file, len)
+}
+
+/// The file may have changed while the block was copied: the data is trusted (DONE) only
+/// if the generation is still the one the chain started with.
+#[inline(always)]
+unsafe fn checked_again(state: &mut HopState, file: &ChainFile, len: u32) -> i32 {
+    let key = FileKey { ino: file.ino };
     match EXOFS_FILES.get(&key) {
         Some(after) if after.generation == file.generation => {}
         _ => return status::STALE,

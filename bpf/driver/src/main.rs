@@ -14,6 +14,7 @@
 #![no_main]
 
 mod chain;
+mod daemon;
 mod task_storage;
 
 use core::ffi::c_void;

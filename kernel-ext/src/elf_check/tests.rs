@@ -44,6 +44,12 @@ fn example() -> Vec<u8> {
 }
 
 fn section(elf: &[u8], name: &str) -> Section {
+    section_where(elf, name, |found| found == name.as_bytes())
+}
+
+/// The first section whose name passes `wanted` (`what` names it in the panic message).
+fn section_where(elf: &[u8], what: &str, wanted: impl Fn(&[u8]) -> bool) -> Section {
+    let name = what;
     let headers = u64_at(elf, 0x28) as usize;
     let count = usize::from(u16_at(elf, 0x3c));
     let names_header = headers + usize::from(u16_at(elf, 0x3e)) * 64;
@@ -52,7 +58,7 @@ fn section(elf: &[u8], name: &str) -> Section {
         .map(|index| (index, headers + index * 64))
         .find(|&(_, header)| {
             let at = names + u32_at(elf, header) as usize;
-            elf[at..].split(|&b| b == 0).next() == Some(name.as_bytes())
+            elf[at..].split(|&b| b == 0).next().is_some_and(&wanted)
         })
         .map(|(index, header)| Section {
             index,
@@ -508,7 +514,8 @@ fn driver_refused(corrupt: impl FnOnce(&mut Vec<u8>), section: &str, expected: &
 fn rodata_relocation(elf: &[u8]) -> (usize, u64, usize) {
     let relocations = section(elf, ".rel.text");
     let symtab = section(elf, ".symtab");
-    let rodata = section(elf, ".rodata").index as u16;
+    // `.rodata`, or a constant pool such as `.rodata.cst32`.
+    let rodata = section_where(elf, ".rodata*", |name| name.starts_with(b".rodata")).index as u16;
     (relocations.offset..relocations.offset + relocations.size)
         .step_by(16)
         .map(|at| {

@@ -1,0 +1,332 @@
+//! Direct chains: this process runs the mount's programs in the kernel itself, with no
+//! daemon in the data path (docs/MOUNT.md "Direct chains").
+//!
+//! One `IOC_DIRECT` ioctl on the file (a FUSE round trip) tells which pins to open and
+//! how the driver names the file; from then on every chain is one BPF_PROG_TEST_RUN of the
+//! program's direct variant. The driver reads the device through the mount daemon's
+//! mapping and checks the policy on this process (uid, gid, cgroup): nothing in the
+//! context names a task, an address or a mapping. What was discovered is cached per
+//! (file, program); a STALE or NOT_REGISTERED answer (the file changed) discovers again.
+
+use exofs_abi::chain::{
+    status, BatchCtx, BatchLookup, ChainCtx, ChainFile, BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH,
+    SCRATCH_SIZE,
+};
+use exofs_abi::ioctl::{DirectIoctl, IOC_DIRECT};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::{issue, program_field, Answer, BatchAnswer, Chain};
+
+/// Runs of a chain or batch when the file keeps changing under it (each after a new
+/// discovery).
+const ATTEMPTS: u32 = 8;
+
+/// Why the direct path could not answer.
+#[derive(Debug)]
+pub(crate) enum DirectError {
+    /// It is not available here (no such ioctl, pins that cannot be opened or run): the
+    /// daemon's ioctl may still serve the request.
+    Unavailable(io::Error),
+    /// A refusal or a malformed request, which the ioctl would give too.
+    Failed(io::Error),
+}
+
+impl DirectError {
+    pub(crate) fn into_io(self) -> io::Error {
+        match self {
+            Self::Unavailable(err) | Self::Failed(err) => err,
+        }
+    }
+}
+
+/// What a discovery gave: the opened pins and the file as the driver names it.
+#[derive(Debug)]
+struct Direct {
+    chain: OwnedFd,
+    batch: OwnedFd,
+    file: ChainFile,
+    max_hops: u32,
+}
+
+type Key = (u64, u64, String);
+
+fn cache() -> &'static Mutex<HashMap<Key, Arc<Direct>>> {
+    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Direct>>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn key_of(file: &impl AsFd, program: &str) -> io::Result<Key> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole stat on success.
+    if unsafe { libc::fstat(file.as_fd().as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful fstat.
+    let stat = unsafe { stat.assume_init() };
+    Ok((stat.st_dev, stat.st_ino, program.to_owned()))
+}
+
+/// The cached discovery of `program` over `file`, or a new one (`fresh`: always new).
+fn discovered(file: &impl AsFd, program: &str, fresh: bool) -> Result<Arc<Direct>, DirectError> {
+    let key = key_of(file, program).map_err(DirectError::Failed)?;
+    let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
+    if !fresh {
+        if let Some(direct) = cache.get(&key) {
+            return Ok(direct.clone());
+        }
+    }
+    let direct = Arc::new(discover(file, program)?);
+    cache.insert(key, direct.clone());
+    Ok(direct)
+}
+
+fn discover(file: &impl AsFd, program: &str) -> Result<Direct, DirectError> {
+    let mut request = DirectIoctl {
+        program: program_field(program).map_err(DirectError::Failed)?,
+        ..DirectIoctl::default()
+    };
+    // SAFETY: IOC_DIRECT encodes size_of::<DirectIoctl>().
+    if let Err(err) = unsafe { issue(file, IOC_DIRECT, &mut request) } {
+        return Err(match err.raw_os_error() {
+            // A daemon without direct chains (or without a kernel binding).
+            Some(libc::ENOTTY | libc::EOPNOTSUPP | libc::ENAMETOOLONG) => {
+                DirectError::Unavailable(err)
+            }
+            _ => DirectError::Failed(err),
+        });
+    }
+    let open = |field: &[u8]| {
+        let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(&field[..end]));
+        obj_get(&path).map_err(|err| {
+            DirectError::Unavailable(io::Error::new(
+                err.kind(),
+                format!("opening the pin {}: {err}", path.display()),
+            ))
+        })
+    };
+    Ok(Direct {
+        chain: open(&request.chain_pin)?,
+        batch: open(&request.batch_pin)?,
+        file: ChainFile {
+            ino: request.ino,
+            generation: request.generation,
+        },
+        max_hops: request.max_hops,
+    })
+}
+
+/// Whether the file changed since it was discovered (discover again and retry).
+fn changed(status: i32) -> bool {
+    matches!(status, status::STALE | status::NOT_REGISTERED)
+}
+
+/// Runs `chain` directly.
+pub(crate) fn chain(file: &impl AsFd, chain: &Chain<'_>) -> Result<Answer, DirectError> {
+    let mut fresh = false;
+    for _ in 0..ATTEMPTS {
+        let direct = discovered(file, chain.program, fresh)?;
+        let mut ctx = ChainCtx {
+            file_count: 1,
+            hop_limit: if chain.hop_limit == 0 {
+                direct.max_hops
+            } else {
+                chain.hop_limit
+            },
+            read_len: chain.read_len,
+            start_offset: chain.start,
+            ..ChainCtx::default()
+        };
+        ctx.files[0] = direct.file;
+        ctx.scratch[..chain.scratch.len()].copy_from_slice(chain.scratch);
+        test_run(&direct.chain, bytes_of_mut(&mut ctx)).map_err(DirectError::Unavailable)?;
+        // (The chain program's return value is its status, also in the context.)
+        if changed(ctx.status) {
+            fresh = true;
+            continue;
+        }
+        return Ok(Answer {
+            status: ctx.status,
+            hops: ctx.hops,
+            scratch: ctx.scratch,
+        });
+    }
+    Err(DirectError::Failed(io::Error::new(
+        io::ErrorKind::Interrupted,
+        format!("the file kept changing during {ATTEMPTS} attempts"),
+    )))
+}
+
+/// Runs a batch directly: the answers, in order.
+pub(crate) fn batch(
+    file: &impl AsFd,
+    program: &str,
+    hop_limit: u32,
+    lookups: &[(u64, &[u8])],
+) -> Result<Vec<BatchAnswer>, DirectError> {
+    let mut answers = Vec::with_capacity(lookups.len());
+    for group in lookups.chunks(MAX_BATCH) {
+        let mut fresh = false;
+        let mut pending: Vec<usize> = (0..group.len()).collect();
+        let mut done: Vec<Option<BatchAnswer>> = vec![None; group.len()];
+        for _ in 0..ATTEMPTS {
+            if pending.is_empty() {
+                break;
+            }
+            let direct = discovered(file, program, fresh)?;
+            let mut ctx = BatchCtx {
+                file_count: 1,
+                hop_limit: if hop_limit == 0 {
+                    direct.max_hops
+                } else {
+                    hop_limit
+                },
+                read_len: BLOCK_SIZE as u32,
+                count: pending.len() as u32,
+                ..BatchCtx::default()
+            };
+            ctx.files[0] = direct.file;
+            for (slot, &index) in ctx.lookups.iter_mut().zip(&pending) {
+                let (start, scratch) = group[index];
+                *slot = BatchLookup {
+                    start_offset: start,
+                    ..BatchLookup::default()
+                };
+                slot.scratch[..scratch.len()].copy_from_slice(scratch);
+            }
+            let refused = test_run(&direct.batch, bytes_of_mut(&mut ctx))
+                .map_err(DirectError::Unavailable)?;
+            let mut again = Vec::new();
+            for (slot, &index) in ctx.lookups.iter().zip(&pending) {
+                if refused != status::DONE {
+                    // The driver refused the whole call (policy, arguments, no daemon)
+                    // and wrote no lookup.
+                    done[index] = Some(BatchAnswer {
+                        status: refused,
+                        hops: 0,
+                        scratch: slot.scratch,
+                    });
+                    continue;
+                }
+                if changed(slot.status) {
+                    again.push(index);
+                } else {
+                    done[index] = Some(BatchAnswer {
+                        status: slot.status,
+                        hops: slot.hops,
+                        scratch: slot.scratch,
+                    });
+                }
+            }
+            pending = again;
+            fresh = true;
+        }
+        if !pending.is_empty() {
+            return Err(DirectError::Failed(io::Error::new(
+                io::ErrorKind::Interrupted,
+                format!("the file kept changing during {ATTEMPTS} attempts"),
+            )));
+        }
+        answers.extend(done.into_iter().flatten());
+    }
+    Ok(answers)
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object (read and write: what the kernel asks of a
+/// program's pin).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the pin path"))?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let mut attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_PROG_TEST_RUN` of a syscall program on `ctx` (read, and written back in place):
+/// the program's return value.
+fn test_run(program: &OwnedFd, ctx: &mut [u8]) -> io::Result<i32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    let mut attr = TestRun {
+        prog_fd: program.as_raw_fd() as u32,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: ctx.as_mut_ptr() as u64,
+        ..TestRun::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval as i32)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, correctly laid out bpf_attr prefix for `cmd`, of the size
+    // passed; the kernel reads (and for test runs, writes through the pointers in) it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The bytes of a context.
+fn bytes_of_mut<T: Copy>(value: &mut T) -> &mut [u8] {
+    // SAFETY: the ABI's contexts are #[repr(C)] integers and byte arrays without padding
+    // (their sizes are asserted in exofs-abi); the slice borrows `value`.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            std::ptr::from_mut(value).cast::<u8>(),
+            std::mem::size_of::<T>(),
+        )
+    }
+}
+
+const _: () = assert!(SCRATCH_SIZE >= BATCH_SCRATCH_SIZE);
