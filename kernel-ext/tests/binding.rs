@@ -234,15 +234,53 @@ fn physical_blocks(fs: &libfs::Fs, ino: u64) -> BTreeSet<u64> {
 /// file's tag, is a leak. Runs EXOFS_LEAK_SECONDS (default 60) seconds.
 #[test]
 fn no_chain_ever_returns_another_files_block() {
+    leak_test("leak", false);
+}
+
+/// The leak test with direct chains: the chain threads drop to an unprivileged user
+/// (their own credentials: a raw setresuid changes only the calling thread's) and run the
+/// program's direct variant, which reads through this process's mapping as the
+/// registered daemon's; the data files (never the markers) are granted to that user, and
+/// the grants follow the files as they are recreated.
+#[test]
+fn no_direct_chain_ever_returns_another_files_block() {
+    leak_test("leak-direct", true);
+}
+
+/// The unprivileged user of the direct leak test.
+const LEAK_USER: u32 = 65534;
+
+fn leak_test(name: &str, direct: bool) {
     let seconds: u64 = std::env::var("EXOFS_LEAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let Some((_image, fs, binding)) = common::setup("leak", 24 << 20) else {
+    let Some((_image, fs, binding)) = common::setup(name, 24 << 20) else {
         return;
     };
+    if direct {
+        binding.serve_direct().expect("become the daemon");
+    }
+    let grant_all = |inos: &[u64]| {
+        if !direct {
+            return;
+        }
+        let entries: Vec<PolicyEntry> = inos
+            .iter()
+            .map(|&ino| PolicyEntry {
+                subject: Subject::Uid(LEAK_USER),
+                ino,
+                program: "peek".to_owned(),
+                grant: PolicyGrant {
+                    max_hops: 8,
+                    max_batch: 32,
+                },
+            })
+            .collect();
+        binding.load_policy(&entries).expect("policy");
+    };
     let peek = compile_c(
-        "peek",
+        &format!("peek-{name}"),
         "int next(struct exofs_hop_state *s) {
              __u64 *out = (__u64 *)s->scratch;
              if (s->data_len < 32)
@@ -270,6 +308,7 @@ fn no_chain_ever_returns_another_files_block() {
             .map(|tag| write_file(&format!("data{tag}"), tag as u64, 0))
             .collect(),
     );
+    grant_all(&inos.lock().expect("inos"));
     let stop = AtomicBool::new(false);
     let (chains, done, leaks, reused, churns) = (
         AtomicU64::new(0),
@@ -283,6 +322,15 @@ fn no_chain_ever_returns_another_files_block() {
             let (binding, peek, inos, stop) = (&binding, &peek, &inos, &stop);
             let (chains, done, leaks) = (&chains, &done, &leaks);
             scope.spawn(move || {
+                if direct {
+                    // SAFETY: a raw setresuid changes this thread's credentials only.
+                    let dropped = unsafe {
+                        libc::syscall(libc::SYS_setresuid, LEAK_USER, LEAK_USER, LEAK_USER)
+                    };
+                    assert_eq!(dropped, 0, "drop to uid {LEAK_USER}");
+                    // SAFETY: geteuid has no preconditions.
+                    assert_eq!(unsafe { libc::geteuid() }, LEAK_USER);
+                }
                 let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ thread;
                 while !stop.load(Ordering::Relaxed) {
                     state ^= state << 13;
@@ -291,31 +339,40 @@ fn no_chain_ever_returns_another_files_block() {
                     let tag = (state % DATA_FILES as u64) as usize;
                     let block = (state >> 20) % DATA_BLOCKS;
                     let ino = inos.lock().expect("inos")[tag];
-                    let mut request = ChainRequest::new(ino, block * 4096, &[]);
-                    request.read_len = 32;
                     chains.fetch_add(1, Ordering::Relaxed);
-                    let Ok(outcome) = binding.run(peek, &request) else {
+                    let outcome = if direct {
+                        direct_peek(binding, peek, ino, block * 4096)
+                    } else {
+                        let mut request = ChainRequest::new(ino, block * 4096, &[]);
+                        request.read_len = 32;
+                        binding
+                            .run(peek, &request)
+                            .ok()
+                            .map(|outcome| (outcome.status, outcome.scratch))
+                    };
+                    let Some((chain_status, scratch)) = outcome else {
                         continue; // deleted under us: nothing was read
                     };
-                    if outcome.status != status::DONE {
+                    if chain_status != status::DONE {
                         continue;
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                     let word = |i: usize| {
-                        u64::from_le_bytes(outcome.scratch[i * 8..i * 8 + 8].try_into().expect("8"))
+                        u64::from_le_bytes(scratch[i * 8..i * 8 + 8].try_into().expect("8"))
                     };
                     let own = word(0) == DATA_MAGIC && word(1) == tag as u64;
                     if !own {
                         leaks.fetch_add(1, Ordering::Relaxed);
                         eprintln!(
                             "LEAK: data{tag} (inode {ino}) block {block} returned {:x?}",
-                            &outcome.scratch[..32]
+                            &scratch[..32]
                         );
                     }
                 }
             });
         }
         let (fs, inos, stop, reused, churns) = (&fs, &inos, &stop, &reused, &churns);
+        let grant_all = &grant_all;
         scope.spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(seconds);
             let mut version = 1u64;
@@ -341,7 +398,9 @@ fn no_chain_ever_returns_another_files_block() {
                     1 => {
                         fs.unlink(ROOT_INO, name.as_bytes()).expect("unlink");
                         let ino = write_file(&name, tag as u64, version);
-                        inos.lock().expect("inos")[tag] = ino;
+                        let mut inos = inos.lock().expect("inos");
+                        inos[tag] = ino;
+                        grant_all(&inos);
                     }
                     _ => {
                         let punch = FallocateMode {
@@ -385,8 +444,13 @@ fn no_chain_ever_returns_another_files_block() {
     );
     let stats = binding.stats().expect("stats");
     println!(
-        "leak test, {seconds} s: {chains} chains, {done} done, {} stale in the kernel, \
+        "leak test ({}), {seconds} s: {chains} chains, {done} done, {} stale in the kernel, \
          {churns} rewrites, {reused} with blocks reused by marker files; leaks: {leaks}",
+        if direct {
+            "direct, unprivileged"
+        } else {
+            "privileged"
+        },
         stats.stale
     );
     assert!(done > 1000, "chains ran ({done} done)");
@@ -395,6 +459,31 @@ fn no_chain_ever_returns_another_files_block() {
         "freed blocks were reused by marker files ({reused})"
     );
     assert_eq!(leaks, 0, "chains returned blocks of other files");
+}
+
+/// A direct chain of `peek` over `ino` at `offset`, as an unprivileged caller runs it:
+/// the daemon's part (registering the file, as the discovery ioctl does), then the
+/// direct program with a context that names only the file. (status, scratch), or None if
+/// the file could not be registered (deleted under us).
+fn direct_peek(
+    binding: &kernel_ext::binding::Binding,
+    peek: &kernel_ext::binding::BoundProgram,
+    ino: u64,
+    offset: u64,
+) -> Option<(i32, [u8; exofs_abi::chain::SCRATCH_SIZE])> {
+    let file = binding.register(ino).ok()?;
+    let mut ctx = exofs_abi::chain::ChainCtx {
+        file_count: 1,
+        hop_limit: 8,
+        read_len: 32,
+        start_offset: offset,
+        ..Default::default()
+    };
+    ctx.files[0] = file;
+    peek.direct_program()
+        .test_run_pod(&mut ctx)
+        .expect("run the direct program");
+    Some((ctx.status, ctx.scratch))
 }
 
 /// The cgroup2 id of this process if it sits at the root of the unified hierarchy (id 1),
