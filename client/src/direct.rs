@@ -54,14 +54,16 @@ struct Direct {
     max_hops: u32,
 }
 
-type Key = (u64, u64, String);
+/// A file by (device, inode); each has its programs' discoveries.
+type Key = (u64, u64);
+type Cache = HashMap<Key, Vec<(String, Arc<Direct>)>>;
 
-fn cache() -> &'static Mutex<HashMap<Key, Arc<Direct>>> {
-    static CACHE: OnceLock<Mutex<HashMap<Key, Arc<Direct>>>> = OnceLock::new();
+fn cache() -> &'static Mutex<Cache> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-fn key_of(file: &impl AsFd, program: &str) -> io::Result<Key> {
+fn key_of(file: &impl AsFd) -> io::Result<Key> {
     let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat writes a whole stat on success.
     if unsafe { libc::fstat(file.as_fd().as_raw_fd(), stat.as_mut_ptr()) } != 0 {
@@ -69,20 +71,23 @@ fn key_of(file: &impl AsFd, program: &str) -> io::Result<Key> {
     }
     // SAFETY: initialised by the successful fstat.
     let stat = unsafe { stat.assume_init() };
-    Ok((stat.st_dev, stat.st_ino, program.to_owned()))
+    Ok((stat.st_dev, stat.st_ino))
 }
 
 /// The cached discovery of `program` over `file`, or a new one (`fresh`: always new).
 fn discovered(file: &impl AsFd, program: &str, fresh: bool) -> Result<Arc<Direct>, DirectError> {
-    let key = key_of(file, program).map_err(DirectError::Failed)?;
+    let key = key_of(file).map_err(DirectError::Failed)?;
     let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
-    if !fresh {
-        if let Some(direct) = cache.get(&key) {
-            return Ok(direct.clone());
-        }
+    let programs = cache.entry(key).or_default();
+    let known = programs.iter().position(|(name, _)| name == program);
+    if let (Some(at), false) = (known, fresh) {
+        return Ok(programs[at].1.clone());
     }
     let direct = Arc::new(discover(file, program)?);
-    cache.insert(key, direct.clone());
+    match known {
+        Some(at) => programs[at].1 = direct.clone(),
+        None => programs.push((program.to_owned(), direct.clone())),
+    }
     Ok(direct)
 }
 

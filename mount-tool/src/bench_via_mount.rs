@@ -7,7 +7,10 @@
 //!                the chain ioctl saves;
 //!   fuse_mmap    a shared read mapping of the file on the mount, walked in place;
 //!   ioctl_chain  the chain ioctl: one FUSE round trip per lookup, however many hops;
-//!   ioctl_batch  the batch ioctl: 32 lookups per round trip.
+//!   ioctl_batch  the batch ioctl: 32 lookups per round trip;
+//!   direct_chain the user runs the program's direct variant itself: one bpf(2) call per
+//!                lookup, no daemon in the data path (exofs-client, `Via::Direct`);
+//!   direct_batch the same, 32 lookups per call.
 //!
 //! Method: the index is built as for `bench chain`; the image is mounted with a policy
 //! granting the user the index and the program. Each phase runs in a child process
@@ -34,12 +37,14 @@ use std::time::{Duration, Instant};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-pub const PATHS: [&str; 5] = [
+pub const PATHS: [&str; 7] = [
     "fuse_pread",
     "fuse_direct",
     "fuse_mmap",
     "ioctl_chain",
     "ioctl_batch",
+    "direct_chain",
+    "direct_batch",
 ];
 const PROGRAM: &str = "bench_btree";
 
@@ -324,10 +329,15 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
                     key,
                 )?)
             }
-            "ioctl_chain" => {
+            "ioctl_chain" | "direct_chain" => {
                 let ask = Lookup::ask(key);
                 let mut chain = exofs_client::Chain::new(PROGRAM, 0, &ask);
                 chain.read_len = node_size as u32;
+                chain.via = if args.client_path == "direct_chain" {
+                    exofs_client::Via::Direct
+                } else {
+                    exofs_client::Via::Daemon
+                };
                 let answer = exofs_client::chain(&index, &chain)?;
                 let found = Lookup::from_scratch(&answer.scratch);
                 Ok(index::Answer {
@@ -345,12 +355,16 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         Ok(())
     };
     let run = |latencies: &mut Vec<u64>| -> Result<()> {
-        if args.client_path == "ioctl_batch" {
+        if let Some(via) = match args.client_path.as_str() {
+            "ioctl_batch" => Some(exofs_client::Via::Daemon),
+            "direct_batch" => Some(exofs_client::Via::Direct),
+            _ => None,
+        } {
             for group in keys.chunks(32) {
                 let asks: Vec<[u8; Lookup::SIZE]> = group.iter().map(|k| Lookup::ask(*k)).collect();
                 let lookups: Vec<(u64, &[u8])> = asks.iter().map(|a| (0, &a[..])).collect();
                 let start = Instant::now();
-                let answers = exofs_client::chain_batch(&index, PROGRAM, 0, &lookups)?;
+                let answers = exofs_client::chain_batch_via(&index, PROGRAM, 0, &lookups, via)?;
                 let ns = start.elapsed().as_nanos() as u64;
                 for (key, answer) in group.iter().zip(answers) {
                     let found = Lookup::from_scratch(&answer.scratch);
