@@ -7,8 +7,8 @@
 //! The world, set up once: an image file (unlinked at once; the open file system keeps
 //! it) with
 //! - PUBLIC, a linked list of 12 one-block nodes (keys 1..=12, values 7 * key), a hole,
-//!   then one more block: registered, granted to uid 1000 (8 hops, batches of 32), gid
-//!   2000 (4 hops, batches of 2) and cgroup 77 (64 hops, 32);
+//!   then one more block: registered, granted to uid 1000 and to this process's uid 0 (8
+//!   hops, batches of 32), gid 2000 (4 hops, batches of 2) and cgroup 77 (64 hops, 32);
 //! - SECRET, blocks of the byte 0xA5 interleaved on the device with PUBLIC's: registered
 //!   but granted to nobody;
 //! - UNREGISTERED, the same secret bytes: granted to uid 1000 but never registered.
@@ -24,7 +24,10 @@
 //! at their generation or the next one, the subject is uid 1000, gid 2000, cgroup 77 or
 //! as given, offsets fall inside 128 KiB, a resumed hop is below 8 and the block it may
 //! wait for lies on the device; bit 3: keep the context's map_len; bit 4: unmap the
-//! mapping's pages first, so that NO_FAULT hops miss). The rest
+//! mapping's pages first, so that NO_FAULT hops miss; bit 5: run the DIRECT variant, which
+//! reads through the binding's (the registered daemon's) mapping and checks this process
+//! (uid 0, granted PUBLIC and holding a ticket for it); bit 6, with bit 5: keep the
+//! mapping, subject and flag fields, which a direct program must refuse). The rest
 //! is the context's bytes (zero-padded). map_addr is always this process's mapping of
 //! the device: it names the caller's own memory, which a caller can read without the
 //! driver (the daemon sets it, an ioctl caller never does), so forging it proves nothing.
@@ -132,7 +135,15 @@ fn setup() -> World {
         ino: unregistered,
         generation: fs.getattr(unregistered).expect("getattr").generation,
     };
+    // This process (uid 0) may run direct chains over PUBLIC: a grant and a ticket.
+    binding.grant_ticket(0, public.ino).expect("ticket");
     let rules = vec![
+        Rule {
+            subject: Subject::Uid(0),
+            ino: public.ino,
+            max_hops: 8,
+            max_batch: 32,
+        },
         Rule {
             subject: Subject::Uid(SUBJECT_UID),
             ino: public.ino,
@@ -317,7 +328,32 @@ fn granted(
     })
 }
 
-const STATUSES: std::ops::RangeInclusive<i32> = status::DONE..=status::MISSING;
+const STATUSES: std::ops::RangeInclusive<i32> = status::DONE..=status::NO_DAEMON;
+
+/// Mode bits: run the direct variant; with it, keep the fields it must refuse.
+const DIRECT: u8 = 32;
+const KEEP_FORBIDDEN: u8 = 64;
+
+/// For a direct run without KEEP_FORBIDDEN: clears what a direct context may not name.
+/// Returns whether the context (as it will be sent) names any of it.
+fn direct_fields(
+    mode: u8,
+    map: (&mut u64, &mut u64),
+    subject: (&mut u32, &mut u32, &mut u64),
+    flags: &mut u32,
+) -> bool {
+    if mode & DIRECT != 0 && mode & KEEP_FORBIDDEN == 0 {
+        (*map.0, *map.1) = (0, 0);
+        (*subject.0, *subject.1, *subject.2) = (0, 0, 0);
+        *flags &= !(NO_FAULT | SUBJECT_NAMED);
+    }
+    *map.0 != 0
+        || *map.1 != 0
+        || *subject.0 != 0
+        || *subject.1 != 0
+        || *subject.2 != 0
+        || *flags & (NO_FAULT | SUBJECT_NAMED) != 0
+}
 
 /// Words of `after` that differ from `before` and are SECRET.
 fn gained_secret(before: &[u8], after: &[u8]) -> bool {
@@ -354,10 +390,24 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
     if mode & 2 != 0 {
         ctx.scratch[..8].copy_from_slice(&SECRET.to_ne_bytes());
     }
+    let forbidden = direct_fields(
+        mode,
+        (&mut ctx.map_addr, &mut ctx.map_len),
+        (
+            &mut ctx.subject_uid,
+            &mut ctx.subject_gid,
+            &mut ctx.subject_cgroup,
+        ),
+        &mut ctx.flags,
+    );
+    let direct = mode & DIRECT != 0;
+    let program = if direct {
+        world.program.direct_program()
+    } else {
+        world.program.chain_program()
+    };
     let sent = ctx;
-    let returned = world
-        .program
-        .chain_program()
+    let returned = program
         .test_run_pod(&mut ctx)
         .unwrap_or_else(|err| panic!("the test run failed: {err}\n{sent:?}"));
     record(false, ctx.status, ctx.hops);
@@ -373,6 +423,13 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
         returned as i32, ctx.status,
         "the return value is the status"
     );
+    if direct && forbidden {
+        assert_eq!(
+            (ctx.status, ctx.hops),
+            (status::INVALID, 0),
+            "a direct context named a mapping, a subject or a flag: {sent:?}"
+        );
+    }
     assert!(STATUSES.contains(&ctx.status), "status {}", ctx.status);
     let hop_limit = sent.hop_limit.min(MAX_HOPS);
     assert!(
@@ -534,10 +591,24 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
         }
     }
     unmap_if_asked(world, mode);
+    let forbidden = direct_fields(
+        mode,
+        (&mut ctx.map_addr, &mut ctx.map_len),
+        (
+            &mut ctx.subject_uid,
+            &mut ctx.subject_gid,
+            &mut ctx.subject_cgroup,
+        ),
+        &mut ctx.flags,
+    );
+    let direct = mode & DIRECT != 0;
+    let program = if direct {
+        world.program.direct_batch_program()
+    } else {
+        world.program.batch_program()
+    };
     let sent = ctx;
-    let returned = world
-        .program
-        .batch_program()
+    let returned = program
         .test_run_pod(&mut ctx)
         .unwrap_or_else(|err| panic!("the test run failed: {err}\n{sent:?}"));
     let returned = returned as i32;
@@ -556,11 +627,15 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
             "the batch returned {returned}"
         );
         assert_eq!(ctx, sent, "a refused batch changed its context");
-        if malformed {
+        if malformed || (direct && forbidden) {
             assert_eq!(returned, status::INVALID, "malformed batch");
         }
         return;
     }
+    assert!(
+        !(direct && forbidden),
+        "a direct batch named a mapping, a subject or a flag: {sent:?}"
+    );
     assert!(!malformed, "a malformed batch ran: {sent:?}");
     let hop_limit = sent.hop_limit.min(MAX_HOPS);
     let subject = named_subject(

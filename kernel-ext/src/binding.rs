@@ -91,6 +91,10 @@ pub enum BindingError {
     Register(&'static str),
     #[error("the device mapping serves direct chains and cannot be replaced")]
     Serving,
+    #[error("{0}: another mount daemon holds these pins (a mount of the same file system, or of a copy with its uuid); unmount it first")]
+    Held(PathBuf),
+    #[error("{0}: not a directory owned by this user; remove it (someone else may have made it to plant pins)")]
+    NotPrivate(PathBuf),
 }
 
 impl BindingError {
@@ -825,6 +829,13 @@ impl Binding {
     }
 
     fn shutdown(&self) -> Result<()> {
+        // No direct chain may read the mapping once it is gone: unregister first.
+        if self
+            .serving
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.store.register_daemon(0, 0)?;
+        }
         self.fs.unsubscribe(&self.listener);
         let entries: Vec<(u64, BTreeSet<u64>)> = self
             .maps

@@ -33,7 +33,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use exofs_abi::chain::{programs, stats, RegisterCtx, MAP_DAEMON, MAP_PROGRAM};
+use exofs_abi::chain::{
+    programs, stats, RegisterCtx, TicketKey, MAP_DAEMON, MAP_PROGRAM, MAP_TICKETS,
+};
 use exofs_abi::extents::{ExtentKey, FileKey, MAP_EXTENTS, MAP_FILES};
 use exofs_abi::policy::{
     program_tag, PolicyGrant, PolicyKey, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
@@ -69,6 +71,7 @@ const PINNED_MAPS: &[(&str, &str)] = &[
     (stats::MAP_STATS, "stats"),
     // Every process that binds programs must link them to the one daemon entry.
     (MAP_DAEMON, "daemon"),
+    (MAP_TICKETS, "tickets"),
 ];
 
 /// Directory, beside `maps/`, whose presence says a holder (the mount daemon) owns the
@@ -192,6 +195,7 @@ pub(crate) struct Maps {
     pub(crate) extents: MapHandle,
     pub(crate) policy: MapHandle,
     pub(crate) stats: MapHandle,
+    pub(crate) tickets: MapHandle,
     /// Every map of the driver, by its name in the driver (for relocation).
     pub(crate) all: BTreeMap<String, MapHandle>,
     pub(crate) registry: Mutex<HashMap<u64, Registered>>,
@@ -316,6 +320,8 @@ pub struct Stats {
     pub denied_batch: u64,
     /// Direct calls refused for naming a mapping or a subject (or asking for NO_FAULT).
     pub direct_invalid: u64,
+    /// Direct chains denied because the caller's uid holds no ticket for a file.
+    pub denied_no_ticket: u64,
 }
 
 /// One file system's driver maps and bound programs (see the module documentation).
@@ -330,6 +336,8 @@ pub struct Store {
     refused_lock: Mutex<()>,
     /// The driver's `exofs_register`, never pinned: whoever runs it becomes the daemon.
     register: SyscallProgram,
+    /// The holder's lock on the pin directory (see [`Store::hold`]).
+    holder: Mutex<Option<nix::fcntl::Flock<fs::File>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -379,6 +387,22 @@ fn variant_pin(path: &Path, dir: &str) -> PathBuf {
 /// The pin of a program's batch variant.
 fn batch_pin(path: &Path) -> PathBuf {
     variant_pin(path, BATCH_PIN_DIR)
+}
+
+/// Fails unless `dir` is a directory owned by this process's user; makes it writable by
+/// no one else (whatever the umask made it) and readable and searchable by all (the
+/// direct pins inside must be reachable).
+fn check_private(dir: &Path) -> Result<()> {
+    let metadata = fs::symlink_metadata(dir).map_err(io_error(dir))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if !metadata.is_dir() || metadata.uid() != euid {
+        return Err(BindingError::NotPrivate(dir.to_owned()));
+    }
+    if metadata.mode() & 0o7777 != 0o755 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_error(dir))?;
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -462,11 +486,13 @@ impl Store {
         let extents = take(&mut all, MAP_EXTENTS)?;
         let stats_map = take(&mut all, stats::MAP_STATS)?;
         let policy = take(&mut all, MAP_POLICY)?;
+        let tickets = take(&mut all, MAP_TICKETS)?;
         let maps = Arc::new(Maps {
             files,
             extents,
             policy,
             stats: stats_map,
+            tickets,
             all,
             registry: Mutex::new(HashMap::new()),
         });
@@ -477,6 +503,7 @@ impl Store {
             generation,
             refused_lock: Mutex::new(()),
             register,
+            holder: Mutex::new(None),
         })
     }
 
@@ -509,15 +536,47 @@ impl Store {
         for key in self.maps.extents.keys::<ExtentKey>()? {
             self.maps.extents.delete(&key)?;
         }
+        for key in self.maps.tickets.keys::<TicketKey>()? {
+            self.maps.tickets.delete(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Lets `uid` run direct chains over `ino` (on top of the policy's grant): what the
+    /// mount daemon does when `uid` asks for the file through a handle it opened.
+    pub fn grant_ticket(&self, uid: u32, ino: u64) -> Result<()> {
+        let key = TicketKey { uid, _pad: 0, ino };
+        Ok(self.maps.tickets.set(&key, &1u64, sys::BPF_ANY)?)
+    }
+
+    /// Takes `uid`'s ticket for `ino` back (its last handle that asked for it closed).
+    pub fn revoke_ticket(&self, uid: u32, ino: u64) -> Result<()> {
+        let key = TicketKey { uid, _pad: 0, ino };
+        self.maps.tickets.delete(&key)?;
         Ok(())
     }
 
     /// Pins the maps now and keeps them pinned until [`Store::remove_all_pins`], whatever
     /// programs come and go: the mount daemon holds them so `exofs prog load` on the
     /// mounted image links programs to the maps it registers files in.
+    ///
+    /// One holder at a time: the holder keeps an exclusive flock on the pin directory for
+    /// as long as the store lives (the kernel drops it when the process dies), and a
+    /// second one (another mount of the same file system, or of a copy with the same
+    /// uuid) is refused with [`BindingError::Held`] rather than take over the daemon
+    /// entry, the policy and the registered files of the first.
     pub fn hold(&self) -> Result<()> {
         self.ensure_map_pins()?;
         if let Some(dir) = &self.pin_dir {
+            let lock = fs::File::open(dir).map_err(io_error(dir))?;
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map(|held| {
+                    *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+                })
+                .map_err(|(_, errno)| match errno {
+                    nix::errno::Errno::EWOULDBLOCK => BindingError::Held(dir.to_owned()),
+                    errno => io_error(dir)(std::io::Error::from_raw_os_error(errno as i32)),
+                })?;
             let marker = dir.join(HELD_MARKER);
             if !marker.exists() {
                 fs::create_dir(&marker).map_err(io_error(&marker))?;
@@ -544,6 +603,20 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The map of the driver called `name` that every program of this store shares.
+    fn shared_map(&self, name: &str) -> Result<&MapHandle> {
+        Ok(match name {
+            MAP_FILES => &self.maps.files,
+            MAP_EXTENTS => &self.maps.extents,
+            MAP_POLICY => &self.maps.policy,
+            stats::MAP_STATS => &self.maps.stats,
+            MAP_TICKETS => &self.maps.tickets,
+            other => self.maps.all.get(other).ok_or_else(|| {
+                LoadError::Elf(format!("the driver's map {other} was not created"))
+            })?,
+        })
+    }
+
     /// Pins the shared maps (before the first program is pinned) where they are not.
     fn ensure_map_pins(&self) -> Result<()> {
         let Some(dir) = &self.pin_dir else {
@@ -552,21 +625,18 @@ impl Store {
         for sub in PROGRAM_PIN_DIRS.into_iter().chain(["maps"]) {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(io_error(&path))?;
+            check_private(&path)?;
+        }
+        // bpffs's root is world-writable (sticky): directories someone else made in it
+        // (or in ours) could be theirs to fill with pins. Every level must be ours.
+        check_private(dir)?;
+        if let Some(parent) = dir.parent() {
+            check_private(parent)?;
         }
         for (driver_name, pin) in PINNED_MAPS {
             let path = dir.join("maps").join(pin);
             if !path.exists() {
-                let handle =
-                    match *driver_name {
-                        MAP_FILES => &self.maps.files,
-                        MAP_EXTENTS => &self.maps.extents,
-                        MAP_POLICY => &self.maps.policy,
-                        stats::MAP_STATS => &self.maps.stats,
-                        other => self.maps.all.get(other).ok_or_else(|| {
-                            LoadError::Elf(format!("the driver has no map {other}"))
-                        })?,
-                    };
-                handle.pin(&path)?;
+                self.shared_map(driver_name)?.pin(&path)?;
             }
         }
         let path = dir.join("maps").join(GENERATION_PIN);
@@ -615,13 +685,7 @@ impl Store {
                 MAP_PROGRAM => tag_map.as_ref().ok_or_else(|| {
                     LoadError::Elf(format!("the driver's map {MAP_PROGRAM} was not created"))
                 })?,
-                MAP_FILES => &self.maps.files,
-                MAP_EXTENTS => &self.maps.extents,
-                MAP_POLICY => &self.maps.policy,
-                stats::MAP_STATS => &self.maps.stats,
-                other => self.maps.all.get(other).ok_or_else(|| {
-                    LoadError::Elf(format!("the driver's map {other} was not created"))
-                })?,
+                shared => self.shared_map(shared)?,
             };
             relocations.push((map_name.as_str(), handle.as_fd().as_raw_fd(), definition));
         }
@@ -916,6 +980,7 @@ impl Store {
             denied_hops: counts[stats::DENIED_HOPS as usize],
             denied_batch: counts[stats::DENIED_BATCH as usize],
             direct_invalid: counts[stats::DIRECT_INVALID as usize],
+            denied_no_ticket: counts[stats::DENIED_NO_TICKET as usize],
         })
     }
 

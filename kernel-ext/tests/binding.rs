@@ -472,6 +472,7 @@ fn direct_peek(
     offset: u64,
 ) -> Option<(i32, [u8; exofs_abi::chain::SCRATCH_SIZE])> {
     let file = binding.register(ino).ok()?;
+    binding.grant_ticket(LEAK_USER, ino).expect("ticket");
     let mut ctx = exofs_abi::chain::ChainCtx {
         file_count: 1,
         hop_limit: 8,

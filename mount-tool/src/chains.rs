@@ -38,7 +38,77 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Recompiles the policy in the background after names change, so that the kernel's
+/// grants follow renames and deletions without waiting for the next ioctl (direct chains
+/// send none). Changes that come together are compiled once: the thread waits
+/// [`REFRESH_DELAY`] after a change before compiling, so a flood of name operations
+/// (failed ones included) costs at most one compilation per delay, and never a FUSE
+/// worker's time.
+pub struct PolicyRefresher {
+    state: Arc<(Mutex<Refresh>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Refresh {
+    pending: bool,
+    stop: bool,
+}
+
+/// How long the refresher lets name changes gather.
+pub const REFRESH_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl PolicyRefresher {
+    /// Starts the thread; it ends when the service is gone or the refresher is dropped.
+    pub fn start(service: &Arc<ChainService>) -> std::io::Result<Self> {
+        let state = Arc::new((Mutex::new(Refresh::default()), Condvar::new()));
+        let (shared, service) = (state.clone(), Arc::downgrade(service));
+        let thread = std::thread::Builder::new()
+            .name("exofs-policy".into())
+            .spawn(move || loop {
+                {
+                    let (lock, wake) = &*shared;
+                    let mut refresh = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    while !refresh.pending && !refresh.stop {
+                        refresh = wake.wait(refresh).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if refresh.stop {
+                        return;
+                    }
+                    refresh.pending = false;
+                }
+                std::thread::sleep(REFRESH_DELAY);
+                match service.upgrade() {
+                    Some(service) => service.refresh_policy(),
+                    None => return,
+                }
+            })?;
+        Ok(Self {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Names changed: compile again soon.
+    pub fn poke(&self) {
+        let (lock, wake) = &*self.state;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).pending = true;
+        wake.notify_one();
+    }
+}
+
+impl Drop for PolicyRefresher {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.state;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// Who sent a FUSE request.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +159,8 @@ pub struct ChainService {
     owner: u32,
     /// Where cgroup2 is mounted, to resolve callers' and subjects' cgroups.
     cgroup2: Option<PathBuf>,
+    /// Tickets in the kernel (uid, inode) and how many open handles hold each.
+    tickets: Mutex<HashMap<(u32, u64), u32>>,
 }
 
 impl ChainService {
@@ -119,6 +191,7 @@ impl ChainService {
             // SAFETY: getuid has no preconditions.
             owner: unsafe { libc::getuid() },
             cgroup2: cgroup2_mount(),
+            tickets: Mutex::new(HashMap::new()),
         };
         drop(service.compiled_now().map_err(|r| r.reason)?);
         Ok(service)
@@ -402,7 +475,8 @@ impl ChainService {
     }
 
     /// Recompiles the policy now if the namespace changed: the kernel's grants must follow
-    /// names before the next direct chain, which never asks the daemon.
+    /// names before the next direct chain, which never asks the daemon (see
+    /// [`PolicyRefresher`]).
     pub fn refresh_policy(&self) {
         if let Err(refusal) = self.compiled_now() {
             log::error!("recompiling the policy: {}", refusal.reason);
@@ -550,6 +624,36 @@ impl ChainService {
                 let len = bytes.len().min(ioctl::MESSAGE_SIZE - 1);
                 answer.message[..len].copy_from_slice(&bytes[..len]);
                 Ok((1, struct_bytes(&answer)))
+            }
+        }
+    }
+
+    /// One more handle of `uid` holds a ticket for `ino` (it asked for the file with
+    /// IOC_DIRECT): the kernel lets `uid` run direct chains over it while any does.
+    pub fn take_ticket(&self, uid: u32, ino: u64) -> Result<(), Refusal> {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let holders = tickets.entry((uid, ino)).or_insert(0);
+        if *holders == 0 {
+            self.binding
+                .grant_ticket(uid, ino)
+                .map_err(|err| Refusal::new(libc::EIO, format!("granting a ticket: {err}")))?;
+        }
+        *holders += 1;
+        Ok(())
+    }
+
+    /// A handle that held a ticket of `uid` for `ino` closed; the last one takes the
+    /// ticket out of the kernel.
+    pub fn drop_ticket(&self, uid: u32, ino: u64) {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(holders) = tickets.get_mut(&(uid, ino)) else {
+            return;
+        };
+        *holders -= 1;
+        if *holders == 0 {
+            tickets.remove(&(uid, ino));
+            if let Err(err) = self.binding.revoke_ticket(uid, ino) {
+                log::error!("revoking the ticket of uid {uid} for inode {ino}: {err}");
             }
         }
     }

@@ -19,7 +19,7 @@
 //!   few seconds (mount.rs).
 
 use crate::access::{self, Credentials, SetattrRequest, TimeChange, XattrAccess};
-use crate::chains::{Caller, ChainService};
+use crate::chains::{Caller, ChainService, PolicyRefresher};
 
 mod checked;
 use exofs_abi::ioctl::{IOC_CHAIN, IOC_CHAIN_BATCH, IOC_DIRECT, IOC_POLICY_RELOAD};
@@ -60,9 +60,14 @@ struct Handle {
 pub struct ExofsFuse {
     fs: Arc<Fs>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// Per handle, the uids that took a direct-chain ticket for its file through it
+    /// (IOC_DIRECT), each once; given back when the handle closes.
+    tickets: Mutex<HashMap<u64, Vec<u32>>>,
     next_handle: AtomicU64,
     /// The chain ioctls, when the kernel binding is available.
     chains: Option<Arc<ChainService>>,
+    /// Recompiles the chain service's policy after name changes.
+    refresher: Option<PolicyRefresher>,
     /// Bumped after every change of names (the chain service recompiles the policy's
     /// paths when it moved).
     namespace: Arc<AtomicU64>,
@@ -72,32 +77,36 @@ pub struct ExofsFuse {
 }
 
 impl ExofsFuse {
-    /// `kernel_checks`: the mount has `default_permissions`.
+    /// `kernel_checks`: the mount has `default_permissions`. Fails if the policy
+    /// refresher's thread cannot start.
     pub fn new(
         fs: Arc<Fs>,
         chains: Option<Arc<ChainService>>,
         namespace: Arc<AtomicU64>,
         kernel_checks: bool,
-    ) -> Self {
-        Self {
+    ) -> std::io::Result<Self> {
+        let refresher = chains.as_ref().map(PolicyRefresher::start).transpose()?;
+        Ok(Self {
             fs,
             handles: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             chains,
+            refresher,
             namespace,
             entry_ttl: if kernel_checks {
                 TTL
             } else {
                 UNCHECKED_ENTRY_TTL
             },
-        }
+        })
     }
 
     /// Notes a change of names (after it is made).
     fn names_changed(&self) {
         self.namespace.fetch_add(1, Ordering::AcqRel);
-        if let Some(chains) = &self.chains {
-            chains.refresh_policy();
+        if let Some(refresher) = &self.refresher {
+            refresher.poke();
         }
     }
 
@@ -123,17 +132,55 @@ impl ExofsFuse {
         Ok(FileHandle(fh))
     }
 
+    /// Records that `uid` asked for direct chains over `ino` through handle `fh` (the
+    /// ticket is taken once per handle and uid, and given back when the handle closes).
+    fn hold_ticket(
+        &self,
+        chains: &ChainService,
+        uid: u32,
+        ino: u64,
+        fh: FileHandle,
+    ) -> Result<(), crate::chains::Refusal> {
+        // The handles' lock is held throughout, so that the handle cannot close between
+        // the check and the ticket (its close gives the tickets back under the same lock).
+        let handles = self.handles();
+        if handles.get(&fh.0).is_none_or(|h| h.ino != ino) {
+            return Err(crate::chains::Refusal::new(
+                libc::EBADF,
+                "the ioctl's handle is not open",
+            ));
+        }
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let held = tickets.entry(fh.0).or_default();
+        if !held.contains(&uid) {
+            chains.take_ticket(uid, ino)?;
+            held.push(uid);
+        }
+        Ok(())
+    }
+
     fn close_handle(&self, fh: FileHandle) -> libfs::Result<()> {
-        let (handle, last) = {
+        let (handle, last, tickets) = {
             let mut handles = self.handles();
             let Some(handle) = handles.remove(&fh.0) else {
                 return Ok(());
             };
             let last = !handles.values().any(|other| other.ino == handle.ino);
-            (handle, last)
+            let tickets = self
+                .tickets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&fh.0)
+                .unwrap_or_default();
+            (handle, last, tickets)
         };
-        if let (true, Some(chains)) = (last, &self.chains) {
-            chains.forget_file(handle.ino);
+        if let Some(chains) = &self.chains {
+            for uid in tickets {
+                chains.drop_ticket(uid, handle.ino);
+            }
+            if last {
+                chains.forget_file(handle.ino);
+            }
         }
         self.fs.release(handle.ino)
     }
@@ -729,7 +776,7 @@ impl Filesystem for ExofsFuse {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: IoctlFlags,
         cmd: u32,
         in_data: &[u8],
@@ -754,9 +801,10 @@ impl Filesystem for ExofsFuse {
             IOC_CHAIN_BATCH => chains
                 .chain_batch(&caller, ino.0, in_data)
                 .map(|bytes| (0, bytes)),
-            IOC_DIRECT => chains
-                .direct(&caller, ino.0, in_data)
-                .map(|bytes| (0, bytes)),
+            IOC_DIRECT => chains.direct(&caller, ino.0, in_data).and_then(|bytes| {
+                self.hold_ticket(chains, caller.uid, ino.0, fh)?;
+                Ok((0, bytes))
+            }),
             _ => chains.reload_policy(&caller),
         };
         match answer {

@@ -304,7 +304,8 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
         chains.clone(),
         namespace,
         options.default_permissions,
-    );
+    )
+    .map_err(|e| format!("starting the policy refresher: {e}"))?;
     let mut session = fuser::Session::new(served, mountpoint, &config).map_err(|e| {
         format!(
             "mounting {} on {}: {e}",

@@ -253,6 +253,10 @@ pub fn stats(image: &Path, bpffs: &Path) -> Result<()> {
     println!("    too many hops {}", stats.denied_hops);
     println!("    batch too big {}", stats.denied_batch);
     println!(
+        "    no handle     {} (direct chains over a file not asked for through an open handle)",
+        stats.denied_no_ticket
+    );
+    println!(
         "  direct  {} (direct calls that named a mapping or a subject)",
         stats.direct_invalid
     );

@@ -259,8 +259,9 @@ fn pins(m: &Mounted, program: &str, privileged: bool) -> (PathBuf, PathBuf) {
     (dir.join(chain).join(program), dir.join(batch).join(program))
 }
 
-/// The kernel's denial counters from `exofs stats`: (denied, no grant, hops, batch).
-fn denials(m: &Mounted) -> (u64, u64, u64, u64) {
+/// The kernel's denial counters from `exofs stats`: (denied, no grant, hops, batch, no
+/// handle).
+fn denials(m: &Mounted) -> (u64, u64, u64, u64, u64) {
     let out = m.run(&["stats", m.dir()]);
     assert!(out.status.success(), "stats: {}", text(&out));
     let stats = text(&out);
@@ -276,6 +277,7 @@ fn denials(m: &Mounted) -> (u64, u64, u64, u64) {
         count("no grant"),
         count("too many hops"),
         count("batch too big"),
+        count("no handle"),
     )
 }
 
@@ -326,7 +328,7 @@ const POLICY: &str = r#"
 uid = UID
 
 [[subject.grant]]
-paths = ["/idx"]
+paths = ["/idx", "/private", "/data/"]
 programs = ["btree"]
 max_hops = 8
 max_batch = 16
@@ -389,6 +391,11 @@ fn mounted(test: &str, built: &Built, cgroup: &Cgroup) -> (Mounted, Removed) {
     for path in ["idx", "hash", "secret", "open"] {
         fs::set_permissions(m.path(path), fs::Permissions::from_mode(0o644)).expect("chmod");
     }
+    fs::create_dir(m.path("data")).expect("mkdir /data");
+    fs::copy(m.path("idx"), m.path("data/copy")).expect("copy /idx to /data/copy");
+    // Granted by the policy, but only root may open it.
+    fs::copy(m.path("idx"), m.path("private")).expect("copy /idx to /private");
+    fs::set_permissions(m.path("private"), fs::Permissions::from_mode(0o600)).expect("chmod");
     let dump = built.path("dump.o");
     for (name, object) in [
         ("btree", "example:btree"),
@@ -500,8 +507,9 @@ fn direct_chains_answer_as_the_reference_and_every_refusal_is_counted() {
             after.1 - before.1,
             after.2 - before.2,
             after.3 - before.3,
+            after.4 - before.4,
         ];
-        let mut expected = [count, 0, 0, 0];
+        let mut expected = [count, 0, 0, 0, 0];
         expected[reason] += count;
         assert_eq!(moved, expected, "`{request}` counted as {moved:?}");
     };
@@ -557,6 +565,7 @@ fn direct_chains_answer_as_the_reference_and_every_refusal_is_counted() {
     );
     // A cgroup: granted inside it, not once it left.
     cgroup.enter(nobody.pid());
+    assert_eq!(nobody.discover(&m, "idx", "btree"), (idx, idx_gen));
     let answer = nobody.send(&format!("chain ino={idx} gen={idx_gen} hops=8 key=4243"));
     assert_eq!(
         status_of(&answer),
@@ -569,6 +578,42 @@ fn direct_chains_answer_as_the_reference_and_every_refusal_is_counted() {
         &mut nobody,
         &format!("chain ino={idx} gen={idx_gen} hops=8"),
         1,
+        1,
+    );
+
+    // Grants follow names: moved out of the granted directory, a file's direct chains
+    // are denied without any request to the daemon (its refresher recompiles).
+    let (copy, copy_gen) = user.discover(&m, "data/copy", "btree");
+    let chain_copy = format!("chain ino={copy} gen={copy_gen} hops=8 key=4243");
+    assert_eq!(status_of(&user.send(&chain_copy)), DONE);
+    fs::rename(m.path("data/copy"), m.path("moved")).expect("rename");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while status_of(&user.send(&chain_copy)) != DENIED {
+        assert!(
+            Instant::now() < deadline,
+            "a file moved out of /data/ is still granted to direct chains"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // A file the policy grants but the user cannot open: no ticket, whatever the
+    // generation; nor, once the user closed its handles, for /idx.
+    let private = fs::metadata(m.path("private")).expect("stat").ino();
+    let out = user.send(&format!("discover {} btree", m.path("private").display()));
+    assert_eq!(out, format!("error={}", libc::EACCES), "open /private");
+    for generation in 0..4 {
+        expect_denied(
+            &mut user,
+            &format!("chain ino={private} gen={generation} hops=8"),
+            4,
+            1,
+        );
+    }
+    assert_eq!(user.send("close"), "closed");
+    expect_denied(
+        &mut user,
+        &format!("chain ino={idx} gen={idx_gen} hops=8"),
+        4,
         1,
     );
 
@@ -667,6 +712,61 @@ fn direct_chains_answer_as_the_reference_and_every_refusal_is_counted() {
             );
         }
     }
+    drop((m, policy));
+}
+
+#[test]
+fn pins_in_directories_another_user_made_are_refused_and_one_daemon_holds_them() {
+    if !can_mount("pins_in_directories_another_user_made_are_refused_and_one_daemon_holds_them") {
+        return;
+    }
+    let (uid, gid) = test_user();
+    let m = Mounted::new("direct-pins", "32M");
+    let policy = Removed(PathBuf::from(format!("{}.policy.toml", m.image())));
+    fs::write(&policy.0, "").expect("policy");
+    let options = format!("ro,policy={}", policy.0.display());
+    // The user makes <bpffs>/exofs first, to own the tree the pins would go in.
+    let planted = Path::new(m.bpffs()).join("exofs");
+    let made = Command::new("mkdir")
+        .arg(&planted)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("mkdir as the test user");
+    assert!(made.status.success(), "mkdir: {}", text(&made));
+    let out = m.run(&["mount", m.image(), m.dir(), "-o", &options]);
+    assert!(
+        !out.status.success(),
+        "mounted over a planted pin directory"
+    );
+    assert!(
+        text(&out).contains("not a directory owned by this user"),
+        "{}",
+        text(&out)
+    );
+    assert!(!m.is_mounted());
+    let _ = fs::remove_dir(&planted);
+    // One daemon per file system: a second read-only mount of the same image is refused
+    // rather than take the first one's daemon entry and policy over.
+    let out = m.run(&["mount", m.image(), m.dir(), "-o", &options]);
+    assert!(out.status.success(), "mount: {}", text(&out));
+    let second = PathBuf::from(format!("{}.second", m.dir()));
+    fs::create_dir_all(&second).expect("second mount point");
+    let out = m.run(&[
+        "mount",
+        m.image(),
+        second.to_str().expect("utf-8"),
+        "-o",
+        &options,
+    ]);
+    let _ = fs::remove_dir(&second);
+    assert!(!out.status.success(), "a second daemon took the pins");
+    assert!(
+        text(&out).contains("another mount daemon holds these pins"),
+        "{}",
+        text(&out)
+    );
+    m.umount();
     drop((m, policy));
 }
 

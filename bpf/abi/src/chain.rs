@@ -117,8 +117,12 @@ pub mod stats {
     /// Direct calls refused because their context named a mapping or a subject, or asked
     /// for NO_FAULT (also counted in REJECTED).
     pub const DIRECT_INVALID: u32 = 11;
+    /// Denials of direct calls because the caller's uid holds no ticket for a file of the
+    /// chain: it has not asked for it (`IOC_DIRECT`) through a handle it opened, or has
+    /// closed every such handle.
+    pub const DENIED_NO_TICKET: u32 = 12;
     /// Entries in the map.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// The driver's programs, by ELF symbol: the privileged single chain and batch (the
@@ -137,13 +141,30 @@ pub mod programs {
 /// Name of the daemon map: one entry, the mount daemon's task (a referenced kptr) and its
 /// mapping of the device, written by `exofs_register` alone.
 pub const MAP_DAEMON: &str = "EXOFS_DAEMON";
+/// Name of the tickets map: [`TicketKey`] -> u64, present while a uid may run direct
+/// chains over an inode (the mount daemon writes a ticket when the uid asks for the file
+/// through a handle it opened, past the ordinary permission checks, and removes it when
+/// the uid's last such handle closes). Direct programs require one for every file, on top
+/// of the policy's grant.
+pub const MAP_TICKETS: &str = "EXOFS_TICKETS";
+
+/// Key of the tickets map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TicketKey {
+    pub uid: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+
 /// Name of the program map: one entry per bound program, its [`crate::policy::program_tag`]
 /// (each bound program gets its own instance of this map).
 pub const MAP_PROGRAM: &str = "EXOFS_PROGRAM";
 
 /// The context of `exofs_register`: the calling process becomes the daemon (the speaker of
-/// the policy, whose mapping direct chains read). Only holders of that program's fd (the
-/// process that loaded it) can run it; it is never pinned.
+/// the policy, whose mapping direct chains read); with `map_len` 0 it stops being one (no
+/// daemon). Only holders of that program's fd can run it: processes that load the driver
+/// (root); it is never pinned.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RegisterCtx {
@@ -376,6 +397,8 @@ mod pod {
     unsafe impl aya::Pod for super::BatchCtx {}
     // SAFETY: as above (explicit padding field).
     unsafe impl aya::Pod for super::RegisterCtx {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TicketKey {}
 }
 
 const _: () = assert!(size_of::<ChainFile>() == 16);

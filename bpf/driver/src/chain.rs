@@ -23,9 +23,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use exofs_abi::chain::{
-    stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, BATCH_SCRATCH_SIZE,
-    BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT, NEXT_CONTINUE,
-    NEXT_DONE, NO_FAULT, SCRATCH_SIZE, SUBJECT_NAMED,
+    stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, TicketKey,
+    BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT,
+    NEXT_CONTINUE, NEXT_DONE, NO_FAULT, SCRATCH_SIZE, SUBJECT_NAMED,
 };
 use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
@@ -48,6 +48,11 @@ static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entrie
 #[map]
 static EXOFS_POLICY: HashMap<PolicyKey, exofs_abi::policy::PolicyGrant> =
     HashMap::with_max_entries(65536, 0);
+
+/// Tickets: which uid may run direct chains over which inode (see
+/// `exofs_abi::chain::MAP_TICKETS`).
+#[map]
+static EXOFS_TICKETS: HashMap<TicketKey, u64> = HashMap::with_max_entries(65536, 0);
 
 /// This program's tag (`exofs_abi::policy::program_tag` of its name): each bound program
 /// has its own instance of this map, written by kernel-ext when it binds the program.
@@ -95,10 +100,11 @@ const ALLOWED: u32 = 0;
 /// ALLOWED, or the `stats::DENIED_*` reason. Open when the policy map has no mode entry.
 /// The subject is the calling task, or, when the context names one ([`NAMED_BIT`] of
 /// `limits`, never set for direct programs) and the caller is the speaker (the registered
-/// mount daemon, see `daemon`), the uid, gid and cgroup it names. Small values travel
-/// packed (`limits`: hops << 32 | batch << 16 | named << 15 | file_count; `subject`: uid |
-/// gid << 32): with five arguments LLVM read the fifth from r5 after a helper call had
-/// clobbered it, which the verifier refused ("R5 !read_ok").
+/// mount daemon, see `daemon`), the uid, gid and cgroup it names. A direct program
+/// ([`TICKET_BIT`]) also needs the caller's uid to hold a ticket for every file. Small
+/// values travel packed (`limits`: hops << 32 | batch << 16 | named << 15 | ticket << 14
+/// | file_count; `subject`: uid | gid << 32): with five arguments LLVM read the fifth from
+/// r5 after a helper call had clobbered it, which the verifier refused ("R5 !read_ok").
 #[inline(never)]
 fn allowed(
     files: &[ChainFile; MAX_CHAIN_FILES],
@@ -106,11 +112,12 @@ fn allowed(
     subject: u64,
     subject_cgroup: u64,
 ) -> u32 {
-    let (hops, batch, named, file_count) = (
+    let (hops, batch, named, ticket, file_count) = (
         (limits >> 32) as u32,
         (limits >> 16) as u32 & 0xffff,
         limits & NAMED_BIT != 0,
-        limits & 0x7fff,
+        limits & TICKET_BIT != 0,
+        limits & 0x3fff,
     );
     // SAFETY: a lookup of a plain value.
     if unsafe { EXOFS_POLICY.get(&MODE_KEY) }.is_none() {
@@ -149,12 +156,23 @@ fn allowed(
         if batch > grant as u32 {
             return stats::DENIED_BATCH;
         }
+        let key = TicketKey {
+            uid,
+            _pad: 0,
+            ino: file.ino,
+        };
+        // SAFETY: a lookup of a plain value.
+        if ticket && unsafe { EXOFS_TICKETS.get(&key) }.is_none() {
+            return stats::DENIED_NO_TICKET;
+        }
     }
     ALLOWED
 }
 
 /// `limits` bit of `allowed`: the context names a subject.
 const NAMED_BIT: u64 = 1 << 15;
+/// `limits` bit of `allowed`: the caller needs tickets (a direct program).
+const TICKET_BIT: u64 = 1 << 14;
 
 /// One block of zeros, never written by anyone: the source that clears the hop state's
 /// block buffer at the end of a chain.
@@ -162,13 +180,18 @@ const NAMED_BIT: u64 = 1 << 15;
 static EXOFS_ZERO: Array<[u8; BLOCK_SIZE]> = Array::with_max_entries(1, 0);
 
 /// Clears the block buffer (and everything `next` may have left in it) when this chain
-/// runs for someone else than the task's previous one: a daemon thread serves many
-/// callers, and none may see another's blocks. A task running its own chains keeps the
+/// runs for someone else than the task's previous one, or with another program: a daemon
+/// thread serves many callers, and none may see another's blocks; and a grant of one
+/// program on a file does not grant another's view of it. A task running its own chains keeps the
 /// buffer: clearing 4 KiB on every chain was 8% of a depth-1 chain (perf). (Clearing with a
 /// `bpf_copy_from_user` from address 0, which zeroes its destination when it fails, went
 /// through a page fault: 15-20%.)
 #[inline(always)]
 fn clear_if_new_subject(state: &mut HopState, walk: &mut Walk, named: u64, named_cgroup: u64) {
+    let program = match EXOFS_PROGRAM.get(0) {
+        Some(tag) => *tag,
+        None => 0,
+    };
     // SAFETY: these helpers take no arguments.
     let subject = unsafe {
         [
@@ -176,6 +199,7 @@ fn clear_if_new_subject(state: &mut HopState, walk: &mut Walk, named: u64, named
             bpf_get_current_cgroup_id(),
             named,
             named_cgroup,
+            program,
         ]
     };
     if walk.last_subject == subject {
@@ -285,9 +309,11 @@ pub struct Walk {
     lookup_hop: u64,
     done: u64,
     /// Who the task's last chain ran for: the caller's uid/gid and cgroup, and the
-    /// subject it named. The block buffer is cleared when this changes (see
-    /// `clear_if_new_subject`).
-    last_subject: [u64; 4],
+    /// subject it named, and the program. The block buffer is cleared when this changes
+    /// (see `clear_if_new_subject`).
+    last_subject: [u64; 5],
+    /// Direct programs: the number of the daemon's registration the walk reads through.
+    daemon_seq: u64,
     batch: [BatchLookup; MAX_BATCH],
 }
 
@@ -362,7 +388,7 @@ unsafe fn prepare<const DIRECT: bool>(
     header: &Header,
     lookups: u64,
 ) -> Result<(*mut HopState, *mut Walk), i32> {
-    let (map_addr, map_len) = if DIRECT {
+    let (map_addr, map_len, daemon_seq) = if DIRECT {
         if header.map_addr != 0
             || header.map_len != 0
             || header.subject != 0
@@ -372,9 +398,10 @@ unsafe fn prepare<const DIRECT: bool>(
             count(stats::DIRECT_INVALID, 1);
             return Err(status::INVALID);
         }
-        daemon::mapping()
+        let mapping = daemon::mapping();
+        (mapping.addr, mapping.len, mapping.seq)
     } else {
-        (header.map_addr, header.map_len)
+        (header.map_addr, header.map_len, 0)
     };
     if header.file_count == 0
         || header.file_count > MAX_CHAIN_FILES as u64
@@ -393,7 +420,8 @@ unsafe fn prepare<const DIRECT: bool>(
     } else {
         0
     };
-    let limits = (hop_limit as u64) << 32 | lookups << 16 | named | header.file_count;
+    let ticket = if DIRECT { TICKET_BIT } else { 0 };
+    let limits = (hop_limit as u64) << 32 | lookups << 16 | named | ticket | header.file_count;
     let verdict = allowed(&header.files, limits, header.subject, header.subject_cgroup);
     if verdict != ALLOWED {
         count(verdict, lookups);
@@ -420,6 +448,7 @@ unsafe fn prepare<const DIRECT: bool>(
     (*walk).hop_limit = hop_limit as u64;
     (*walk).map_addr = map_addr;
     (*walk).map_len = map_len;
+    (*walk).daemon_seq = daemon_seq;
     Ok((state, walk))
 }
 
@@ -836,6 +865,11 @@ unsafe fn read_hop<const DIRECT: bool>(
     if physical == NO_BLOCK {
         return status::HOLE;
     }
+    // The extents come from the file system, which never maps past its device; checked
+    // anyway, before any arithmetic that could wrap.
+    if physical >= map_len / BLOCK_SIZE as u64 {
+        return status::FAULT;
+    }
     let mut len = BLOCK_SIZE as u64 - within;
     if len > read_len {
         len = read_len;
@@ -853,6 +887,7 @@ unsafe fn read_hop<const DIRECT: bool>(
             state.data.as_mut_ptr().cast(),
             len,
             map_addr + device_offset,
+            walk.daemon_seq,
         );
         if ret != 0 {
             return status::NO_DAEMON;
@@ -892,7 +927,12 @@ unsafe fn checked_again(state: &mut HopState, file: &ChainFile, len: u32) -> i32
     let key = FileKey { ino: file.ino };
     match EXOFS_FILES.get(&key) {
         Some(after) if after.generation == file.generation => {}
-        _ => return status::STALE,
+        _ => {
+            // The block may have gone to another file meanwhile: no later `next` of this
+            // task may find its bytes (past a shorter read's end, say).
+            clear_block(state);
+            return status::STALE;
+        }
     }
     state.data_len = len;
     status::DONE

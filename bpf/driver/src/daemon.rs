@@ -12,6 +12,15 @@
 //!   Once the daemon has exited its task has no memory map, the copy fails, and the chain
 //!   ends NO_DAEMON with no data.
 //!
+//! Registrations are numbered (`seq`, odd while one is being written). A chain reads the
+//! mapping once ([`mapping`]) and every hop checks, under the same RCU section as its
+//! look at the task, that the number has not moved: a chain that straddles a new
+//! registration (a new daemon after the old one died) never reads the new daemon's
+//! memory at the old mapping's addresses. A registration with length 0 removes the daemon
+//! (the daemon does so before it unmaps the device).
+//!
+//! The map is read-only to system calls (BPF_F_RDONLY): only `exofs_register` writes it.
+//!
 //! The kfuncs are declared here and resolved by kernel-ext's loader against the running
 //! kernel's BTF (`elf_check::externs`). The map's value BTF (a `kptr`-tagged pointer to
 //! `task_struct` at offset 0) is made by the loader too (`btf::task_kptr_map_btf`).
@@ -45,14 +54,29 @@ pub struct Daemon {
     /// A referenced kptr (`*mut TaskStruct`; an integer here so that the map value is
     /// `Sync`): written only with `bpf_kptr_xchg`, read under RCU.
     task: u64,
-    pub map_addr: u64,
-    /// 0 until a daemon registered.
-    pub map_len: u64,
+    map_addr: u64,
+    /// 0 while no daemon is registered.
+    map_len: u64,
+    /// The registration's number: odd while one is being written.
+    seq: u64,
 }
 
-/// The daemon (one entry). Not pinned: only the programs of one store reach it.
+/// `BPF_F_RDONLY`: system calls may not write the map.
+const BPF_F_RDONLY: u32 = 1 << 3;
+
+/// The daemon (one entry), pinned with the other maps so that every process that binds
+/// programs links them to the same one.
 #[map]
-static EXOFS_DAEMON: Array<Daemon> = Array::with_max_entries(1, 0);
+static EXOFS_DAEMON: Array<Daemon> = Array::with_max_entries(1, BPF_F_RDONLY);
+
+/// The daemon's mapping as a chain sees it for its whole walk.
+#[derive(Clone, Copy)]
+pub struct Mapping {
+    pub addr: u64,
+    /// 0: no daemon (or a registration in progress).
+    pub len: u64,
+    pub seq: u64,
+}
 
 /// The registration program (see the module documentation). Status INVALID if the map or
 /// the task cannot be had.
@@ -75,13 +99,20 @@ unsafe fn register(map_addr: u64, map_len: u64) -> i32 {
         return status::INVALID;
     };
     // The process (thread group leader), not the calling thread: threads of the daemon
-    // come and go, the process's memory map is what chains read.
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as i32;
-    let task = bpf_task_from_pid(tgid);
-    if task.is_null() {
-        return status::INVALID;
-    }
-    // No chain may see the new task with the old mapping's length.
+    // come and go, the process's memory map is what chains read. None to unregister.
+    let task = if map_len == 0 {
+        core::ptr::null_mut()
+    } else {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as i32;
+        let task = bpf_task_from_pid(tgid);
+        if task.is_null() {
+            return status::INVALID;
+        }
+        task
+    };
+    // Odd: chains that start now see no daemon; chains running see the number move.
+    let seq = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).seq));
+    core::ptr::write_volatile(core::ptr::addr_of_mut!((*daemon).seq), (seq | 1) + 2);
     (*daemon).map_len = 0;
     (*daemon).map_addr = map_addr;
     let old = bpf_kptr_xchg(core::ptr::addr_of_mut!((*daemon).task).cast(), task.cast());
@@ -89,28 +120,49 @@ unsafe fn register(map_addr: u64, map_len: u64) -> i32 {
         bpf_task_release(old.cast());
     }
     (*daemon).map_len = map_len;
+    core::ptr::write_volatile(core::ptr::addr_of_mut!((*daemon).seq), (seq | 1) + 3);
     status::DONE
 }
 
-/// The daemon's mapping (address, length); length 0 if no daemon registered.
+/// The daemon's mapping as it is registered now (length 0: none, or a registration in
+/// progress).
 #[inline(always)]
-pub fn mapping() -> (u64, u64) {
-    match EXOFS_DAEMON.get(0) {
-        Some(daemon) => (daemon.map_addr, daemon.map_len),
-        None => (0, 0),
+pub fn mapping() -> Mapping {
+    let none = Mapping {
+        addr: 0,
+        len: 0,
+        seq: 0,
+    };
+    let Some(daemon) = EXOFS_DAEMON.get_ptr(0) else {
+        return none;
+    };
+    // SAFETY: a live map value; the fields are read one by one, the number around them.
+    unsafe {
+        let seq = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).seq));
+        let addr = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).map_addr));
+        let len = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).map_len));
+        let again = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).seq));
+        if seq & 1 != 0 || seq != again {
+            return none;
+        }
+        Mapping { addr, len, seq }
     }
 }
 
-/// A new reference to the daemon's task, or null if none registered.
+/// A new reference to the daemon's task, or null if none is registered or the
+/// registration is no longer number `seq` (u64::MAX: any).
 #[inline(always)]
-unsafe fn acquire() -> *mut TaskStruct {
+unsafe fn acquire(seq: u64) -> *mut TaskStruct {
     let Some(daemon) = EXOFS_DAEMON.get_ptr_mut(0) else {
         return core::ptr::null_mut();
     };
     bpf_rcu_read_lock();
     let task = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).task)) as *mut TaskStruct;
-    let acquired = if task.is_null() {
-        task
+    // Read after the task: a task written by a newer registration comes with its number
+    // already moved (the exchange is a full barrier, and it follows the first move).
+    let now = core::ptr::read_volatile(core::ptr::addr_of!((*daemon).seq));
+    let acquired = if task.is_null() || (seq != u64::MAX && now != seq) {
+        core::ptr::null_mut()
     } else {
         bpf_task_acquire(task)
     };
@@ -123,7 +175,7 @@ unsafe fn acquire() -> *mut TaskStruct {
 pub fn is_daemon() -> bool {
     // SAFETY: the kfuncs get a pid and references they returned, each released once.
     unsafe {
-        let daemon = acquire();
+        let daemon = acquire(u64::MAX);
         if daemon.is_null() {
             return false;
         }
@@ -139,13 +191,14 @@ pub fn is_daemon() -> bool {
 }
 
 /// Copies `len` bytes at `addr` in the daemon's memory to `dst` (may sleep on a fault).
-/// 0, or a negative value if there is no daemon or the copy failed.
+/// 0, or a negative value if there is no daemon, it is no longer registration `seq`, or
+/// the copy failed.
 ///
-/// Safety: `dst` is valid for `len` bytes; `addr` is inside the daemon's device mapping
-/// (the caller checks it against [`mapping`]).
+/// Safety: `dst` is valid for `len` bytes; `addr` is inside the mapping of registration
+/// `seq` (the caller checks it against [`mapping`]).
 #[inline(always)]
-pub unsafe fn copy_from_daemon(dst: *mut c_void, len: u32, addr: u64) -> i64 {
-    let task = acquire();
+pub unsafe fn copy_from_daemon(dst: *mut c_void, len: u32, addr: u64, seq: u64) -> i64 {
+    let task = acquire(seq);
     if task.is_null() {
         return -1;
     }

@@ -9,6 +9,7 @@
  *   discover PATH PROGRAM -> ino=I gen=G hops=H batch=B (EXOFS_IOC_DIRECT; PATH stays
  *                            open)
  *   pins CHAIN_PIN BATCH_PIN -> ready (runs later requests with these)
+ *   close -> closed (closes every file `discover` opened)
  *   (a failed system call) -> error=ERRNO
  *
  * Fields (decimal or 0x...): ino gen ino1 gen1 files(file_count) hops(hop_limit) sfile
@@ -91,7 +92,7 @@ int main(int argc, char **argv)
 	static struct exofs_chain_ctx chain;
 	static struct exofs_batch_ctx batch;
 	char line[4096];
-	int chain_fd, batch_fd;
+	int chain_fd, batch_fd, files[64], opened = 0;
 
 	if (argc != 3) {
 		fprintf(stderr, "usage: %s CHAIN_PIN BATCH_PIN\n", argv[0]);
@@ -117,6 +118,8 @@ int main(int argc, char **argv)
 
 			memset(&direct, 0, sizeof direct);
 			strncpy(direct.program, b, sizeof direct.program - 1);
+			if (fd >= 0 && opened < 64)
+				files[opened++] = fd;
 			if (fd < 0 || ioctl(fd, EXOFS_IOC_DIRECT, &direct) < 0)
 				printf("error=%d\n", errno);
 			else
@@ -124,6 +127,14 @@ int main(int argc, char **argv)
 				       (unsigned long long)direct.ino,
 				       (unsigned long long)direct.generation, direct.max_hops,
 				       direct.max_batch);
+			fflush(stdout);
+			continue;
+		}
+		if (strncmp(line, "close", 5) == 0) {
+			for (int i = 0; i < opened; i++)
+				close(files[i]);
+			opened = 0;
+			printf("closed\n");
 			fflush(stdout);
 			continue;
 		}
