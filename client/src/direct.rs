@@ -64,14 +64,26 @@ fn cache() -> &'static Mutex<Cache> {
 }
 
 fn key_of(file: &impl AsFd) -> io::Result<Key> {
-    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes a whole stat on success.
-    if unsafe { libc::fstat(file.as_fd().as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+    let mut stat = std::mem::MaybeUninit::<libc::statx>::uninit();
+    // SAFETY: statx with AT_EMPTY_PATH reads the descriptor itself and writes a whole
+    // statx on success. AT_STATX_DONT_SYNC: the device and inode numbers never change,
+    // so FUSE need not ask the daemon for fresh attributes (an fstat did, now and then).
+    let ret = unsafe {
+        libc::statx(
+            file.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            stat.as_mut_ptr(),
+        )
+    };
+    if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: initialised by the successful fstat.
+    // SAFETY: initialised by the successful statx.
     let stat = unsafe { stat.assume_init() };
-    Ok((stat.st_dev, stat.st_ino))
+    let device = u64::from(stat.stx_dev_major) << 32 | u64::from(stat.stx_dev_minor);
+    Ok((device, stat.stx_ino))
 }
 
 /// The cached discovery of `program` over `file`, or a new one (`fresh`: always new).

@@ -453,9 +453,6 @@ pub fn bench_chain(args: &ChainArgs) -> Result<()> {
     if !(1..=8).contains(&args.depth) || !btree::NODE_SIZES.contains(&args.node_size) {
         return Err("--depth must be 1..=8 and --node-size 512 or 4096".into());
     }
-    if args.via_mount && args.cache_budget.is_some() {
-        return Err("--cache-budget is not available with --via-mount yet".into());
-    }
     if let Some(file) = &args.client {
         return crate::bench_via_mount::client(args, file);
     }

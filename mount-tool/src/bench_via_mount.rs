@@ -21,6 +21,15 @@
 //! Every phase runs `--rounds` times, the paths taking turns (each round starts with the
 //! next path); the table shows each phase's median round, and the ratio the goal is
 //! about (ioctl_chain against fuse_direct) is printed for every round.
+//!
+//! Out of core (`--cache-budget`): this process enters a memory cgroup of that size before
+//! it mounts, so the daemon, the clients and every page cache they fill (the FUSE file's
+//! and the device's) share the budget; the index is 16 times it by default. The cold
+//! mode becomes `ooc`: before each phase a fresh daemon and dropped caches, then the
+//! client makes an untimed warm-up of half as many lookups with other keys (the upper
+//! levels settle in the budget, as a long-running application's would), then the timed
+//! lookups. The daemon's own block cache (anonymous memory, which the budget must also
+//! hold) is an eighth of the budget.
 
 use crate::bench_chain::{index_keys, ChainArgs, Phase};
 use exofs_abi::chain::status;
@@ -54,6 +63,8 @@ struct Mount {
     dir: PathBuf,
     bpffs: PathBuf,
     policy: PathBuf,
+    /// The daemon's own block cache (`-o cache=`), when under a budget.
+    cache: Option<u64>,
 }
 
 impl Mount {
@@ -80,7 +91,10 @@ impl Mount {
 
     /// Mounts (a fresh daemon) and loads the program.
     fn up(&self) -> Result<()> {
-        let options = format!("allow_other,policy={}", Self::path(&self.policy)?);
+        let mut options = format!("allow_other,policy={}", Self::path(&self.policy)?);
+        if let Some(cache) = self.cache {
+            options.push_str(&format!(",cache={cache}"));
+        }
         let (image, dir) = (Self::path(&self.image)?, Self::path(&self.dir)?);
         self.exofs(&["mount", image, dir, "-o", &options])?;
         self.exofs(&["prog", "load", dir, PROGRAM, "example:btree"])
@@ -125,12 +139,19 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         return Err("--via-mount mounts and loads BPF: run it as root".into());
     }
     let (uid, gid) = user_ids(&args.user)?;
+    // Entered first, left last: the daemon and the clients are its children.
+    let _budget = match args.cache_budget {
+        Some(budget) => Some(crate::budget::MemoryCgroup::enter(budget)?),
+        None => None,
+    };
     let base = std::env::temp_dir().join(format!("exofs-bench-mount-{}", std::process::id()));
     let mount = Mount {
         image: image.to_owned(),
         dir: base.with_extension("mnt"),
         bpffs: base.with_extension("bpffs"),
         policy: base.with_extension("toml"),
+        // The daemon's block cache is anonymous memory inside the budget: an eighth of it.
+        cache: args.cache_budget.map(|budget| (budget / 8).max(1 << 20)),
     };
     std::fs::create_dir_all(&mount.dir)?;
     std::fs::create_dir_all(&mount.bpffs)?;
@@ -160,8 +181,17 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
     }
     let mut rounds: Vec<Vec<Phase>> = Vec::new();
     let mut seed = 1u64;
-    for mode in ["warm", "cold"] {
-        if args.mode.as_deref().is_some_and(|wanted| wanted != mode) {
+    let cold = if args.cache_budget.is_some() {
+        "ooc"
+    } else {
+        "cold"
+    };
+    for mode in ["warm", cold] {
+        if args
+            .mode
+            .as_deref()
+            .is_some_and(|wanted| wanted != mode && !(wanted == "cold" && mode == "ooc"))
+        {
             continue;
         }
         let lookups = if mode == "warm" {
@@ -173,7 +203,7 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
             let mut phases = Vec::new();
             for turn in 0..paths.len() {
                 let path = paths[(round + turn) % paths.len()];
-                if mode == "cold" {
+                if mode != "warm" {
                     mount.down()?;
                     crate::bench_mount::drop_all_caches()?;
                     mount.up()?;
@@ -190,7 +220,7 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
     print_rounds(&rounds, args.rounds);
     // Per phase, its median round, in the order of PATHS.
     let mut medians = Vec::new();
-    for mode in ["warm", "cold"] {
+    for mode in ["warm", cold] {
         for path in &paths {
             let mut runs: Vec<Phase> = rounds
                 .iter_mut()
@@ -354,7 +384,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         }
         Ok(())
     };
-    let run = |latencies: &mut Vec<u64>| -> Result<()> {
+    let run = |keys: &[u64], latencies: &mut Vec<u64>| -> Result<()> {
         if let Some(via) = match args.client_path.as_str() {
             "ioctl_batch" => Some(exofs_client::Via::Daemon),
             "direct_batch" => Some(exofs_client::Via::Direct),
@@ -382,7 +412,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
             }
             return Ok(());
         }
-        for key in &keys {
+        for key in keys {
             let start = Instant::now();
             let answer = lookup(*key)?;
             latencies.push(start.elapsed().as_nanos() as u64);
@@ -390,13 +420,19 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         }
         Ok(())
     };
-    if args.client_mode == "warm" {
-        run(&mut Vec::new())?;
+    match args.client_mode.as_str() {
+        "warm" => run(&keys, &mut Vec::new())?,
+        // Other keys, half as many: the upper levels settle in the budget.
+        "ooc" => run(
+            &index_keys(!args.client_seed, args.client_keys, keys.len() / 2),
+            &mut Vec::new(),
+        )?,
+        _ => {}
     }
     let mut latencies = Vec::with_capacity(keys.len());
     let cpu_before = crate::bench_chain::cpu_time();
     let start = Instant::now();
-    run(&mut latencies)?;
+    run(&keys, &mut latencies)?;
     let elapsed = start.elapsed();
     let cpu = crate::bench_chain::cpu_time().saturating_sub(cpu_before);
     let mut out = format!("{} {}\n", elapsed.as_nanos(), cpu.as_nanos());

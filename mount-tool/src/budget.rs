@@ -114,8 +114,23 @@ impl Drop for MemoryCgroup {
                 return;
             }
         }
-        if let Err(err) = std::fs::remove_dir(&self.dir) {
-            eprintln!("exofs: removing the cgroup {}: {err}", self.dir.display());
+        // Children that were in it (a mount daemon that is still exiting) leave it by
+        // exiting: wait for them a little.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(err)
+                    if err.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(err) => {
+                    eprintln!("exofs: removing the cgroup {}: {err}", self.dir.display());
+                    return;
+                }
+            }
         }
     }
 }

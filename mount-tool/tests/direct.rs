@@ -712,6 +712,8 @@ fn direct_chains_answer_as_the_reference_and_every_refusal_is_counted() {
             );
         }
     }
+    // The callers go before the mount and its bpffs.
+    drop((user, other_program, nobody, member, stranger, dump));
     drop((m, policy));
 }
 

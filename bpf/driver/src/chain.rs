@@ -36,23 +36,28 @@ use exofs_abi::policy::{PolicyKey, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID, SUBJEC
 use crate::daemon;
 use crate::task_storage::TaskStorage;
 
+/// `BPF_F_NO_PREALLOC`: the hash maps take memory for the entries they hold, not for their
+/// capacity (preallocated, the extents map alone was 200 MB, charged to the memory cgroup
+/// of whoever created it: a mount under a 256 MiB budget could not start).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Registered files.
 #[map]
-static EXOFS_FILES: HashMap<FileKey, FileInfo> = HashMap::with_max_entries(16384, 0);
+static EXOFS_FILES: HashMap<FileKey, FileInfo> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
 /// Registered extents, chunked (see exofs_abi::extents).
 #[map]
-static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entries(262144, 0);
+static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entries(262144, BPF_F_NO_PREALLOC);
 
 /// The policy (see exofs_abi::policy).
 #[map]
 static EXOFS_POLICY: HashMap<PolicyKey, exofs_abi::policy::PolicyGrant> =
-    HashMap::with_max_entries(65536, 0);
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Tickets: which uid may run direct chains over which inode (see
 /// `exofs_abi::chain::MAP_TICKETS`).
 #[map]
-static EXOFS_TICKETS: HashMap<TicketKey, u64> = HashMap::with_max_entries(65536, 0);
+static EXOFS_TICKETS: HashMap<TicketKey, u64> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// This program's tag (`exofs_abi::policy::program_tag` of its name): each bound program
 /// has its own instance of this map, written by kernel-ext when it binds the program.

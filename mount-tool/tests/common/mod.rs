@@ -78,7 +78,14 @@ impl BpfFs {
 
 impl Drop for BpfFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
+        let unmounted = Command::new("umount")
+            .arg(&self.0)
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !unmounted {
+            // Busy (a process still in it): detached now, gone when it lets go.
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
         let _ = fs::remove_dir(&self.0);
     }
 }
