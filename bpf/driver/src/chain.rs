@@ -43,11 +43,13 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Registered files.
 #[map]
-static EXOFS_FILES: HashMap<FileKey, FileInfo> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+static EXOFS_FILES: HashMap<FileKey, FileInfo> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
 /// Registered extents, chunked (see exofs_abi::extents).
 #[map]
-static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> = HashMap::with_max_entries(262144, BPF_F_NO_PREALLOC);
+static EXOFS_EXTENTS: HashMap<ExtentKey, ExtentChunk> =
+    HashMap::with_max_entries(262144, BPF_F_NO_PREALLOC);
 
 /// The policy (see exofs_abi::policy).
 #[map]
