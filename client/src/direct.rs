@@ -144,6 +144,14 @@ fn changed(status: i32) -> bool {
     matches!(status, status::STALE | status::NOT_REGISTERED)
 }
 
+/// Whether an answer from a discovery made earlier may be out of date rather than final:
+/// the ticket may have gone with the handle it was taken through (another handle of this
+/// process on the file is open), or the daemon may have been replaced by a new one.
+/// Discover again once, through the descriptor at hand, before believing it.
+fn maybe_outdated(status: i32) -> bool {
+    matches!(status, status::DENIED | status::NO_DAEMON)
+}
+
 /// Runs `chain` directly.
 pub(crate) fn chain(file: &impl AsFd, chain: &Chain<'_>) -> Result<Answer, DirectError> {
     let mut fresh = false;
@@ -164,7 +172,7 @@ pub(crate) fn chain(file: &impl AsFd, chain: &Chain<'_>) -> Result<Answer, Direc
         ctx.scratch[..chain.scratch.len()].copy_from_slice(chain.scratch);
         test_run(&direct.chain, bytes_of_mut(&mut ctx)).map_err(DirectError::Unavailable)?;
         // (The chain program's return value is its status, also in the context.)
-        if changed(ctx.status) {
+        if changed(ctx.status) || (maybe_outdated(ctx.status) && !fresh) {
             fresh = true;
             continue;
         }
@@ -219,6 +227,10 @@ pub(crate) fn batch(
             }
             let refused = test_run(&direct.batch, bytes_of_mut(&mut ctx))
                 .map_err(DirectError::Unavailable)?;
+            if refused != status::DONE && maybe_outdated(refused) && !fresh {
+                fresh = true;
+                continue;
+            }
             let mut again = Vec::new();
             for (slot, &index) in ctx.lookups.iter().zip(&pending) {
                 if refused != status::DONE {
@@ -231,7 +243,7 @@ pub(crate) fn batch(
                     });
                     continue;
                 }
-                if changed(slot.status) {
+                if changed(slot.status) || (maybe_outdated(slot.status) && !fresh) {
                     again.push(index);
                 } else {
                     done[index] = Some(BatchAnswer {

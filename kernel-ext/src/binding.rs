@@ -412,6 +412,9 @@ impl Binding {
     pub fn open(fs: Arc<Fs>, options: &BindingOptions) -> Result<Self> {
         let store = Store::open(fs.uuid(), options)?;
         if !fs.is_read_only() {
+            // Only with the pin directory's lock: the maps may be another holder's (a
+            // mount of a copy of this image, with its uuid), which this must not clear.
+            store.lock()?;
             store.clear_files()?;
         }
         // Map first: a failure must not leave a listener subscribed with no binding.
@@ -829,12 +832,16 @@ impl Binding {
     }
 
     fn shutdown(&self) -> Result<()> {
-        // No direct chain may read the mapping once it is gone: unregister first.
-        if self
-            .serving
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
+        // No direct chain may read the mapping once it is gone: unregister first, then
+        // put inaccessible memory where the mapping was (a hop that passed its check
+        // before the unregistration may still be copying: it must fault, not find
+        // whatever this process maps there next). `serving` is cleared only once that
+        // is done, so a failure is tried again by the next shutdown (close, then drop).
+        if self.serving.load(std::sync::atomic::Ordering::Acquire) {
             self.store.register_daemon(0, 0)?;
+            self.mapping.retire()?;
+            self.serving
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         self.fs.unsubscribe(&self.listener);
         let entries: Vec<(u64, BTreeSet<u64>)> = self

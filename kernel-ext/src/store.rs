@@ -389,9 +389,33 @@ fn batch_pin(path: &Path) -> PathBuf {
     variant_pin(path, BATCH_PIN_DIR)
 }
 
-/// Fails unless `dir` is a directory owned by this process's user; makes it writable by
-/// no one else (whatever the umask made it) and readable and searchable by all (the
-/// direct pins inside must be reachable).
+/// One level of the pin tree, checked before anything in it is used: bpffs's root is
+/// world-writable (sticky), so `<bpffs>/exofs` (or anything under it) could have been
+/// made by another user, to fill with pins of their choosing, or be a symlink elsewhere.
+/// Makes `dir` if it does not exist (and `create`); then it must be a real directory (not
+/// a symlink) owned by this user, and is made writable by no one else (whatever the umask
+/// made it) and readable and searchable by all (the direct pins inside must be
+/// reachable). Callers go top down, so each level's parent is already known to be ours.
+fn private_dir(dir: &Path, create: bool) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            if !create {
+                return Ok(());
+            }
+            match fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(io_error(dir)(err)),
+            }
+        }
+        Err(err) => return Err(io_error(dir)(err)),
+    }
+    check_private(dir)
+}
+
+/// Fails unless `dir` is a directory (not a symlink) owned by this process's user; makes
+/// it mode 0755 (see `private_dir`).
 fn check_private(dir: &Path) -> Result<()> {
     let metadata = fs::symlink_metadata(dir).map_err(io_error(dir))?;
     // SAFETY: geteuid has no preconditions.
@@ -439,6 +463,14 @@ impl Store {
             None
         };
         let maps_dir = pin_dir.as_ref().map(|dir| dir.join("maps"));
+        if let (Some(dir), Some(maps)) = (&pin_dir, &maps_dir) {
+            // Top down, before any pin in them is opened (see `private_dir`).
+            if let Some(parent) = dir.parent() {
+                private_dir(parent, !pinned_only)?;
+            }
+            private_dir(dir, !pinned_only)?;
+            private_dir(maps, !pinned_only)?;
+        }
         let generation = match &maps_dir {
             Some(dir) => {
                 let path = dir.join(GENERATION_PIN);
@@ -566,22 +598,40 @@ impl Store {
     /// uuid) is refused with [`BindingError::Held`] rather than take over the daemon
     /// entry, the policy and the registered files of the first.
     pub fn hold(&self) -> Result<()> {
+        self.lock()?;
         self.ensure_map_pins()?;
         if let Some(dir) = &self.pin_dir {
-            let lock = fs::File::open(dir).map_err(io_error(dir))?;
-            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map(|held| {
-                    *self.holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
-                })
-                .map_err(|(_, errno)| match errno {
-                    nix::errno::Errno::EWOULDBLOCK => BindingError::Held(dir.to_owned()),
-                    errno => io_error(dir)(std::io::Error::from_raw_os_error(errno as i32)),
-                })?;
             let marker = dir.join(HELD_MARKER);
             if !marker.exists() {
                 fs::create_dir(&marker).map_err(io_error(&marker))?;
             }
         }
+        // Tickets are the holder's: none of a daemon that died may outlive it (on a
+        // read-only image nothing else clears the maps).
+        for key in self.maps.tickets.keys::<TicketKey>()? {
+            self.maps.tickets.delete(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the exclusive lock on the pin directory (see [`Store::hold`]), if pinning
+    /// and not taken yet: before a process that owns the file system clears the maps,
+    /// so that it never clears those of another holder.
+    pub(crate) fn lock(&self) -> Result<()> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let mut holder = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+        if holder.is_some() {
+            return Ok(());
+        }
+        let lock = fs::File::open(dir).map_err(io_error(dir))?;
+        let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => BindingError::Held(dir.to_owned()),
+                errno => io_error(dir)(std::io::Error::from_raw_os_error(errno as i32)),
+            })?;
+        *holder = Some(held);
         Ok(())
     }
 
@@ -622,16 +672,12 @@ impl Store {
         let Some(dir) = &self.pin_dir else {
             return Ok(());
         };
-        for sub in PROGRAM_PIN_DIRS.into_iter().chain(["maps"]) {
-            let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(io_error(&path))?;
-            check_private(&path)?;
-        }
-        // bpffs's root is world-writable (sticky): directories someone else made in it
-        // (or in ours) could be theirs to fill with pins. Every level must be ours.
-        check_private(dir)?;
         if let Some(parent) = dir.parent() {
-            check_private(parent)?;
+            private_dir(parent, true)?;
+        }
+        private_dir(dir, true)?;
+        for sub in PROGRAM_PIN_DIRS.into_iter().chain(["maps"]) {
+            private_dir(&dir.join(sub), true)?;
         }
         for (driver_name, pin) in PINNED_MAPS {
             let path = dir.join("maps").join(pin);

@@ -109,6 +109,11 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if let Err(err) = self.down() {
             log::warn!("unmounting the bench mount: {err}");
+            // Detached, so that the daemon exits and leaves the budget's cgroup.
+            if let Ok(target) = CString::new(self.dir.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a live NUL-terminated path.
+                unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            }
         }
         if let Ok(target) = CString::new(self.bpffs.as_os_str().as_encoded_bytes()) {
             // SAFETY: a live NUL-terminated path.

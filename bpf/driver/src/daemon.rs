@@ -21,6 +21,11 @@
 //!
 //! The map is read-only to system calls (BPF_F_RDONLY): only `exofs_register` writes it.
 //!
+//! Memory order: the registration protocol relies on the loads and stores below being
+//! seen in program order across CPUs, which x86 (TSO, the machines this runs on)
+//! guarantees, and `bpf_kptr_xchg` is a full barrier everywhere. A weakly ordered
+//! architecture would need the numbers read with a fetching atomic.
+//!
 //! The kfuncs are declared here and resolved by kernel-ext's loader against the running
 //! kernel's BTF (`elf_check::externs`). The map's value BTF (a `kptr`-tagged pointer to
 //! `task_struct` at offset 0) is made by the loader too (`btf::task_kptr_map_btf`).
@@ -99,8 +104,13 @@ unsafe fn register(map_addr: u64, map_len: u64) -> i32 {
         return status::INVALID;
     };
     // The process (thread group leader), not the calling thread: threads of the daemon
-    // come and go, the process's memory map is what chains read. None to unregister.
+    // come and go, the process's memory map is what chains read. None to unregister,
+    // which only the registered daemon may do (a daemon that exits must never remove a
+    // newer one's registration).
     let task = if map_len == 0 {
+        if !is_daemon() {
+            return status::DONE;
+        }
         core::ptr::null_mut()
     } else {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as i32;

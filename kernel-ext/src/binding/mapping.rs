@@ -16,6 +16,8 @@ pub struct DeviceMapping {
     /// descriptor a 4 KiB read next to cached blocks was taken for a sequential stream
     /// and read ahead (6.6 KiB per miss out of core, against 4.0 here).
     fetch: Option<std::fs::File>,
+    /// Replaced by inaccessible memory (see [`DeviceMapping::retire`]): never unmapped.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the mapping is read-only and only its address is shared (handed to the kernel).
@@ -123,6 +125,7 @@ impl DeviceMapping {
             addr,
             len,
             fetch: None,
+            retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -160,8 +163,46 @@ impl DeviceMapping {
     }
 }
 
+impl DeviceMapping {
+    /// Replaces the mapping, in place, by inaccessible anonymous memory that stays
+    /// reserved until the process exits: a reader still copying from it (a direct hop
+    /// that started before the daemon unregistered) faults instead of finding whatever
+    /// this process would map at these addresses next.
+    pub fn retire(&self) -> Result<()> {
+        if self.retired.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        // SAFETY: MAP_FIXED over exactly this mapping's range, which this value owns;
+        // nothing in this process reads it (only the kernel does, through the driver).
+        let addr = unsafe {
+            libc::mmap(
+                self.addr,
+                self.len,
+                libc::PROT_NONE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(BindingError::Invalid(format!(
+                "retiring the device mapping: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
 impl Drop for DeviceMapping {
     fn drop(&mut self) {
+        if self.retired.load(std::sync::atomic::Ordering::Acquire) {
+            // Reserved for good (see `retire`): at most the device's size of address
+            // space, no memory.
+            return;
+        }
         // SAFETY: unmaps exactly the mapping made in `map`, once.
         unsafe { libc::munmap(self.addr, self.len) };
     }
