@@ -110,6 +110,16 @@ impl Drop for PolicyRefresher {
     }
 }
 
+/// What the policy check allows a request: the subject to name to the kernel, the hop
+/// limit to run with (the one asked, or for 0 the most the grants allow), and the largest
+/// batch the caller's grants allow at that many hops.
+#[derive(Debug, Clone, Copy)]
+struct Decision {
+    subject: NamedSubject,
+    hops: u32,
+    max_batch: u32,
+}
+
 /// Who sent a FUSE request.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -325,9 +335,8 @@ impl ChainService {
         (groups, cgroup)
     }
 
-    /// Checks a request against the compiled policy: the subject to name to the kernel
-    /// and the hop limit to run with (`hops`, or for 0 the most the grants allow). A
-    /// refusal is logged and counted (`stats::REFUSED`).
+    /// Checks a request against the compiled policy (see [`Decision`]). A refusal is
+    /// logged and counted (`stats::REFUSED`).
     fn check(
         &self,
         caller: &Caller,
@@ -335,7 +344,7 @@ impl ChainService {
         program: &str,
         hops: u32,
         batch: u32,
-    ) -> Result<(NamedSubject, u32), Refusal> {
+    ) -> Result<Decision, Refusal> {
         self.decide(caller, ino, program, hops, batch)
             .inspect_err(|refusal| {
                 if refusal.errno == libc::EACCES {
@@ -347,31 +356,6 @@ impl ChainService {
             })
     }
 
-    /// As [`Self::check`] for a chain of the most hops the grants allow: the subject, and
-    /// the widest grant's max_hops and max_batch.
-    fn check_widest(
-        &self,
-        caller: &Caller,
-        ino: u64,
-        program: &str,
-    ) -> Result<(NamedSubject, u32, u32), Refusal> {
-        let (subject, max_hops) = self.check(caller, ino, program, 0, 1)?;
-        let grants = self.compiled_now()?;
-        let max_batch = grants
-            .iter()
-            .filter(|g| g.inos.contains(&ino) && g.programs.iter().any(|p| p == program))
-            .filter(|g| match g.who {
-                Resolved::Uid(uid) => uid == subject.uid,
-                Resolved::Gid(gid) => gid == subject.gid,
-                Resolved::Cgroup(id) => id == subject.cgroup,
-            })
-            .filter(|g| g.max_hops >= max_hops)
-            .map(|g| g.max_batch)
-            .max()
-            .unwrap_or(1);
-        Ok((subject, max_hops, max_batch))
-    }
-
     fn decide(
         &self,
         caller: &Caller,
@@ -379,7 +363,7 @@ impl ChainService {
         program: &str,
         hops: u32,
         batch: u32,
-    ) -> Result<(NamedSubject, u32), Refusal> {
+    ) -> Result<Decision, Refusal> {
         let grants = self.compiled_now()?;
         // /proc is read only when a grant could match through it.
         let needs_proc = grants.iter().any(|g| match g.who {
@@ -440,7 +424,17 @@ impl ChainService {
                 gid,
                 cgroup,
             };
-            return Ok((subject, hops));
+            let max_batch = for_program
+                .iter()
+                .filter(|g| hops <= g.max_hops)
+                .map(|g| g.max_batch)
+                .max()
+                .unwrap_or(batch);
+            return Ok(Decision {
+                subject,
+                hops,
+                max_batch,
+            });
         }
         if hops > widest.max_hops {
             return refuse(format!("{hops} hops exceed max_hops {}", widest.max_hops));
@@ -487,7 +481,11 @@ impl ChainService {
     /// registers the file and answers with its identity and the program's direct pins.
     pub fn direct(&self, caller: &Caller, ino: u64, input: &[u8]) -> Result<Vec<u8>, Refusal> {
         let (mut request, program) = decode_direct(input)?;
-        let (_, max_hops, max_batch) = self.check_widest(caller, ino, &program)?;
+        let Decision {
+            hops: max_hops,
+            max_batch,
+            ..
+        } = self.check(caller, ino, &program, 0, 1)?;
         let pins = self
             .binding
             .direct_pins(&program)
@@ -524,14 +522,20 @@ impl ChainService {
         let name = program.as_str();
         let outcome = self
             .check(caller, ino, name, request.hop_limit, 1)
-            .and_then(|(subject, hop_limit)| {
-                let program = self.binding.program(name).map_err(Self::run_error)?;
-                let mut chain = ChainRequest::new(ino, request.start, &request.scratch);
-                chain.hop_limit = hop_limit;
-                chain.read_len = request.read_len;
-                chain.subject = Some(subject);
-                self.binding.run(&program, &chain).map_err(Self::run_error)
-            });
+            .and_then(
+                |Decision {
+                     subject,
+                     hops: hop_limit,
+                     ..
+                 }| {
+                    let program = self.binding.program(name).map_err(Self::run_error)?;
+                    let mut chain = ChainRequest::new(ino, request.start, &request.scratch);
+                    chain.hop_limit = hop_limit;
+                    chain.read_len = request.read_len;
+                    chain.subject = Some(subject);
+                    self.binding.run(&program, &chain).map_err(Self::run_error)
+                },
+            );
         let outcome = match outcome {
             Ok(outcome) if outcome.status == status::DENIED => {
                 Err(Self::kernel_denied(caller, ino, "chain"))
@@ -554,23 +558,29 @@ impl ChainService {
         let name = program.as_str();
         let result = self
             .check(caller, ino, name, request.hop_limit, request.count)
-            .and_then(|(subject, hop_limit)| {
-                let program = self.binding.program(name).map_err(Self::run_error)?;
-                let mut batch = BatchRequest::new(ino);
-                batch.hop_limit = hop_limit;
-                batch.read_len = request.read_len;
-                batch.subject = Some(subject);
-                // Misses are read together and resumed (DESIGN "How a chain's misses
-                // are served"), never waited for one at a time inside the kernel.
-                batch.overlap_misses = true;
-                let items: Vec<BatchItem> = request.lookups[..count]
-                    .iter()
-                    .map(|lookup| BatchItem::new(lookup.start, &lookup.scratch))
-                    .collect();
-                self.binding
-                    .run_batch(&program, &batch, &items)
-                    .map_err(Self::run_error)
-            });
+            .and_then(
+                |Decision {
+                     subject,
+                     hops: hop_limit,
+                     ..
+                 }| {
+                    let program = self.binding.program(name).map_err(Self::run_error)?;
+                    let mut batch = BatchRequest::new(ino);
+                    batch.hop_limit = hop_limit;
+                    batch.read_len = request.read_len;
+                    batch.subject = Some(subject);
+                    // Misses are read together and resumed (DESIGN "How a chain's misses
+                    // are served"), never waited for one at a time inside the kernel.
+                    batch.overlap_misses = true;
+                    let items: Vec<BatchItem> = request.lookups[..count]
+                        .iter()
+                        .map(|lookup| BatchItem::new(lookup.start, &lookup.scratch))
+                        .collect();
+                    self.binding
+                        .run_batch(&program, &batch, &items)
+                        .map_err(Self::run_error)
+                },
+            );
         let result = match result {
             Ok((outcomes, _)) if outcomes.iter().all(|o| o.status == status::DENIED) => {
                 Err(Self::kernel_denied(caller, ino, "batch"))
