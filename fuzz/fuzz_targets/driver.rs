@@ -239,10 +239,28 @@ struct Header<'a> {
     subject_cgroup: &'a mut u64,
     map_addr: &'a mut u64,
     map_len: &'a mut u64,
+    flags: &'a mut u32,
 }
 
-/// Applies the mode's taming and the real mapping to a context's header.
-fn prepare(world: &World, mode: u8, header: Header<'_>) {
+/// Applies the mode's taming and the real mapping to a context's header, then, for a
+/// direct run, what a direct context may not name (see `direct_fields`). Returns whether
+/// the context as it will be sent names any of that.
+fn prepare(world: &World, mode: u8, mut header: Header<'_>) -> bool {
+    tame(world, mode, &mut header);
+    direct_fields(
+        mode,
+        (header.map_addr, header.map_len),
+        (
+            header.subject_uid,
+            header.subject_gid,
+            header.subject_cgroup,
+        ),
+        header.flags,
+    )
+}
+
+/// The real mapping and the mode's taming (see `prepare`).
+fn tame(world: &World, mode: u8, header: &mut Header<'_>) {
     let (addr, len) = world.mapping.range();
     *header.map_addr = addr;
     if mode & 8 == 0 {
@@ -366,7 +384,7 @@ fn gained_secret(before: &[u8], after: &[u8]) -> bool {
 
 fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
     let mut ctx: ChainCtx = context(bytes);
-    prepare(
+    let forbidden = prepare(
         world,
         mode,
         Header {
@@ -379,6 +397,7 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
             subject_cgroup: &mut ctx.subject_cgroup,
             map_addr: &mut ctx.map_addr,
             map_len: &mut ctx.map_len,
+            flags: &mut ctx.flags,
         },
     );
     if mode & 4 != 0 {
@@ -390,16 +409,6 @@ fn run_chain(world: &World, mode: u8, bytes: &[u8]) {
     if mode & 2 != 0 {
         ctx.scratch[..8].copy_from_slice(&SECRET.to_ne_bytes());
     }
-    let forbidden = direct_fields(
-        mode,
-        (&mut ctx.map_addr, &mut ctx.map_len),
-        (
-            &mut ctx.subject_uid,
-            &mut ctx.subject_gid,
-            &mut ctx.subject_cgroup,
-        ),
-        &mut ctx.flags,
-    );
     let direct = mode & DIRECT != 0;
     let program = if direct {
         world.program.direct_program()
@@ -561,7 +570,7 @@ fn missing_is_sane(world: &World, flags: u32, missing: u64) {
 
 fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
     let mut ctx: BatchCtx = context(bytes);
-    prepare(
+    let forbidden = prepare(
         world,
         mode,
         Header {
@@ -574,6 +583,7 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
             subject_cgroup: &mut ctx.subject_cgroup,
             map_addr: &mut ctx.map_addr,
             map_len: &mut ctx.map_len,
+            flags: &mut ctx.flags,
         },
     );
     if mode & 4 != 0 {
@@ -591,16 +601,6 @@ fn run_batch(world: &World, mode: u8, bytes: &[u8]) {
         }
     }
     unmap_if_asked(world, mode);
-    let forbidden = direct_fields(
-        mode,
-        (&mut ctx.map_addr, &mut ctx.map_len),
-        (
-            &mut ctx.subject_uid,
-            &mut ctx.subject_gid,
-            &mut ctx.subject_cgroup,
-        ),
-        &mut ctx.flags,
-    );
     let direct = mode & DIRECT != 0;
     let program = if direct {
         world.program.direct_batch_program()
