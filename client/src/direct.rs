@@ -47,16 +47,28 @@ impl DirectError {
 
 /// What a discovery gave: the opened pins and the file as the driver names it.
 #[derive(Debug)]
-struct Direct {
+pub(crate) struct Direct {
     chain: OwnedFd,
     batch: OwnedFd,
     file: ChainFile,
     max_hops: u32,
 }
 
+/// One file's discoveries, by program name.
+pub(crate) type Programs = Vec<(String, Arc<Direct>)>;
+
+/// Where discoveries are kept.
+#[derive(Clone, Copy)]
+pub(crate) enum Memo<'a> {
+    /// In the process-wide cache, by (device, inode): a statx per call finds the entry.
+    Process,
+    /// In a [`crate::Handle`], which is one file: no statx.
+    Handle(&'a Mutex<Programs>),
+}
+
 /// A file by (device, inode); each has its programs' discoveries.
 type Key = (u64, u64);
-type Cache = HashMap<Key, Vec<(String, Arc<Direct>)>>;
+type Cache = HashMap<Key, Programs>;
 
 fn cache() -> &'static Mutex<Cache> {
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
@@ -86,11 +98,33 @@ fn key_of(file: &impl AsFd) -> io::Result<Key> {
     Ok((device, stat.stx_ino))
 }
 
-/// The cached discovery of `program` over `file`, or a new one (`fresh`: always new).
-fn discovered(file: &impl AsFd, program: &str, fresh: bool) -> Result<Arc<Direct>, DirectError> {
-    let key = key_of(file).map_err(DirectError::Failed)?;
-    let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
-    let programs = cache.entry(key).or_default();
+/// The discovery of `program` over `file` kept in `memo`, or a new one (`fresh`: always
+/// new).
+fn discovered(
+    file: &impl AsFd,
+    program: &str,
+    fresh: bool,
+    memo: Memo<'_>,
+) -> Result<Arc<Direct>, DirectError> {
+    match memo {
+        Memo::Process => {
+            let key = key_of(file).map_err(DirectError::Failed)?;
+            let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
+            remembered(cache.entry(key).or_default(), file, program, fresh)
+        }
+        Memo::Handle(programs) => {
+            let mut programs = programs.lock().unwrap_or_else(|p| p.into_inner());
+            remembered(&mut programs, file, program, fresh)
+        }
+    }
+}
+
+fn remembered(
+    programs: &mut Programs,
+    file: &impl AsFd,
+    program: &str,
+    fresh: bool,
+) -> Result<Arc<Direct>, DirectError> {
     let known = programs.iter().position(|(name, _)| name == program);
     if let (Some(at), false) = (known, fresh) {
         return Ok(programs[at].1.clone());
@@ -153,10 +187,14 @@ fn maybe_outdated(status: i32) -> bool {
 }
 
 /// Runs `chain` directly.
-pub(crate) fn chain(file: &impl AsFd, chain: &Chain<'_>) -> Result<Answer, DirectError> {
+pub(crate) fn chain(
+    file: &impl AsFd,
+    chain: &Chain<'_>,
+    memo: Memo<'_>,
+) -> Result<Answer, DirectError> {
     let mut fresh = false;
     for _ in 0..ATTEMPTS {
-        let direct = discovered(file, chain.program, fresh)?;
+        let direct = discovered(file, chain.program, fresh, memo)?;
         let mut ctx = ChainCtx {
             file_count: 1,
             hop_limit: if chain.hop_limit == 0 {
@@ -194,6 +232,7 @@ pub(crate) fn batch(
     program: &str,
     hop_limit: u32,
     lookups: &[(u64, &[u8])],
+    memo: Memo<'_>,
 ) -> Result<Vec<BatchAnswer>, DirectError> {
     let mut answers = Vec::with_capacity(lookups.len());
     for group in lookups.chunks(MAX_BATCH) {
@@ -204,7 +243,7 @@ pub(crate) fn batch(
             if pending.is_empty() {
                 break;
             }
-            let direct = discovered(file, program, fresh)?;
+            let direct = discovered(file, program, fresh, memo)?;
             let mut ctx = BatchCtx {
                 file_count: 1,
                 hop_limit: if hop_limit == 0 {

@@ -338,6 +338,8 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         .custom_flags(direct)
         .open(file)
         .map_err(|e| format!("{}: {e}", file.display()))?;
+    // Chains go through a handle, as an application that looks up many times would.
+    let handle = exofs_client::Handle::new(&index);
     let node_size = args.node_size;
     let map = if args.client_path == "fuse_mmap" {
         Some(DeviceMapping::map_file(&index)?)
@@ -373,7 +375,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
                 } else {
                     exofs_client::Via::Daemon
                 };
-                let answer = exofs_client::chain(&index, &chain)?;
+                let answer = handle.chain(&chain)?;
                 let found = Lookup::from_scratch(&answer.scratch);
                 Ok(index::Answer {
                     value: (answer.is_done() && found.is_found()).then_some(found.value),
@@ -399,7 +401,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
                 let asks: Vec<[u8; Lookup::SIZE]> = group.iter().map(|k| Lookup::ask(*k)).collect();
                 let lookups: Vec<(u64, &[u8])> = asks.iter().map(|a| (0, &a[..])).collect();
                 let start = Instant::now();
-                let answers = exofs_client::chain_batch_via(&index, PROGRAM, 0, &lookups, via)?;
+                let answers = handle.chain_batch(PROGRAM, 0, &lookups, via)?;
                 let ns = start.elapsed().as_nanos() as u64;
                 for (key, answer) in group.iter().zip(answers) {
                     let found = Lookup::from_scratch(&answer.scratch);

@@ -350,3 +350,62 @@ fn out_pid(printed: &str) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+#[test]
+fn bench_via_mount_answers_every_key_on_every_path_as_the_unprivileged_user() {
+    const TEST: &str = "bench_via_mount_answers_every_key_on_every_path_as_the_unprivileged_user";
+    if !common::can_mount(TEST) {
+        return;
+    }
+    common::test_user();
+    let image = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("exofs-cli-{}-via-mount.img", std::process::id()));
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("exofs-cli-{}-via-mount.json", std::process::id()));
+    let out = exofs(&[
+        "bench",
+        "chain",
+        "--via-mount",
+        "--user",
+        "exofs-test",
+        "--mode",
+        "warm",
+        "--index-size",
+        "8M",
+        "--lookups",
+        "2000",
+        "--rounds",
+        "1",
+        "--image",
+        image.to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    let printed = text(&out);
+    assert!(out.status.success(), "bench: {printed}");
+    assert!(!image.exists(), "the bench left its image");
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON")).expect("JSON");
+    std::fs::remove_file(&json).expect("remove the JSON");
+    // The client checks every answer against the tree it built (a wrong one fails the
+    // bench), so a figure for a path means all its lookups were right.
+    let results = figures["results"].as_array().expect("results");
+    for path in [
+        "fuse_pread",
+        "fuse_mmap",
+        "ioctl_chain",
+        "ioctl_batch",
+        "direct_chain",
+        "direct_batch",
+    ] {
+        let result = results
+            .iter()
+            .find(|r| r["path"] == path)
+            .unwrap_or_else(|| panic!("no {path} result: {printed}"));
+        assert_eq!(result["lookups"], 2000, "{result}");
+        assert!(
+            result["lookups_per_sec"].as_f64().unwrap_or_default() > 0.0,
+            "{result}"
+        );
+    }
+}
