@@ -169,7 +169,14 @@ fn main() {
             );
         }
     }
-    for watched in ["abi/src", "abi/Cargo.toml", "abi/include", "examples/c"] {
+    for watched in [
+        "abi/src",
+        "abi/Cargo.toml",
+        "abi/include",
+        "appfn/src",
+        "appfn/Cargo.toml",
+        "examples/c",
+    ] {
         println!("cargo:rerun-if-changed={}", bpf.join(watched).display());
     }
 
@@ -206,6 +213,10 @@ fn main() {
     export_elf("EXOFS_EXAMPLE_BTREE_ELF", release.join("btree"));
     export_elf("EXOFS_EXAMPLE_HASH_CHAIN_ELF", release.join("hash_chain"));
     export_elf("EXOFS_EXAMPLE_LINKED_LIST_ELF", release.join("linked_list"));
+    export_elf(
+        "EXOFS_EXAMPLE_SQLITE_ROWID_ELF",
+        release.join("sqlite_rowid"),
+    );
 
     let c_object = out_dir.join("btree_c.o");
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_owned());

@@ -39,6 +39,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 mod direct;
+pub mod sqlite;
 
 /// How a chain reaches the kernel (see the crate documentation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

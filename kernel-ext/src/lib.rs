@@ -50,6 +50,8 @@ pub mod examples {
     pub static HASH_CHAIN: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_HASH_CHAIN_ELF"));
     /// Linked-list walk (Rust), `exofs_abi::formats::list`.
     pub static LINKED_LIST: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_LINKED_LIST_ELF"));
+    /// SQLite rowid lookup in a table B-tree (`exofs_abi::formats::sqlite`).
+    pub static SQLITE_ROWID: &[u8] = include_bytes!(env!("EXOFS_EXAMPLE_SQLITE_ROWID_ELF"));
 }
 pub mod sys;
 

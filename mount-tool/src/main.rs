@@ -19,6 +19,7 @@ mod fuse;
 mod mount;
 mod progs;
 mod size;
+mod sqlite;
 mod tools;
 
 use clap::{Parser, Subcommand};
@@ -129,6 +130,34 @@ enum Command {
         #[arg(long, value_enum, default_value_t = progs::ViaArg::Auto)]
         via: progs::ViaArg,
     },
+    /// Look a rowid up in a table of an SQLite database stored in the image, with one chain
+    /// of the loaded `sqlite_rowid` program (`exofs prog load IMAGE sqlite_rowid
+    /// example:sqlite_rowid`). Prints the column's value, or `not found`, and the hops.
+    /// On a mounted image (or its mount point) it runs through the mount, as any user the
+    /// policy grants.
+    Sqlite {
+        /// The image, or the mount point of a mounted one.
+        image: PathBuf,
+        /// The database file (its path inside the image).
+        path: PathBuf,
+        /// The table (a rowid table; its root page comes from the schema).
+        #[arg(long)]
+        table: String,
+        #[arg(long, allow_hyphen_values = true)]
+        rowid: i64,
+        /// The column, from 0, in the table's declared order.
+        #[arg(long, default_value_t = 0)]
+        column: u16,
+        /// The loaded program's name.
+        #[arg(long, default_value = exofs_client::sqlite::PROGRAM)]
+        prog: String,
+        /// Hops at most (default: 64; through a mount, as many as your grant allows).
+        #[arg(long)]
+        hops: Option<u32>,
+        /// Through a mount: `direct`, `daemon` or `auto` (as for `exofs chain`).
+        #[arg(long, value_enum, default_value_t = progs::ViaArg::Auto)]
+        via: progs::ViaArg,
+    },
     /// Chain statistics of an image's binding (or of a mount's): chains, hops, rejects,
     /// stale retries.
     Stats { image: PathBuf },
@@ -164,7 +193,7 @@ enum PolicyAction {
 enum ProgAction {
     /// Link an application object's `next` into the driver, load it and pin it as NAME.
     /// OBJECT is a BPF ELF file, or example:btree, example:btree_c, example:hash_chain,
-    /// example:linked_list for the examples built into exofs.
+    /// example:linked_list, example:sqlite_rowid for the examples built into exofs.
     Load {
         image: PathBuf,
         name: String,
@@ -273,6 +302,31 @@ fn main() -> ExitCode {
                 prog,
                 key,
                 start,
+                hops,
+                via,
+            },
+        ) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
+        Command::Sqlite {
+            image,
+            path,
+            table,
+            rowid,
+            column,
+            prog,
+            hops,
+            via,
+        } => match sqlite::lookup(
+            &image,
+            bpffs,
+            &sqlite::SqliteArgs {
+                path,
+                table,
+                rowid,
+                column,
+                prog,
                 hops,
                 via,
             },

@@ -22,12 +22,13 @@ const EXAMPLES: &[(&str, &[u8])] = &[
     ("btree_c", examples::BTREE_C),
     ("hash_chain", examples::HASH_CHAIN),
     ("linked_list", examples::LINKED_LIST),
+    ("sqlite_rowid", examples::SQLITE_ROWID),
 ];
 
 /// What the prog and stats commands work on: an image no one has open (this process
 /// opens it and its binding), or a mounted one (the daemon holds the file system and the
 /// maps; this process attaches to the pinned maps).
-enum Target {
+pub(crate) enum Target {
     Image(Binding),
     Mounted(Store),
 }
@@ -43,14 +44,14 @@ impl Target {
 
 /// Where `path` (an image, or the mount point of a mounted one) is mounted, if it is:
 /// (image, mount point).
-fn mounted(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
+pub(crate) fn mounted(path: &Path) -> Result<Option<(PathBuf, PathBuf)>> {
     Ok(mount::exofs_mounts()?
         .into_iter()
         .find(|(image, mountpoint)| same_file(mountpoint, path) || same_file(image, path)))
 }
 
 /// Opens `path`, an image or the mount point of a mounted one.
-fn open_target(path: &Path, bpffs: &Path) -> Result<Target> {
+pub(crate) fn open_target(path: &Path, bpffs: &Path) -> Result<Target> {
     let attach = |image: &Path| {
         let uuid = Fs::peek_uuid(image)?;
         let store = Store::attach(uuid, bpffs).map_err(explain)?;
@@ -84,7 +85,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Adds what to do to a refusal for lack of privilege.
-fn explain(err: BindingError) -> String {
+pub(crate) fn explain(err: BindingError) -> String {
     if err.is_permission_denied() {
         format!("{err} (loading BPF and pinning need root: CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)")
     } else {
@@ -150,6 +151,16 @@ pub enum ViaArg {
     Daemon,
 }
 
+impl From<ViaArg> for exofs_client::Via {
+    fn from(via: ViaArg) -> Self {
+        match via {
+            ViaArg::Auto => Self::Auto,
+            ViaArg::Direct => Self::Direct,
+            ViaArg::Daemon => Self::Daemon,
+        }
+    }
+}
+
 /// What `exofs chain` runs.
 #[derive(Debug, Clone)]
 pub struct ChainArgs {
@@ -204,11 +215,7 @@ fn chain_through_mount(mountpoint: &Path, args: &ChainArgs) -> Result<ExitCode> 
     if let Some(hops) = args.hops {
         chain.hop_limit = hops;
     }
-    chain.via = match args.via {
-        ViaArg::Auto => exofs_client::Via::Auto,
-        ViaArg::Direct => exofs_client::Via::Direct,
-        ViaArg::Daemon => exofs_client::Via::Daemon,
-    };
+    chain.via = args.via.into();
     let answer = exofs_client::chain(&file, &chain)
         .map_err(|e| format!("{}: chain: {e}", inside.display()))?;
     Ok(report_lookup(
@@ -220,7 +227,7 @@ fn chain_through_mount(mountpoint: &Path, args: &ChainArgs) -> Result<ExitCode> 
 }
 
 /// Prints a lookup's answer; exit 0 found or not found, 1 if the chain did not finish.
-fn report_lookup(key: u64, chain_status: i32, hops: u32, scratch: &[u8]) -> ExitCode {
+pub(crate) fn report_lookup(key: u64, chain_status: i32, hops: u32, scratch: &[u8]) -> ExitCode {
     if chain_status != status::DONE {
         println!(
             "key {key}: {} after {hops} hops",

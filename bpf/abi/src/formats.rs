@@ -157,3 +157,159 @@ pub mod list {
 const _: () = assert!(core::mem::size_of::<Lookup>() == 24);
 const _: () = assert!(core::mem::size_of::<hash::Entry>() == 24);
 const _: () = assert!(core::mem::size_of::<list::Node>() == 24);
+
+/// SQLite rowid lookups (the `sqlite_rowid` example): a chain walks a table B-tree of an
+/// SQLite database file, from the table's root page down to the leaf that holds the rowid,
+/// then along the record's overflow pages if the column's bytes are there, and returns one
+/// column of the row. The file format is SQLite's own (sqlite.org/fileformat2.html); page
+/// `n` starts at byte `(n - 1) * page_size`, so a lookup starts at the root page's offset.
+///
+/// The scratch is a [`Lookup`](self::Lookup) of this module: the caller fills rowid,
+/// column, page size and usable size (from the database header, which the caller reads:
+/// the page size is 512..=4096, the usable size at least 480); the chain fills kind,
+/// length and the value. Its first 32 bytes are everything a walk needs between hops, so
+/// a batch (32 bytes of scratch per lookup) returns integers, reals, NULLs and lengths,
+/// but no text or blob bytes.
+pub mod sqlite {
+    /// Scratch offset of the text or blob bytes.
+    pub const BYTES_OFFSET: usize = 32;
+    /// Text or blob bytes a single chain returns at most (`length` is the true length).
+    pub const MAX_BYTES: usize = 200;
+    /// Bytes of the database header at the start of page 1.
+    pub const HEADER_SIZE: usize = 100;
+    /// The largest page size served: a page must fit in one block.
+    pub const MAX_PAGE_SIZE: usize = 4096;
+    /// The smallest usable size SQLite allows.
+    pub const MIN_USABLE: usize = 480;
+
+    /// B-tree page types (the first byte of a page's B-tree header).
+    pub const PAGE_INTERIOR_INDEX: u8 = 0x02;
+    pub const PAGE_INTERIOR_TABLE: u8 = 0x05;
+    pub const PAGE_LEAF_INDEX: u8 = 0x0a;
+    pub const PAGE_LEAF_TABLE: u8 = 0x0d;
+
+    /// `kind`: what the lookup found.
+    pub mod kind {
+        /// No row with that rowid.
+        pub const NOT_FOUND: u8 = 0;
+        pub const NULL: u8 = 1;
+        /// `value` is the integer (i64).
+        pub const INTEGER: u8 = 2;
+        /// `value` holds the f64's bits.
+        pub const REAL: u8 = 3;
+        /// `length` bytes of text, the first `MAX_BYTES` of them at `BYTES_OFFSET`.
+        pub const TEXT: u8 = 4;
+        pub const BLOB: u8 = 5;
+        /// The record has fewer columns than asked for: the column was added by ALTER
+        /// TABLE after the row was written, and its default applies.
+        pub const ABSENT: u8 = 6;
+    }
+
+    /// `phase`: where a walk is (internal; 0 when a lookup starts).
+    pub mod phase {
+        /// Descending the table B-tree.
+        pub const DESCEND: u8 = 0;
+        /// On overflow pages, skipping `progress` more bytes before the value.
+        pub const SKIP: u8 = 1;
+        /// On overflow pages, `progress` bytes of the value gathered so far.
+        pub const GATHER: u8 = 2;
+    }
+
+    /// The scratch of a `sqlite_rowid` lookup (little-endian).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Lookup {
+        /// In: the rowid sought.
+        pub rowid: i64,
+        /// In: the column, from 0, in the table's declared order.
+        pub column: u16,
+        /// In: the database's page size (512..=4096).
+        pub page_size: u16,
+        /// In: the usable size (page size minus the header's reserved bytes).
+        pub usable: u16,
+        /// Internal: a [`phase`] value.
+        pub phase: u8,
+        /// Out: a [`kind`] value.
+        pub kind: u8,
+        /// Out: the value's length in bytes (text and blob: the whole length).
+        pub length: u32,
+        /// Internal: bytes still to skip, or gathered, on overflow pages.
+        pub progress: u32,
+        /// Out: the integer, or the real's bits.
+        pub value: u64,
+        /// Out: the first bytes of a text or blob (single chains only).
+        pub bytes: [u8; MAX_BYTES],
+    }
+
+    const _: () = assert!(core::mem::size_of::<Lookup>() == BYTES_OFFSET + MAX_BYTES);
+    const _: () = assert!(core::mem::offset_of!(Lookup, bytes) == BYTES_OFFSET);
+    const _: () = assert!(core::mem::size_of::<Lookup>() <= crate::chain::SCRATCH_SIZE);
+
+    impl Lookup {
+        /// Asks for `column` of the row `rowid`, in a database of this page and usable
+        /// size.
+        pub fn ask(rowid: i64, column: u16, page_size: u16, usable: u16) -> Self {
+            Self {
+                rowid,
+                column,
+                page_size,
+                usable,
+                phase: phase::DESCEND,
+                kind: kind::NOT_FOUND,
+                length: 0,
+                progress: 0,
+                value: 0,
+                bytes: [0; MAX_BYTES],
+            }
+        }
+
+        /// The scratch bytes of this lookup.
+        pub fn to_bytes(&self) -> [u8; core::mem::size_of::<Lookup>()] {
+            let mut out = [0u8; core::mem::size_of::<Lookup>()];
+            out[0..8].copy_from_slice(&self.rowid.to_le_bytes());
+            out[8..10].copy_from_slice(&self.column.to_le_bytes());
+            out[10..12].copy_from_slice(&self.page_size.to_le_bytes());
+            out[12..14].copy_from_slice(&self.usable.to_le_bytes());
+            out[14] = self.phase;
+            out[15] = self.kind;
+            out[16..20].copy_from_slice(&self.length.to_le_bytes());
+            out[20..24].copy_from_slice(&self.progress.to_le_bytes());
+            out[24..32].copy_from_slice(&self.value.to_le_bytes());
+            out[BYTES_OFFSET..].copy_from_slice(&self.bytes);
+            out
+        }
+
+        /// The lookup a scratch holds (missing bytes read as zero).
+        pub fn from_scratch(scratch: &[u8]) -> Self {
+            let mut all = [0u8; core::mem::size_of::<Lookup>()];
+            let n = scratch.len().min(all.len());
+            all[..n].copy_from_slice(&scratch[..n]);
+            let u16_at = |at: usize| u16::from_le_bytes([all[at], all[at + 1]]);
+            let u32_at =
+                |at: usize| u32::from_le_bytes([all[at], all[at + 1], all[at + 2], all[at + 3]]);
+            let mut value = [0u8; 8];
+            value.copy_from_slice(&all[24..32]);
+            let mut rowid = [0u8; 8];
+            rowid.copy_from_slice(&all[0..8]);
+            let mut bytes = [0u8; MAX_BYTES];
+            bytes.copy_from_slice(&all[BYTES_OFFSET..]);
+            Self {
+                rowid: i64::from_le_bytes(rowid),
+                column: u16_at(8),
+                page_size: u16_at(10),
+                usable: u16_at(12),
+                phase: all[14],
+                kind: all[15],
+                length: u32_at(16),
+                progress: u32_at(20),
+                value: u64::from_le_bytes(value),
+                bytes,
+            }
+        }
+
+        /// The text or blob bytes returned (at most MAX_BYTES).
+        pub fn returned_bytes(&self) -> &[u8] {
+            &self.bytes[..(self.length as usize).min(MAX_BYTES)]
+        }
+    }
+}

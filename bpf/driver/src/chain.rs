@@ -459,6 +459,27 @@ unsafe fn prepare<const DIRECT: bool>(
     Ok((state, walk))
 }
 
+/// [`prepare`] for a chain. Not inlined, so that the header's copy is not on the stack of
+/// the function that runs the hops: the application's `next` shares the 512-byte stack
+/// with every frame below it.
+#[inline(never)]
+unsafe fn prepare_chain<const DIRECT: bool>(
+    ctx: *mut ChainCtx,
+) -> Result<(*mut HopState, *mut Walk), i32> {
+    let header = header_of!(ctx);
+    prepare::<DIRECT>(&header, 1)
+}
+
+/// [`prepare`] for a batch of `lookups` (as [`prepare_chain`]).
+#[inline(never)]
+unsafe fn prepare_batch<const DIRECT: bool>(
+    ctx: *mut BatchCtx,
+    lookups: u64,
+) -> Result<(*mut HopState, *mut Walk), i32> {
+    let header = header_of!(ctx);
+    prepare::<DIRECT>(&header, lookups)
+}
+
 /// What `step` returns to go on to the next hop.
 const KEEP_GOING: i32 = -1;
 
@@ -499,8 +520,7 @@ fn chain<const DIRECT: bool>(ctx: *mut c_void) -> i32 {
 /// Runs the chain: its status, its hops (counted from hop 0), and the hops this call
 /// walked (a resumed chain starts at `start_hop`).
 unsafe fn run<const DIRECT: bool>(ctx: *mut ChainCtx) -> (i32, u32, u64) {
-    let header = header_of!(ctx);
-    let (state, walk) = match prepare::<DIRECT>(&header, 1) {
+    let (state, walk) = match prepare_chain::<DIRECT>(ctx) {
         Ok(values) => values,
         Err(outcome) => return (outcome, 0, 0),
     };
@@ -677,8 +697,7 @@ unsafe fn run_batch<const DIRECT: bool>(ctx: *mut BatchCtx) -> i32 {
     if lookups == 0 || lookups > MAX_BATCH as u64 {
         return status::INVALID;
     }
-    let header = header_of!(ctx);
-    let (state, walk) = match prepare::<DIRECT>(&header, lookups) {
+    let (state, walk) = match prepare_batch::<DIRECT>(ctx, lookups) {
         Ok(values) => values,
         Err(outcome) => {
             if outcome == status::DENIED {
@@ -840,7 +859,10 @@ extern "C" fn batch_hop<const DIRECT: bool>(_index: u64, values: *mut c_void) ->
 /// the generation. Returns status::DONE when the data is valid. A direct program copies
 /// from the daemon's mapping (a copy that may fault; there is no other way to read another
 /// process's memory), every other from the caller's own.
-#[inline(always)]
+///
+/// Not inlined: its frame (map keys, the daemon's task) is gone by the time `step` calls
+/// the application's `next`.
+#[inline(never)]
 unsafe fn read_hop<const DIRECT: bool>(
     state: &mut HopState,
     walk: &mut Walk,

@@ -1,0 +1,379 @@
+//! SQLite rowid lookup (`exofs_abi::formats::sqlite`): one hop per page of a table B-tree,
+//! from the table's root page down to the leaf that holds the rowid, then one per
+//! overflow page while the column's bytes lie there. Written with exofs-appfn: every
+//! read is a bounded one, and both searches in a page (the binary search over cells, the
+//! walk over the record's serial types) run in bpf_loop, so the verifier checks each body
+//! once whatever the page holds.
+//!
+//! The stack is the scarce thing: an application function shares 512 bytes with the
+//! driver, which takes about 400 of them. So the lookup's state is read and written in
+//! place in the scratch, the walk over the serial types keeps its cursor there too, and
+//! each part is a function of its own (frames add up along a call path, not across it).
+//!
+//! Refused (ABORTED): index pages (index B-trees and WITHOUT ROWID tables), page sizes
+//! over 4096, a record whose header does not fit on its leaf page, reserved serial types,
+//! and anything out of place (a cell pointer outside the cell area, a child page 0, an
+//! overflow chain that ends early). A cycle in the tree or in an overflow chain ends at
+//! the chain's hop limit (HOP_LIMIT); a page past the end of the file is OUT_OF_FILE.
+#![no_std]
+#![no_main]
+
+use exofs_abi::chain::{HopState, NEXT_ABORT, NEXT_CONTINUE, NEXT_DONE, SCRATCH_SIZE};
+use exofs_abi::formats::sqlite::{
+    kind, phase, Lookup, BYTES_OFFSET, HEADER_SIZE, MAX_BYTES, MAX_PAGE_SIZE, MIN_USABLE,
+    PAGE_INTERIOR_TABLE, PAGE_LEAF_TABLE,
+};
+use exofs_appfn::{
+    be16, be32, byte, partition_point, repeat, scratch_word, set_scratch_word, sqlite_varint,
+    HELPER_AREA,
+};
+
+/// Scratch word of the walk over a record's header, within one hop: the cursor (low 32
+/// bits) and the payload offset of the next column's bytes (high 32 bits). After the
+/// lookup's bytes, before the helpers'.
+const WALK: usize = core::mem::size_of::<Lookup>();
+const _: () = assert!(WALK % 8 == 0 && WALK + 8 <= HELPER_AREA);
+/// The walk's cursor when it failed (a malformed header), and when it found the column
+/// (whose serial type is then in the lookup's value, free until the lookup ends).
+const FAILED: u32 = u32::MAX;
+const FOUND: u32 = u32::MAX - 1;
+
+/// The lookup in the scratch.
+fn lookup(state: &mut HopState) -> &mut Lookup {
+    // SAFETY: the scratch is 8-aligned in HopState and longer than a Lookup, which is
+    // plain data (any bytes are a valid Lookup).
+    unsafe { &mut *state.scratch.as_mut_ptr().cast::<Lookup>() }
+}
+
+#[no_mangle]
+pub extern "C" fn next(state: *mut HopState) -> i32 {
+    // SAFETY: the driver calls `next` with its live hop state.
+    let state = unsafe { &mut *state };
+    walk(state).unwrap_or(NEXT_ABORT)
+}
+
+fn walk(state: &mut HopState) -> Option<i32> {
+    let data_len = state.data_len as usize;
+    let l = lookup(state);
+    let (page_size, usable) = (l.page_size as usize, l.usable as usize);
+    if !page_size.is_power_of_two()
+        || !(512..=MAX_PAGE_SIZE).contains(&page_size)
+        || usable < MIN_USABLE
+        || usable > page_size
+        || data_len < usable
+    {
+        return None;
+    }
+    match l.phase {
+        phase::DESCEND => descend(state, usable),
+        phase::SKIP | phase::GATHER => overflow(state, usable),
+        _ => None,
+    }
+}
+
+/// Continues at page `page` (pages count from 1).
+fn go_to_page(state: &mut HopState, page: u32) -> Option<i32> {
+    if page == 0 {
+        return None;
+    }
+    let page_size = u64::from(lookup(state).page_size);
+    state.next_count = 1;
+    state.next_file[0] = state.file;
+    state.next_offset[0] = u64::from(page - 1) * page_size;
+    Some(NEXT_CONTINUE)
+}
+
+/// Offset in the page of cell `index`, from the cell pointer array at `pointers`.
+fn cell_at(state: &HopState, pointers: usize, index: u32, usable: usize) -> Option<usize> {
+    let cell = be16(state, pointers + 2 * index as usize)? as usize;
+    if cell < pointers || cell >= usable {
+        return None;
+    }
+    Some(cell)
+}
+
+/// A table leaf cell's rowid, payload size and payload offset.
+#[inline(never)]
+fn leaf_cell(state: &mut HopState, cell: usize) -> Option<(i64, u64, usize)> {
+    let (payload, n1) = sqlite_varint(state, cell)?;
+    let (rowid, n2) = sqlite_varint(state, cell + n1)?;
+    Some((rowid as i64, payload, cell + n1 + n2))
+}
+
+/// A B-tree page: down to the child that covers the rowid, or the rowid's record.
+#[inline(never)]
+fn descend(state: &mut HopState, usable: usize) -> Option<i32> {
+    // Page 1 starts with the database header.
+    let at = if state.offset == 0 { HEADER_SIZE } else { 0 };
+    let page_type = byte(state, at)?;
+    let cells = u32::from(be16(state, at + 3)?);
+    let rowid = lookup(state).rowid;
+    match page_type {
+        PAGE_INTERIOR_TABLE => {
+            let pointers = at + 12;
+            if pointers + 2 * cells as usize > usable {
+                return None;
+            }
+            // Cells are (left child, key): the child holds the rowids <= key. The first
+            // cell whose key is >= rowid, else the right-most child.
+            let index = partition_point(state, cells, move |s, i| {
+                let cell = cell_at(s, pointers, i, usable)?;
+                let (key, _) = sqlite_varint(s, cell + 4)?;
+                Some((key as i64) < rowid)
+            })?;
+            let child = if index == cells {
+                be32(state, at + 8)?
+            } else {
+                be32(state, cell_at(state, pointers, index, usable)?)?
+            };
+            go_to_page(state, child)
+        }
+        PAGE_LEAF_TABLE => {
+            let pointers = at + 8;
+            if pointers + 2 * cells as usize > usable {
+                return None;
+            }
+            let index = partition_point(state, cells, move |s, i| {
+                let cell = cell_at(s, pointers, i, usable)?;
+                let (key, _, _) = leaf_cell(s, cell)?;
+                Some(key < rowid)
+            })?;
+            if index == cells {
+                return Some(found(state, kind::NOT_FOUND));
+            }
+            let cell = cell_at(state, pointers, index, usable)?;
+            let (key, payload, start) = leaf_cell(state, cell)?;
+            if key != rowid {
+                return Some(found(state, kind::NOT_FOUND));
+            }
+            record(state, usable, payload, start)
+        }
+        // Index pages (index B-trees, WITHOUT ROWID tables) and anything else.
+        _ => None,
+    }
+}
+
+/// Ends the lookup with `what` (the value, if any, already in place).
+fn found(state: &mut HopState, what: u8) -> i32 {
+    lookup(state).kind = what;
+    NEXT_DONE
+}
+
+/// Bytes of a payload of `payload` bytes kept on its leaf page, the rest going to
+/// overflow pages (SQLite's rule for table leaves).
+fn local_size(payload: u64, usable: usize) -> u64 {
+    let usable = usable as u64;
+    let max_local = usable - 35;
+    if payload <= max_local {
+        return payload;
+    }
+    let min_local = (usable - 12) * 32 / 255 - 23;
+    // (usable is at least MIN_USABLE: the max only spares the verifier a division by 0.)
+    let local = min_local + (payload - min_local) % (usable - 4).max(1);
+    if local <= max_local {
+        local
+    } else {
+        min_local
+    }
+}
+
+/// Kind and byte length of serial type `serial`; None for the reserved 10 and 11.
+fn serial(serial: u64) -> Option<(u8, u64)> {
+    Some(match serial {
+        0 => (kind::NULL, 0),
+        1..=4 => (kind::INTEGER, serial),
+        5 => (kind::INTEGER, 6),
+        6 => (kind::INTEGER, 8),
+        7 => (kind::REAL, 8),
+        8 | 9 => (kind::INTEGER, 0),
+        10 | 11 => return None,
+        _ if serial % 2 == 0 => (kind::BLOB, (serial - 12) / 2),
+        _ => (kind::TEXT, (serial - 13) / 2),
+    })
+}
+
+/// The walk over a record's header, from `cursor` (a page offset) to `header_end`, with
+/// column 0's bytes at payload offset `body`: the serial type of the lookup's column and
+/// the payload offset of its bytes. None: a malformed header; Some(None): the record has
+/// fewer columns.
+#[inline(never)]
+fn column_of(
+    state: &mut HopState,
+    cursor: usize,
+    header_end: usize,
+    body: u32,
+) -> Option<Option<(u64, u32)>> {
+    let column = u32::from(lookup(state).column);
+    let word = |cursor: u32, body: u32| u64::from(body) << 32 | u64::from(cursor);
+    set_scratch_word(state, WALK, word(cursor as u32, body));
+    let mut step = move |s: &mut HopState, i: u32| {
+        let walk = scratch_word(s, WALK);
+        let (cursor, body) = (walk as u32, (walk >> 32) as u32);
+        if cursor as usize >= header_end {
+            return false;
+        }
+        let Some((serial_type, len)) = sqlite_varint(s, cursor as usize) else {
+            set_scratch_word(s, WALK, word(FAILED, 0));
+            return false;
+        };
+        if i == column {
+            lookup(s).value = serial_type;
+            set_scratch_word(s, WALK, word(FOUND, body));
+            return false;
+        }
+        let Some((_, size)) = serial(serial_type) else {
+            set_scratch_word(s, WALK, word(FAILED, 0));
+            return false;
+        };
+        let body = u64::from(body) + size;
+        if body > u64::from(u32::MAX) {
+            set_scratch_word(s, WALK, word(FAILED, 0));
+            return false;
+        }
+        set_scratch_word(s, WALK, word(cursor + len as u32, body as u32));
+        true
+    };
+    repeat(state, column + 1, &mut step);
+    let walk = scratch_word(state, WALK);
+    match walk as u32 {
+        FAILED => None,
+        FOUND => Some(Some((lookup(state).value, (walk >> 32) as u32))),
+        _ => Some(None),
+    }
+}
+
+/// The record of the row, whose payload of `payload` bytes starts at `start` in the
+/// page: returns the column's value, or goes on to the first overflow page for it.
+/// Inlined into `descend`: a BPF call path has at most 8 frames, and the driver's hop
+/// and the walk over the header's serial types (a bpf_loop callback calling the varint
+/// reader) take 6 of them below it.
+#[inline(always)]
+fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Option<i32> {
+    let local = local_size(payload, usable);
+    if start as u64 + local > usable as u64 {
+        return None;
+    }
+    let local = local as usize;
+    let (header_size, n) = sqlite_varint(state, start)?;
+    if header_size > local as u64 || (header_size as usize) < n {
+        return None;
+    }
+    let Some((serial_type, body)) = column_of(
+        state,
+        start + n,
+        start + header_size as usize,
+        header_size as u32,
+    )?
+    else {
+        return Some(found(state, kind::ABSENT));
+    };
+    let (what, size) = serial(serial_type)?;
+    if u64::from(body) + size > payload {
+        return None;
+    }
+    let l = lookup(state);
+    l.kind = what;
+    l.length = size as u32;
+    l.value = u64::from(serial_type == 9);
+    l.progress = 0;
+    let wanted = wanted(l);
+    if wanted == 0 {
+        return Some(NEXT_DONE);
+    }
+    let body = body as usize;
+    if body >= local {
+        // Every byte of the value is on overflow pages.
+        let l = lookup(state);
+        l.phase = phase::SKIP;
+        l.progress = (body - local) as u32;
+    } else {
+        let here = ((local - body) as u32).min(wanted);
+        gather(state, start + body, here);
+        if lookup(state).progress >= wanted {
+            return Some(finish(state));
+        }
+        lookup(state).phase = phase::GATHER;
+    }
+    let first_overflow = be32(state, start + local)?;
+    go_to_page(state, first_overflow)
+}
+
+/// Bytes of the value the lookup returns: all of a number, the first MAX_BYTES of a text
+/// or blob.
+fn wanted(l: &Lookup) -> u32 {
+    match l.kind {
+        kind::TEXT | kind::BLOB => l.length.min(MAX_BYTES as u32),
+        _ => l.length,
+    }
+}
+
+/// Takes `count` bytes of the value from page offset `from`: into `value` for a number,
+/// into the scratch's bytes for a text or blob.
+#[inline(never)]
+fn gather(state: &mut HopState, from: usize, count: u32) {
+    let mut step = move |s: &mut HopState, i: u32| {
+        let at = from + i as usize;
+        let Some(b) = byte(s, at) else {
+            return false;
+        };
+        let l = lookup(s);
+        if matches!(l.kind, kind::TEXT | kind::BLOB) {
+            let k = l.progress as usize;
+            if k >= MAX_BYTES {
+                return false;
+            }
+            // (The mask keeps the write in the scratch whatever the compiler does to the
+            // check above; the check keeps it in the bytes.)
+            s.scratch[(BYTES_OFFSET + k) & (SCRATCH_SIZE - 1)] = b;
+        } else {
+            l.value = l.value << 8 | u64::from(b);
+        }
+        lookup(s).progress += 1;
+        true
+    };
+    repeat(state, count, &mut step);
+}
+
+/// Ends the lookup once every wanted byte is in: sign-extends an integer.
+fn finish(state: &mut HopState) -> i32 {
+    let l = lookup(state);
+    if l.kind == kind::INTEGER && (1..8).contains(&l.length) {
+        let shift = 64 - 8 * l.length;
+        l.value = ((l.value << shift) as i64 >> shift) as u64;
+    }
+    l.progress = 0;
+    l.phase = phase::DESCEND;
+    NEXT_DONE
+}
+
+/// An overflow page: the next page's number, then usable - 4 bytes of the payload.
+#[inline(never)]
+fn overflow(state: &mut HopState, usable: usize) -> Option<i32> {
+    let next_page = be32(state, 0)?;
+    let content = (usable - 4) as u32;
+    let mut from = 4usize;
+    let l = lookup(state);
+    if l.phase == phase::SKIP {
+        if l.progress >= content {
+            l.progress -= content;
+            return go_to_page(state, next_page);
+        }
+        from += l.progress as usize;
+        l.progress = 0;
+        l.phase = phase::GATHER;
+    }
+    let wanted = wanted(l);
+    let here = (usable - from) as u32;
+    let count = here.min(wanted.saturating_sub(l.progress));
+    gather(state, from, count);
+    if lookup(state).progress >= wanted {
+        return Some(finish(state));
+    }
+    go_to_page(state, next_page)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,132 @@
+//! `exofs sqlite IMAGE|MOUNTPOINT PATH --table NAME --rowid N [--column K]`: one rowid
+//! lookup in an SQLite database stored on exofs, run as a chain of the loaded
+//! `sqlite_rowid` program (exofs_client::sqlite does the SQLite side: the header, the
+//! schema, the scratch). Through a mount it runs as any user the policy grants; on an
+//! image that nobody holds, as root through this process's binding.
+
+use crate::progs::{self, Target, ViaArg};
+use exofs_abi::chain::status;
+use exofs_client::sqlite::{value_of, Database};
+use kernel_ext::binding::ChainRequest;
+use std::error::Error;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+/// What `exofs sqlite` looks up.
+#[derive(Debug, Clone)]
+pub struct SqliteArgs {
+    pub path: PathBuf,
+    pub table: String,
+    pub rowid: i64,
+    pub column: u16,
+    pub prog: String,
+    pub hops: Option<u32>,
+    pub via: ViaArg,
+}
+
+pub fn lookup(image: &Path, bpffs: &Path, args: &SqliteArgs) -> Result<ExitCode> {
+    if let Some((_, mountpoint)) = progs::mounted(image)? {
+        return through_mount(&mountpoint, args);
+    }
+    let Target::Image(binding) = progs::open_target(image, bpffs)? else {
+        return Err(format!("{}: in use by another process", image.display()).into());
+    };
+    let program = binding.program(&args.prog).map_err(|err| {
+        format!(
+            "{} (load it with `exofs prog load {} {} example:sqlite_rowid`)",
+            progs::explain(err),
+            image.display(),
+            args.prog
+        )
+    })?;
+    let fs = binding.fs();
+    let ino = fs.resolve(&args.path)?.ino;
+    let mut read = |offset: u64, buf: &mut [u8]| -> std::io::Result<()> {
+        let n = fs
+            .read_at(ino, offset, buf)
+            .map_err(std::io::Error::other)?;
+        if n < buf.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file ends at byte {}", offset + n as u64),
+            ));
+        }
+        Ok(())
+    };
+    let db = Database::open(&mut read).map_err(|e| in_file(&args.path, e))?;
+    let table = db
+        .table(&mut read, &args.table)
+        .map_err(|e| in_file(&args.path, e))?;
+    let scratch = db.ask(args.rowid, args.column).to_bytes();
+    let mut request = ChainRequest::new(ino, db.offset_of(table.root), &scratch);
+    request.read_len = db.page_size;
+    if let Some(hops) = args.hops {
+        request.hop_limit = hops;
+    }
+    let outcome = binding.run(&program, &request).map_err(progs::explain)?;
+    Ok(report(
+        args.rowid,
+        outcome.status,
+        outcome.hops,
+        &outcome.scratch,
+    ))
+}
+
+fn in_file(path: &Path, err: std::io::Error) -> String {
+    format!("{}: {err}", path.display())
+}
+
+fn through_mount(mountpoint: &Path, args: &SqliteArgs) -> Result<ExitCode> {
+    let path = &args.path;
+    let inside = mountpoint.join(path.strip_prefix("/").unwrap_or(path));
+    let file = std::fs::File::open(&inside).map_err(|e| format!("{}: {e}", inside.display()))?;
+    let mut read = |offset: u64, buf: &mut [u8]| file.read_exact_at(buf, offset);
+    let db = Database::open(&mut read).map_err(|e| in_file(&inside, e))?;
+    let table = db
+        .table(&mut read, &args.table)
+        .map_err(|e| in_file(&inside, e))?;
+    let scratch = db.ask(args.rowid, args.column).to_bytes();
+    let mut chain = db.chain(&args.prog, table.root, &scratch);
+    if let Some(hops) = args.hops {
+        chain.hop_limit = hops;
+    }
+    chain.via = args.via.into();
+    let handle = exofs_client::Handle::new(file);
+    let answer = handle
+        .chain(&chain)
+        .map_err(|e| format!("{}: chain: {e}", inside.display()))?;
+    Ok(report(
+        args.rowid,
+        answer.status,
+        answer.hops,
+        &answer.scratch,
+    ))
+}
+
+/// Prints the answer; exit 0 found or not found, 1 if the chain did not finish.
+fn report(rowid: i64, chain_status: i32, hops: u32, scratch: &[u8]) -> ExitCode {
+    if chain_status != status::DONE {
+        let why = match chain_status {
+            status::ABORTED => {
+                ": a page is not what a rowid table's B-tree holds (a corrupt database, an \
+                 index, or a record header larger than its page)"
+            }
+            status::HOP_LIMIT => ": too many pages (a cycle in the tree or an overflow chain?)",
+            status::OUT_OF_FILE => ": a page pointer past the end of the file",
+            _ => "",
+        };
+        println!(
+            "rowid {rowid}: {} after {hops} hops{why}",
+            status::name(chain_status)
+        );
+        return ExitCode::from(1);
+    }
+    match value_of(scratch) {
+        Some(value) => println!("rowid {rowid}: {value} ({hops} hops)"),
+        None => println!("rowid {rowid}: not found ({hops} hops)"),
+    }
+    ExitCode::SUCCESS
+}
