@@ -143,8 +143,14 @@ enum Command {
         /// The table (a rowid table; its root page comes from the schema).
         #[arg(long)]
         table: String,
-        #[arg(long, allow_hyphen_values = true)]
-        rowid: i64,
+        /// The rowid (several: `--rowid 1,2,3` or the option again); a line each.
+        #[arg(
+            long = "rowid",
+            required = true,
+            allow_hyphen_values = true,
+            value_delimiter = ','
+        )]
+        rowids: Vec<i64>,
         /// The column, from 0, in the table's declared order.
         #[arg(long, default_value_t = 0)]
         column: u16,
@@ -157,6 +163,10 @@ enum Command {
         /// Through a mount: `direct`, `daemon` or `auto` (as for `exofs chain`).
         #[arg(long, value_enum, default_value_t = progs::ViaArg::Auto)]
         via: progs::ViaArg,
+        /// Batched chains, up to 32 lookups per kernel call: texts and blobs come back as
+        /// their lengths only (a batched lookup has 32 bytes of scratch).
+        #[arg(long)]
+        batch: bool,
     },
     /// Chain statistics of an image's binding (or of a mount's): chains, hops, rejects,
     /// stale retries.
@@ -313,19 +323,21 @@ fn main() -> ExitCode {
             image,
             path,
             table,
-            rowid,
+            rowids,
             column,
             prog,
             hops,
             via,
+            batch,
         } => match sqlite::lookup(
             &image,
             bpffs,
             &sqlite::SqliteArgs {
                 path,
                 table,
-                rowid,
+                rowids,
                 column,
+                batch,
                 prog,
                 hops,
                 via,

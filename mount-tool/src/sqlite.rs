@@ -1,5 +1,5 @@
-//! `exofs sqlite IMAGE|MOUNTPOINT PATH --table NAME --rowid N [--column K]`: one rowid
-//! lookup in an SQLite database stored on exofs, run as a chain of the loaded
+//! `exofs sqlite IMAGE|MOUNTPOINT PATH --table NAME --rowid N [--column K]`: rowid
+//! lookups in an SQLite database stored on exofs, run as a chain of the loaded
 //! `sqlite_rowid` program (exofs_client::sqlite does the SQLite side: the header, the
 //! schema, the scratch). Through a mount it runs as any user the policy grants; on an
 //! image that nobody holds, as root through this process's binding.
@@ -7,7 +7,7 @@
 use crate::progs::{self, Target, ViaArg};
 use exofs_abi::chain::status;
 use exofs_client::sqlite::{value_of, Database};
-use kernel_ext::binding::ChainRequest;
+use kernel_ext::binding::{BatchItem, BatchRequest, ChainRequest};
 use std::error::Error;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,8 +20,10 @@ type Result<T> = std::result::Result<T, Box<dyn Error>>;
 pub struct SqliteArgs {
     pub path: PathBuf,
     pub table: String,
-    pub rowid: i64,
+    pub rowids: Vec<i64>,
     pub column: u16,
+    /// Up to 32 lookups per kernel call (no text or blob bytes come back, only lengths).
+    pub batch: bool,
     pub prog: String,
     pub hops: Option<u32>,
     pub via: ViaArg,
@@ -60,19 +62,37 @@ pub fn lookup(image: &Path, bpffs: &Path, args: &SqliteArgs) -> Result<ExitCode>
     let table = db
         .table(&mut read, &args.table)
         .map_err(|e| in_file(&args.path, e))?;
-    let scratch = db.ask(args.rowid, args.column).to_bytes();
-    let mut request = ChainRequest::new(ino, db.offset_of(table.root), &scratch);
-    request.read_len = db.page_size;
-    if let Some(hops) = args.hops {
-        request.hop_limit = hops;
+    let start = db.offset_of(table.root);
+    let mut answers = Vec::new();
+    if args.batch {
+        let mut request = BatchRequest::new(ino);
+        if let Some(hops) = args.hops {
+            request.hop_limit = hops;
+        }
+        let items: Vec<BatchItem> = args
+            .rowids
+            .iter()
+            .map(|&rowid| BatchItem::new(start, &db.ask(rowid, args.column).to_bytes()))
+            .collect();
+        let (outcomes, _) = binding
+            .run_batch(&program, &request, &items)
+            .map_err(progs::explain)?;
+        for outcome in outcomes {
+            answers.push((outcome.status, outcome.hops, outcome.scratch.to_vec()));
+        }
+    } else {
+        for &rowid in &args.rowids {
+            let scratch = db.ask(rowid, args.column).to_bytes();
+            let mut request = ChainRequest::new(ino, start, &scratch);
+            request.read_len = db.page_size;
+            if let Some(hops) = args.hops {
+                request.hop_limit = hops;
+            }
+            let outcome = binding.run(&program, &request).map_err(progs::explain)?;
+            answers.push((outcome.status, outcome.hops, outcome.scratch.to_vec()));
+        }
     }
-    let outcome = binding.run(&program, &request).map_err(progs::explain)?;
-    Ok(report(
-        args.rowid,
-        outcome.status,
-        outcome.hops,
-        &outcome.scratch,
-    ))
+    Ok(report(&args.rowids, &answers))
 }
 
 fn in_file(path: &Path, err: std::io::Error) -> String {
@@ -88,26 +108,54 @@ fn through_mount(mountpoint: &Path, args: &SqliteArgs) -> Result<ExitCode> {
     let table = db
         .table(&mut read, &args.table)
         .map_err(|e| in_file(&inside, e))?;
-    let scratch = db.ask(args.rowid, args.column).to_bytes();
-    let mut chain = db.chain(&args.prog, table.root, &scratch);
-    if let Some(hops) = args.hops {
-        chain.hop_limit = hops;
-    }
-    chain.via = args.via.into();
     let handle = exofs_client::Handle::new(file);
-    let answer = handle
-        .chain(&chain)
-        .map_err(|e| format!("{}: chain: {e}", inside.display()))?;
-    Ok(report(
-        args.rowid,
-        answer.status,
-        answer.hops,
-        &answer.scratch,
-    ))
+    let failed = |e: std::io::Error| format!("{}: chain: {e}", inside.display());
+    let mut answers = Vec::new();
+    if args.batch {
+        let start = db.offset_of(table.root);
+        let asks: Vec<_> = args
+            .rowids
+            .iter()
+            .map(|&rowid| db.ask(rowid, args.column).to_bytes())
+            .collect();
+        let lookups: Vec<(u64, &[u8])> = asks
+            .iter()
+            .map(|ask| (start, &ask[..exofs_abi::chain::BATCH_SCRATCH_SIZE]))
+            .collect();
+        let hops = args.hops.unwrap_or(0);
+        for answer in handle
+            .chain_batch(&args.prog, hops, &lookups, args.via.into())
+            .map_err(failed)?
+        {
+            answers.push((answer.status, answer.hops, answer.scratch.to_vec()));
+        }
+    } else {
+        for &rowid in &args.rowids {
+            let scratch = db.ask(rowid, args.column).to_bytes();
+            let mut chain = db.chain(&args.prog, table.root, &scratch);
+            if let Some(hops) = args.hops {
+                chain.hop_limit = hops;
+            }
+            chain.via = args.via.into();
+            let answer = handle.chain(&chain).map_err(failed)?;
+            answers.push((answer.status, answer.hops, answer.scratch.to_vec()));
+        }
+    }
+    Ok(report(&args.rowids, &answers))
 }
 
-/// Prints the answer; exit 0 found or not found, 1 if the chain did not finish.
-fn report(rowid: i64, chain_status: i32, hops: u32, scratch: &[u8]) -> ExitCode {
+/// Prints a line per rowid; exit 0 if every chain finished (found or not), else 1.
+fn report(rowids: &[i64], answers: &[(i32, u32, Vec<u8>)]) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    for (&rowid, (chain_status, hops, scratch)) in rowids.iter().zip(answers) {
+        if !report_one(rowid, *chain_status, *hops, scratch) {
+            code = ExitCode::from(1);
+        }
+    }
+    code
+}
+
+fn report_one(rowid: i64, chain_status: i32, hops: u32, scratch: &[u8]) -> bool {
     if chain_status != status::DONE {
         let why = match chain_status {
             status::ABORTED => {
@@ -122,11 +170,11 @@ fn report(rowid: i64, chain_status: i32, hops: u32, scratch: &[u8]) -> ExitCode 
             "rowid {rowid}: {} after {hops} hops{why}",
             status::name(chain_status)
         );
-        return ExitCode::from(1);
+        return false;
     }
     match value_of(scratch) {
         Some(value) => println!("rowid {rowid}: {value} ({hops} hops)"),
         None => println!("rowid {rowid}: not found ({hops} hops)"),
     }
-    ExitCode::SUCCESS
+    true
 }

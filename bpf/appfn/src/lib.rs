@@ -15,7 +15,7 @@
 //!
 //! Nothing here panics (a panic is a path the verifier must follow, to a handler that
 //! loops forever).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::ffi::c_void;
 use exofs_abi::chain::{HopState, BLOCK_SIZE, SCRATCH_SIZE};
@@ -169,19 +169,42 @@ pub fn leb128(state: &mut HopState, at: usize) -> Option<(u64, usize)> {
 /// The kernel's `bpf_loop` (helper 181): calls `callback(index, ctx)` for index 0, 1, ...
 /// up to `count` times (at most 1 << 23), stopping early when it returns 1. Returns the
 /// number of calls made, or a negative error. The verifier checks `callback` once, however
-/// large `count` is.
+/// large `count` is. (On the host, for tests, the same loop in Rust.)
 #[inline(always)]
 pub fn bpf_loop(
     count: u32,
     callback: extern "C" fn(u64, *mut c_void) -> i64,
     ctx: *mut c_void,
 ) -> i64 {
-    // SAFETY: helper 181 is bpf_loop(nr_loops, callback_fn, callback_ctx, flags) in every
-    // kernel that has it (5.17+); the binder allows exactly this helper.
-    unsafe {
-        let helper: unsafe extern "C" fn(u32, *mut c_void, *mut c_void, u64) -> i64 =
-            core::mem::transmute(181usize);
-        helper(count, callback as *mut c_void, ctx, 0)
+    #[cfg(target_arch = "bpf")]
+    {
+        // The count goes as a u64, zero-extended here: a u32 in a BPF register may carry
+        // garbage in its upper half (the calling convention leaves it), and the verifier
+        // inlines bpf_loop with a 64-bit comparison of the count against its maximum: a
+        // count with garbage above it makes the inlined loop return -E2BIG without one
+        // call. (Found the hard way: a u32 cut from a u64 reached bpf_loop whole.)
+        let count = u64::from(count) & u64::from(u32::MAX);
+        // SAFETY: helper 181 is bpf_loop(nr_loops, callback_fn, callback_ctx, flags) in
+        // every kernel that has it (5.17+); the binder allows exactly this helper.
+        unsafe {
+            let helper: unsafe extern "C" fn(u64, *mut c_void, *mut c_void, u64) -> i64 =
+                core::mem::transmute(181usize);
+            helper(count, callback as *mut c_void, ctx, 0)
+        }
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        if count > 1 << 23 {
+            return -7; // -E2BIG, as the kernel
+        }
+        let mut calls = 0;
+        for index in 0..u64::from(count) {
+            calls += 1;
+            if callback(index, ctx) == 1 {
+                break;
+            }
+        }
+        calls
     }
 }
 
@@ -306,3 +329,6 @@ pub fn partition_point<F: FnMut(&mut HopState, u32) -> Option<bool>>(
     }
     Some(low)
 }
+
+#[cfg(test)]
+mod tests;

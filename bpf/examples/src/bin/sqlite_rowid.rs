@@ -281,12 +281,17 @@ fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Op
         return Some(NEXT_DONE);
     }
     let body = body as usize;
+    let leaf = page_of(state);
     if body >= local {
-        // Every byte of the value is on overflow pages.
+        // Every byte of the value is on overflow pages: skip to it, keeping the pages
+        // walked (the leaf first) to catch a cycle.
+        set_visited(state, 0, leaf);
         let l = lookup(state);
         l.phase = phase::SKIP;
         l.progress = (body - local) as u32;
+        l.value = u64::from(leaf) << 32 | 1;
     } else {
+        // It starts here, and ends here or on the first overflow page (see `overflow`).
         let here = ((local - body) as u32).min(wanted);
         gather(state, start + body, here);
         if lookup(state).progress >= wanted {
@@ -295,6 +300,9 @@ fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Op
         lookup(state).phase = phase::GATHER;
     }
     let first_overflow = be32(state, start + local)?;
+    if first_overflow == leaf {
+        return None;
+    }
     go_to_page(state, first_overflow)
 }
 
@@ -346,28 +354,122 @@ fn finish(state: &mut HopState) -> i32 {
     NEXT_DONE
 }
 
+/// Most overflow pages a lookup walks to reach its column's bytes. The pages walked are
+/// kept, to catch a cycle in the chain, in the scratch's bytes (where a text or blob is
+/// returned later): 4 bytes each.
+const MAX_VISITED: u32 = (MAX_BYTES / 4) as u32;
+
+/// The page the hop read (pages count from 1).
+fn page_of(state: &mut HopState) -> u32 {
+    let page_size = u64::from(lookup(state).page_size).max(1);
+    (state.offset / page_size) as u32 + 1
+}
+
+/// Scratch offset of visited page `i` (i < MAX_VISITED).
+fn visited_offset(i: u32) -> usize {
+    // (The mask keeps it in the scratch whatever the compiler does; i < MAX_VISITED keeps
+    // it in the bytes.)
+    (BYTES_OFFSET + 4 * i as usize) & (SCRATCH_SIZE - 4)
+}
+
+fn visited(state: &HopState, i: u32) -> u32 {
+    let at = visited_offset(i);
+    let s = &state.scratch;
+    u32::from_le_bytes([
+        s[at],
+        s[(at + 1) & 255],
+        s[(at + 2) & 255],
+        s[(at + 3) & 255],
+    ])
+}
+
+fn set_visited(state: &mut HopState, i: u32, page: u32) {
+    let at = visited_offset(i);
+    for (k, b) in page.to_le_bytes().into_iter().enumerate() {
+        state.scratch[(at + k) & (SCRATCH_SIZE - 1)] = b;
+    }
+}
+
+/// Whether `page` is among the first `count` pages visited.
+#[inline(never)]
+fn was_visited(state: &mut HopState, count: u32, page: u32) -> bool {
+    set_scratch_word(state, WALK, 0);
+    let mut step = move |s: &mut HopState, i: u32| {
+        if visited(s, i) == page {
+            set_scratch_word(s, WALK, 1);
+            return false;
+        }
+        true
+    };
+    repeat(state, count.min(MAX_VISITED), &mut step);
+    scratch_word(state, WALK) == 1
+}
+
 /// An overflow page: the next page's number, then usable - 4 bytes of the payload.
+///
+/// While skipping, `value` holds the leaf's page number (high half) and how many pages
+/// were visited (low half), the leaf first; a page visited twice is a cycle (ABORTED). A
+/// batched lookup resumed after a miss gets its first 32 bytes back and the rest zeroed:
+/// the list is gone, so the walk starts again at the leaf, from the rowid and column it
+/// still has.
 #[inline(never)]
 fn overflow(state: &mut HopState, usable: usize) -> Option<i32> {
     let next_page = be32(state, 0)?;
     let content = (usable - 4) as u32;
+    let page = page_of(state);
     let mut from = 4usize;
+    // Whether the value starts on this page (else this page ends it).
+    let starts_here = lookup(state).phase == phase::SKIP;
     let l = lookup(state);
-    if l.phase == phase::SKIP {
+    if starts_here {
+        let (leaf, count) = ((l.value >> 32) as u32, l.value as u32);
+        if count == 0 || count > MAX_VISITED {
+            return None;
+        }
+        if visited(state, count - 1) == 0 {
+            let l = lookup(state);
+            l.phase = phase::DESCEND;
+            l.value = 0;
+            l.progress = 0;
+            return go_to_page(state, leaf);
+        }
+        if count == MAX_VISITED || was_visited(state, count, page) {
+            return None;
+        }
+        set_visited(state, count, page);
+        let l = lookup(state);
+        l.value = u64::from(leaf) << 32 | u64::from(count + 1);
         if l.progress >= content {
             l.progress -= content;
             return go_to_page(state, next_page);
         }
+        // The value starts on this page. If it goes on to the next, that page must not be
+        // one already walked (the last check: the bytes now fill with the value).
         from += l.progress as usize;
+        let continues = wanted(l) > (usable - from) as u32;
+        if continues && was_visited(state, count + 1, next_page) {
+            return None;
+        }
+        let l = lookup(state);
         l.progress = 0;
+        l.value = 0;
         l.phase = phase::GATHER;
+    } else if l.progress == 0 {
+        // GATHER arrives here with some bytes taken already.
+        return None;
     }
+    let l = lookup(state);
     let wanted = wanted(l);
     let here = (usable - from) as u32;
     let count = here.min(wanted.saturating_sub(l.progress));
     gather(state, from, count);
     if lookup(state).progress >= wanted {
         return Some(finish(state));
+    }
+    // A value takes two pages at most (at most 200 bytes; a page holds at least 476), and
+    // the second was checked above: it may not send the walk further.
+    if !starts_here {
+        return None;
     }
     go_to_page(state, next_page)
 }
