@@ -29,6 +29,9 @@ pub enum Which {
     Chain(crate::bench_chain::ChainArgs),
     /// File-system workloads through FUSE mounts: exofs vs fuse2fs vs kernel ext4 on a loop device.
     Mount(crate::bench_mount::MountArgs),
+    /// SQLite rowid lookups through a mount: chains, batched chains, SQLite itself (on the
+    /// mount and on the host), a user-space pread walk.
+    Sqlite(crate::bench_sqlite::SqliteArgs),
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +60,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Fs(args) => bench_fs(&args),
         Which::Chain(args) => crate::bench_chain::bench_chain(&args),
         Which::Mount(args) => crate::bench_mount::bench_mount(&args),
+        Which::Sqlite(args) => crate::bench_sqlite::bench_sqlite(&args),
     }
 }
 

@@ -140,7 +140,7 @@ impl Phase {
         self.lookups as f64 / self.elapsed.as_secs_f64()
     }
 
-    fn percentile_us(&self, p: f64) -> f64 {
+    pub(crate) fn percentile_us(&self, p: f64) -> f64 {
         let mut sorted = self.latencies.clone();
         sorted.sort_unstable();
         let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));

@@ -58,16 +58,52 @@ pub const PATHS: [&str; 7] = [
 const PROGRAM: &str = "bench_btree";
 
 /// The mount and everything it needs; unmounted and removed on drop.
-struct Mount {
+pub(crate) struct Mount {
     image: PathBuf,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     bpffs: PathBuf,
     policy: PathBuf,
     /// The daemon's own block cache (`-o cache=`), when under a budget.
     cache: Option<u64>,
+    /// The program loaded at each mount, and its object.
+    program: &'static str,
+    object: &'static str,
 }
 
 impl Mount {
+    /// Prepares a mount of `image` (mounted by [`Mount::up`]) with a private bpffs and
+    /// `policy` as its policy file; under a budget, the daemon's block cache is an eighth
+    /// of it (anonymous memory inside the budget).
+    pub(crate) fn new(
+        image: &Path,
+        policy: &str,
+        budget: Option<u64>,
+        program: &'static str,
+        object: &'static str,
+    ) -> Result<Self> {
+        let base = std::env::temp_dir().join(format!("exofs-bench-mount-{}", std::process::id()));
+        let mount = Mount {
+            image: image.to_owned(),
+            dir: base.with_extension("mnt"),
+            bpffs: base.with_extension("bpffs"),
+            policy: base.with_extension("toml"),
+            cache: budget.map(|budget| (budget / 8).max(1 << 20)),
+            program,
+            object,
+        };
+        std::fs::create_dir_all(&mount.dir)?;
+        std::fs::create_dir_all(&mount.bpffs)?;
+        nix::mount::mount(
+            Some("bpf"),
+            &mount.bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )?;
+        std::fs::write(&mount.policy, policy)?;
+        Ok(mount)
+    }
+
     fn exofs(&self, args: &[&str]) -> Result<()> {
         let out = Command::new(std::env::current_exe()?)
             .arg("--bpffs")
@@ -90,17 +126,17 @@ impl Mount {
     }
 
     /// Mounts (a fresh daemon) and loads the program.
-    fn up(&self) -> Result<()> {
+    pub(crate) fn up(&self) -> Result<()> {
         let mut options = format!("allow_other,policy={}", Self::path(&self.policy)?);
         if let Some(cache) = self.cache {
             options.push_str(&format!(",cache={cache}"));
         }
         let (image, dir) = (Self::path(&self.image)?, Self::path(&self.dir)?);
         self.exofs(&["mount", image, dir, "-o", &options])?;
-        self.exofs(&["prog", "load", dir, PROGRAM, "example:btree"])
+        self.exofs(&["prog", "load", dir, self.program, self.object])
     }
 
-    fn down(&self) -> Result<()> {
+    pub(crate) fn down(&self) -> Result<()> {
         self.exofs(&["umount", Self::path(&self.dir)?])
     }
 }
@@ -126,7 +162,7 @@ impl Drop for Mount {
 }
 
 /// The user's (uid, gid), from `id`.
-fn user_ids(user: &str) -> Result<(u32, u32)> {
+pub(crate) fn user_ids(user: &str) -> Result<(u32, u32)> {
     let id = |flag: &str| -> Result<u32> {
         let out = Command::new("id").args([flag, user]).output()?;
         if !out.status.success() {
@@ -149,30 +185,12 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         Some(budget) => Some(crate::budget::MemoryCgroup::enter(budget)?),
         None => None,
     };
-    let base = std::env::temp_dir().join(format!("exofs-bench-mount-{}", std::process::id()));
-    let mount = Mount {
-        image: image.to_owned(),
-        dir: base.with_extension("mnt"),
-        bpffs: base.with_extension("bpffs"),
-        policy: base.with_extension("toml"),
-        // The daemon's block cache is anonymous memory inside the budget: an eighth of it.
-        cache: args.cache_budget.map(|budget| (budget / 8).max(1 << 20)),
-    };
-    std::fs::create_dir_all(&mount.dir)?;
-    std::fs::create_dir_all(&mount.bpffs)?;
-    nix::mount::mount(
-        Some("bpf"),
-        &mount.bpffs,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )?;
-    std::fs::write(
-        &mount.policy,
-        format!(
-            "[[subject]]\nuid = {uid}\n\n[[subject.grant]]\npaths = [\"/index\"]\n\
-             programs = [\"{PROGRAM}\"]\nmax_hops = 64\nmax_batch = 32\n"
-        ),
+    let mount = Mount::new(
+        image,
+        &policy_granting(uid, "/index", PROGRAM),
+        args.cache_budget,
+        PROGRAM,
+        "example:btree",
     )?;
     mount.up()?;
     let file = mount.dir.join("index");
@@ -279,7 +297,8 @@ fn client_phase(
     uid: u32,
     gid: u32,
 ) -> Result<Phase> {
-    let out = Command::new(std::env::current_exe()?)
+    let mut command = Command::new(std::env::current_exe()?);
+    command
         .args(["bench", "chain", "--client"])
         .arg(file)
         .args(["--client-path", path, "--client-mode", mode])
@@ -289,8 +308,27 @@ fn client_phase(
         .args(["--depth", &depth.to_string()])
         .args(["--node-size", &args.node_size.to_string()])
         .uid(uid)
-        .gid(gid)
-        .output()?;
+        .gid(gid);
+    run_client(command, path, mode, lookups)
+}
+
+/// A policy granting `uid` the file `path` and `program`, with every cap at its widest.
+pub(crate) fn policy_granting(uid: u32, path: &str, program: &str) -> String {
+    format!(
+        "[[subject]]\nuid = {uid}\n\n[[subject.grant]]\npaths = [\"{path}\"]\n\
+         programs = [\"{program}\"]\nmax_hops = 64\nmax_batch = 32\n"
+    )
+}
+
+/// Runs a client `command` (a child as the user) and reads its phase: "elapsed_ns cpu_ns"
+/// then one latency in ns per line.
+pub(crate) fn run_client(
+    mut command: Command,
+    path: &'static str,
+    mode: &'static str,
+    lookups: usize,
+) -> Result<Phase> {
+    let out = command.output()?;
     if !out.status.success() {
         return Err(format!(
             "the {path} client failed: {}",
@@ -391,7 +429,7 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         }
         Ok(())
     };
-    let run = |keys: &[u64], latencies: &mut Vec<u64>| -> Result<()> {
+    let mut run = |keys: &[u64], latencies: &mut Vec<u64>| -> Result<()> {
         if let Some(via) = match args.client_path.as_str() {
             "ioctl_batch" => Some(exofs_client::Via::Daemon),
             "direct_batch" => Some(exofs_client::Via::Direct),
@@ -427,19 +465,35 @@ pub fn client(args: &ChainArgs, file: &Path) -> Result<()> {
         }
         Ok(())
     };
-    match args.client_mode.as_str() {
-        "warm" => run(&keys, &mut Vec::new())?,
-        // Other keys, half as many: the upper levels settle in the budget.
-        "ooc" => run(
-            &index_keys(!args.client_seed, args.client_keys, keys.len() / 2),
-            &mut Vec::new(),
-        )?,
+    timed_phase(
+        &args.client_mode,
+        &keys,
+        // Out of core: other keys, half as many: the upper levels settle in the budget.
+        || index_keys(!args.client_seed, args.client_keys, keys.len() / 2),
+        &mut run,
+    )
+}
+
+/// Runs lookups of the keys given, pushing each one's latency in ns.
+pub(crate) type RunKeys<'a, K> = dyn FnMut(&[K], &mut Vec<u64>) -> Result<()> + 'a;
+
+/// A client's phase: the untimed pass its mode asks for (warm: the same keys; ooc: the
+/// keys `other_keys` gives), then `run` over `keys`, timed, printed for [`run_client`].
+pub(crate) fn timed_phase<K>(
+    mode: &str,
+    keys: &[K],
+    other_keys: impl FnOnce() -> Vec<K>,
+    run: &mut RunKeys<'_, K>,
+) -> Result<()> {
+    match mode {
+        "warm" => run(keys, &mut Vec::new())?,
+        "ooc" => run(&other_keys(), &mut Vec::new())?,
         _ => {}
     }
     let mut latencies = Vec::with_capacity(keys.len());
     let cpu_before = crate::bench_chain::cpu_time();
     let start = Instant::now();
-    run(&keys, &mut latencies)?;
+    run(keys, &mut latencies)?;
     let elapsed = start.elapsed();
     let cpu = crate::bench_chain::cpu_time().saturating_sub(cpu_before);
     let mut out = format!("{} {}\n", elapsed.as_nanos(), cpu.as_nanos());

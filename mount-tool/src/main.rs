@@ -11,6 +11,7 @@ mod bench_chain;
 mod bench_mount;
 mod bench_ooc;
 mod bench_plot;
+mod bench_sqlite;
 mod bench_via_mount;
 mod bench_walks;
 mod budget;

@@ -195,6 +195,30 @@ struct exofs_list_node {
 	__u64 value;
 };
 
+/* SQLite rowid lookups (example:sqlite_rowid; Rust: exofs_abi::formats::sqlite). A chain
+ * starts at the table's root page, (root - 1) * page_size; the caller reads the page and
+ * usable sizes from the database header. Only the first 32 bytes travel in a batch. */
+#define EXOFS_SQLITE_MAX_BYTES 200
+#define EXOFS_SQLITE_NOT_FOUND 0
+#define EXOFS_SQLITE_NULL 1
+#define EXOFS_SQLITE_INTEGER 2
+#define EXOFS_SQLITE_REAL 3
+#define EXOFS_SQLITE_TEXT 4
+#define EXOFS_SQLITE_BLOB 5
+#define EXOFS_SQLITE_ABSENT 6 /* the row has fewer columns: the column's default applies */
+struct exofs_sqlite_lookup {
+	__s64 rowid;      /* in */
+	__u16 column;     /* in: from 0, in declared order */
+	__u16 page_size;  /* in: 512..4096 */
+	__u16 usable;     /* in: page size minus the reserved bytes */
+	__u8 phase;       /* 0 at the start */
+	__u8 kind;        /* out: EXOFS_SQLITE_* */
+	__u32 length;     /* out: bytes of the value (text, blob: all of it) */
+	__u32 progress;   /* internal */
+	__u64 value;      /* out: the integer, or the real's bits */
+	__u8 bytes[EXOFS_SQLITE_MAX_BYTES]; /* out: a text's or blob's first bytes */
+};
+
 /*
  * The chain ioctls on a file open on an exofs mount (Rust: exofs_abi::ioctl). The
  * mount daemon runs the chain after checking the policy. errno: EACCES (not granted),

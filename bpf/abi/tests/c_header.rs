@@ -94,6 +94,31 @@ fn rust_layout() -> BTreeMap<String, i64> {
     );
     map.insert("EXOFS_NO_FAULT".into(), i64::from(chain::NO_FAULT));
     layout!(map, "exofs_lookup", Lookup; key => "key", found => "found", value => "value");
+    layout!(map, "exofs_sqlite_lookup", formats::sqlite::Lookup;
+        rowid => "rowid", column => "column", page_size => "page_size", usable => "usable",
+        phase => "phase", kind => "kind", length => "length", progress => "progress",
+        value => "value", bytes => "bytes");
+    for (name, value) in [
+        ("EXOFS_SQLITE_MAX_BYTES", formats::sqlite::MAX_BYTES as i64),
+        (
+            "EXOFS_SQLITE_NOT_FOUND",
+            i64::from(formats::sqlite::kind::NOT_FOUND),
+        ),
+        ("EXOFS_SQLITE_NULL", i64::from(formats::sqlite::kind::NULL)),
+        (
+            "EXOFS_SQLITE_INTEGER",
+            i64::from(formats::sqlite::kind::INTEGER),
+        ),
+        ("EXOFS_SQLITE_REAL", i64::from(formats::sqlite::kind::REAL)),
+        ("EXOFS_SQLITE_TEXT", i64::from(formats::sqlite::kind::TEXT)),
+        ("EXOFS_SQLITE_BLOB", i64::from(formats::sqlite::kind::BLOB)),
+        (
+            "EXOFS_SQLITE_ABSENT",
+            i64::from(formats::sqlite::kind::ABSENT),
+        ),
+    ] {
+        map.insert(name.into(), value);
+    }
     layout!(map, "exofs_btree_header", BtreeHeader;
         magic => "magic", level => "level", count => "count", node_size => "node_size",
         reserved => "reserved");

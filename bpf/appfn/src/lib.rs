@@ -330,5 +330,46 @@ pub fn partition_point<F: FnMut(&mut HopState, u32) -> Option<bool>>(
     Some(low)
 }
 
+/// Encoders for the varints the readers decode, for the programs and tests that write
+/// the data (no allocation: the bytes and how many of them are used).
+pub mod encode {
+    /// SQLite's varint encoding (as sqlite3PutVarint).
+    pub fn sqlite_varint(value: u64) -> ([u8; 9], usize) {
+        let mut out = [0u8; 9];
+        if value >> 56 != 0 {
+            out[8] = value as u8;
+            let mut v = value >> 8;
+            for b in out[..8].iter_mut().rev() {
+                *b = (v & 0x7f) as u8 | 0x80;
+                v >>= 7;
+            }
+            return (out, 9);
+        }
+        let mut groups = 1;
+        while groups < 8 && value >> (7 * groups) != 0 {
+            groups += 1;
+        }
+        for (i, b) in out[..groups].iter_mut().enumerate() {
+            let shift = 7 * (groups - 1 - i);
+            *b = ((value >> shift) & 0x7f) as u8 | if i + 1 < groups { 0x80 } else { 0 };
+        }
+        (out, groups)
+    }
+
+    /// Unsigned LEB128.
+    pub fn leb128(mut value: u64) -> ([u8; 10], usize) {
+        let mut out = [0u8; 10];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                return (out, i + 1);
+            }
+            *b |= 0x80;
+        }
+        (out, 10)
+    }
+}
+
 #[cfg(test)]
 mod tests;

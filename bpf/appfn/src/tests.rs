@@ -12,7 +12,8 @@ fn state_with(bytes: &[u8]) -> Box<HopState> {
     state
 }
 
-/// SQLite's varint encoding (sqlite3PutVarint).
+/// SQLite's varint encoding, written out the long way (the crate's encoder is tested
+/// against it too).
 fn sqlite_encode(value: u64) -> Vec<u8> {
     if value >> 56 != 0 {
         let mut out = vec![0u8; 9];
@@ -51,6 +52,16 @@ fn leb128_encode(mut value: u64) -> Vec<u8> {
             return out;
         }
         out.push(b | 0x80);
+    }
+}
+
+#[test]
+fn the_encoders_agree_with_the_long_way() {
+    for value in samples() {
+        let (bytes, len) = encode::sqlite_varint(value);
+        assert_eq!(bytes[..len], sqlite_encode(value)[..], "{value}");
+        let (bytes, len) = encode::leb128(value);
+        assert_eq!(bytes[..len], leb128_encode(value)[..], "{value}");
     }
 }
 
