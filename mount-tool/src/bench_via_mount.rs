@@ -68,6 +68,8 @@ pub(crate) struct Mount {
     /// The program loaded at each mount, and its object.
     program: &'static str,
     object: &'static str,
+    /// Mount options besides allow_other, the policy and the cache.
+    options: &'static str,
 }
 
 impl Mount {
@@ -78,8 +80,8 @@ impl Mount {
         image: &Path,
         policy: &str,
         budget: Option<u64>,
-        program: &'static str,
-        object: &'static str,
+        (program, object): (&'static str, &'static str),
+        options: &'static str,
     ) -> Result<Self> {
         let base = std::env::temp_dir().join(format!("exofs-bench-mount-{}", std::process::id()));
         let mount = Mount {
@@ -90,6 +92,7 @@ impl Mount {
             cache: budget.map(|budget| (budget / 8).max(1 << 20)),
             program,
             object,
+            options,
         };
         std::fs::create_dir_all(&mount.dir)?;
         std::fs::create_dir_all(&mount.bpffs)?;
@@ -128,6 +131,10 @@ impl Mount {
     /// Mounts (a fresh daemon) and loads the program.
     pub(crate) fn up(&self) -> Result<()> {
         let mut options = format!("allow_other,policy={}", Self::path(&self.policy)?);
+        if !self.options.is_empty() {
+            options.push(',');
+            options.push_str(self.options);
+        }
         if let Some(cache) = self.cache {
             options.push_str(&format!(",cache={cache}"));
         }
@@ -189,8 +196,8 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         image,
         &policy_granting(uid, "/index", PROGRAM),
         args.cache_budget,
-        PROGRAM,
-        "example:btree",
+        (PROGRAM, "example:btree"),
+        "",
     )?;
     mount.up()?;
     let file = mount.dir.join("index");

@@ -328,7 +328,34 @@ impl Filesystem for ExofsFuse {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let who = caller(req);
-        self.reply_entry(reply, self.checked_lookup(&who, parent.0, name.as_bytes()));
+        match self.checked_lookup(&who, parent.0, name.as_bytes()) {
+            // A name that does not exist, cached as such for as long as names are (node
+            // 0: a negative entry). Safe for the same reason: every creation goes through
+            // this mount, and the kernel replaces the negative entry when it creates the
+            // name. SQLite asks for its journal's name at every transaction, and without
+            // this each question was a round trip to this daemon.
+            Err(Errno::ENOENT) if !self.entry_ttl.is_zero() => {
+                let absent = FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: UNIX_EPOCH,
+                    mtime: UNIX_EPOCH,
+                    ctime: UNIX_EPOCH,
+                    crtime: UNIX_EPOCH,
+                    kind: FileType::RegularFile,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: libfs::BLOCK_SIZE as u32,
+                    flags: 0,
+                };
+                reply.entry_with_ttls(&self.entry_ttl, &self.entry_ttl, &absent, Generation(0));
+            }
+            result => self.reply_entry(reply, result),
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

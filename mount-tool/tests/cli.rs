@@ -409,3 +409,69 @@ fn bench_via_mount_answers_every_key_on_every_path_as_the_unprivileged_user() {
         );
     }
 }
+
+#[test]
+fn bench_sqlite_answers_every_rowid_on_every_path_warm_and_out_of_core() {
+    const TEST: &str = "bench_sqlite_answers_every_rowid_on_every_path_warm_and_out_of_core";
+    if !common::can_mount(TEST) {
+        return;
+    }
+    common::test_user();
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let database = scratch.join(format!("exofs-cli-{}-bench.db", std::process::id()));
+    let image = scratch.join(format!("exofs-cli-{}-bench-sqlite.img", std::process::id()));
+    let json = scratch.join(format!(
+        "exofs-cli-{}-bench-sqlite.json",
+        std::process::id()
+    ));
+    let out = exofs(&[
+        "bench",
+        "sqlite",
+        "--user",
+        "exofs-test",
+        "--size",
+        "32M",
+        "--lookups",
+        "1000",
+        // (Not out of core at this size: the budget must hold the daemon, the program
+        // loader and the clients, which 32M did not. The path is what is tested here.)
+        "--cache-budget",
+        "64M",
+        "--database",
+        database.to_str().expect("utf-8"),
+        "--image",
+        image.to_str().expect("utf-8"),
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    let printed = text(&out);
+    let _ = std::fs::remove_file(&database);
+    assert!(out.status.success(), "bench: {printed}");
+    assert!(!image.exists(), "the bench left its image");
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON")).expect("JSON");
+    std::fs::remove_file(&json).expect("remove the JSON");
+    // Each client checks every answer against the value it stored (a wrong one fails the
+    // bench), so a figure means all its lookups were right.
+    let results = figures["results"].as_array().expect("results");
+    for mode in ["warm", "ooc"] {
+        for path in [
+            "chain",
+            "chain_batch",
+            "ioctl_batch",
+            "sqlite_mount",
+            "sqlite_host",
+            "pread_walk",
+        ] {
+            let result = results
+                .iter()
+                .find(|r| r["path"] == path && r["mode"] == mode)
+                .unwrap_or_else(|| panic!("no {mode} {path} result: {printed}"));
+            assert_eq!(result["lookups"], 1000, "{result}");
+            assert!(
+                result["lookups_per_sec"].as_f64().unwrap_or_default() > 0.0,
+                "{result}"
+            );
+        }
+    }
+}
