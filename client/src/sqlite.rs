@@ -167,8 +167,19 @@ impl Database {
         Ok(bytes)
     }
 
-    /// The table `name` (case-insensitive, as SQLite), from the schema table.
+    /// The table `name` (case-insensitive, as SQLite), from the schema table; the schema
+    /// table itself (`sqlite_schema`, or `sqlite_master`) is page 1.
     pub fn table(&self, read: &mut Read<'_>, name: &str) -> io::Result<Table> {
+        if ["sqlite_schema", "sqlite_master"]
+            .iter()
+            .any(|schema| schema.eq_ignore_ascii_case(name))
+        {
+            return Ok(Table {
+                name: name.to_owned(),
+                root: 1,
+                sql: String::new(),
+            });
+        }
         let mut found = None;
         self.scan(read, 1, &mut |_, record| {
             let text = |value: Option<&Value>| match value {

@@ -39,12 +39,13 @@ impl Drop for Temp {
     }
 }
 
-/// The value of row `n`'s integer column: small, negative, 6-byte, 8-byte, 0 and 1,
-/// NULL.
+/// The value of row `n`'s integer column: every serial type of integers (1 to 4, 6 and 8
+/// bytes, negative ones, 0 and 1), and NULL.
 fn integer_of(n: i64) -> Option<i64> {
-    match n % 9 {
+    match n % 10 {
         0 => None,
-        1 => Some(n),
+        1 => Some(n % 100),
+        9 => Some(n * 100_003),
         2 => Some(-n),
         3 => Some((1 << 40) + n),
         4 => Some(-(1 << 45) - n),
@@ -195,6 +196,49 @@ fn rowid_lookups_on_an_image_answer_as_sqlite_does() {
         let run = |args: &[&str]| m.run(args);
         check_all(&run, m.image(), &conn, &rowids_of(rows), false);
         check_all(&run, m.image(), &conn, &rowids_of(rows), true);
+        // The schema table, whose root is page 1, after the database header.
+        for (k, column) in ["type", "name", "tbl_name", "rootpage", "sql"]
+            .iter()
+            .enumerate()
+        {
+            let out = m.run(&[
+                "sqlite",
+                m.image(),
+                "/db",
+                "--table",
+                "sqlite_schema",
+                "--column",
+                &k.to_string(),
+                "--rowid",
+                "0,1,2,3",
+            ]);
+            let printed = text(&out);
+            assert!(out.status.success(), "{printed}");
+            for (line, rowid) in printed.lines().zip(0..) {
+                let expected: Option<rusqlite::types::Value> = conn
+                    .query_row(
+                        &format!("SELECT {column} FROM sqlite_schema WHERE rowid = ?"),
+                        [rowid],
+                        |row| row.get(0),
+                    )
+                    .ok();
+                let expected = match expected {
+                    None => "not found".to_owned(),
+                    Some(rusqlite::types::Value::Integer(v)) => v.to_string(),
+                    Some(rusqlite::types::Value::Text(t)) => Value::Text {
+                        length: t.len() as u64,
+                        bytes: t.into_bytes(),
+                    }
+                    .as_returned()
+                    .to_string(),
+                    Some(other) => format!("{other:?}"),
+                };
+                assert!(
+                    line.starts_with(&format!("rowid {rowid}: {expected} (")),
+                    "schema column {column}: `{line}`, SQLite says {expected}"
+                );
+            }
+        }
     }
 }
 
