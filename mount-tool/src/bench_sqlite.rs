@@ -314,7 +314,7 @@ fn client(args: &SqliteArgs, file: &Path) -> Result<()> {
     let opened = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mut read = |offset: u64, buf: &mut [u8]| opened.read_exact_at(buf, offset);
     let db = Database::open(&mut read)?;
-    let root = db.table(&mut read, TABLE)?.root;
+    let table = db.table(&mut read, TABLE)?;
     let handle = Handle::new(&opened);
     let sqlite = match args.client_path.as_str() {
         "sqlite_mount" => Some(file.to_owned()),
@@ -342,7 +342,7 @@ fn client(args: &SqliteArgs, file: &Path) -> Result<()> {
             };
             for group in keys.chunks(32) {
                 let start = Instant::now();
-                let answers = db.lookup_batch(&handle, PROGRAM, root, group, 0, via)?;
+                let answers = db.lookup_batch(&handle, PROGRAM, &table, group, 0, via)?;
                 let ns = start.elapsed().as_nanos() as u64;
                 for (rowid, answer) in group.iter().zip(answers) {
                     check(*rowid, answer.value)?;
@@ -355,10 +355,10 @@ fn client(args: &SqliteArgs, file: &Path) -> Result<()> {
             let start = Instant::now();
             let value = match path.as_str() {
                 "chain" => {
-                    db.lookup(&handle, PROGRAM, root, rowid, 0, Via::Direct)?
+                    db.lookup(&handle, PROGRAM, &table, rowid, 0, Via::Direct)?
                         .value
                 }
-                "pread_walk" => db.walk(&mut read, root, rowid, 0)?,
+                "pread_walk" => db.walk(&mut read, &table, rowid, 0)?,
                 "sqlite_mount" | "sqlite_host" => {
                     let statement = statement.as_mut().ok_or("no statement")?;
                     let v: i64 = statement.query_row([rowid], |row| row.get(0))?;

@@ -795,7 +795,15 @@ impl Filesystem for ExofsFuse {
                 fh,
                 FopenFlags::empty(),
             ),
-            Err(err) => reply.error(errno(&err)),
+            Err(err) => {
+                // The kernel hears only the error, so the name must not stay: its negative
+                // entry (cached from the lookup before) would hide a file that exists.
+                if let Err(undo) = self.fs.unlink(parent.0, name.as_bytes()) {
+                    log::error!("create: removing the unopenable new file: {undo}");
+                }
+                self.names_changed();
+                reply.error(errno(&err))
+            }
         }
     }
 

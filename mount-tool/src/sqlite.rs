@@ -6,7 +6,7 @@
 
 use crate::progs::{self, Target, ViaArg};
 use exofs_abi::chain::status;
-use exofs_client::sqlite::{value_of, Database};
+use exofs_client::sqlite::{Answer, Database};
 use kernel_ext::binding::{BatchItem, BatchRequest, ChainRequest};
 use std::error::Error;
 use std::os::unix::fs::FileExt;
@@ -62,6 +62,7 @@ pub fn lookup(image: &Path, bpffs: &Path, args: &SqliteArgs) -> Result<ExitCode>
     let table = db
         .table(&mut read, &args.table)
         .map_err(|e| in_file(&args.path, e))?;
+    let stored = table.stored(args.column)?;
     let start = db.offset_of(table.root);
     let mut answers = Vec::new();
     if args.batch {
@@ -72,24 +73,38 @@ pub fn lookup(image: &Path, bpffs: &Path, args: &SqliteArgs) -> Result<ExitCode>
         let items: Vec<BatchItem> = args
             .rowids
             .iter()
-            .map(|&rowid| BatchItem::new(start, &db.ask(rowid, args.column).to_bytes()))
+            .map(|&rowid| BatchItem::new(start, &db.ask(rowid, stored).length_only().to_bytes()))
             .collect();
         let (outcomes, _) = binding
             .run_batch(&program, &request, &items)
             .map_err(progs::explain)?;
-        for outcome in outcomes {
-            answers.push((outcome.status, outcome.hops, outcome.scratch.to_vec()));
+        for (&rowid, outcome) in args.rowids.iter().zip(outcomes) {
+            answers.push(Answer::of(
+                &table,
+                args.column,
+                rowid,
+                outcome.status,
+                outcome.hops,
+                &outcome.scratch,
+            ));
         }
     } else {
         for &rowid in &args.rowids {
-            let scratch = db.ask(rowid, args.column).to_bytes();
+            let scratch = db.ask(rowid, stored).to_bytes();
             let mut request = ChainRequest::new(ino, start, &scratch);
-            request.read_len = db.page_size;
+            request.read_len = db.page_size();
             if let Some(hops) = args.hops {
                 request.hop_limit = hops;
             }
             let outcome = binding.run(&program, &request).map_err(progs::explain)?;
-            answers.push((outcome.status, outcome.hops, outcome.scratch.to_vec()));
+            answers.push(Answer::of(
+                &table,
+                args.column,
+                rowid,
+                outcome.status,
+                outcome.hops,
+                &outcome.scratch,
+            ));
         }
     }
     Ok(report(&args.rowids, &answers))
@@ -110,69 +125,68 @@ fn through_mount(mountpoint: &Path, args: &SqliteArgs) -> Result<ExitCode> {
         .map_err(|e| in_file(&inside, e))?;
     let handle = exofs_client::Handle::new(file);
     let failed = |e: std::io::Error| format!("{}: chain: {e}", inside.display());
-    let mut answers = Vec::new();
-    if args.batch {
-        let start = db.offset_of(table.root);
-        let asks: Vec<_> = args
-            .rowids
-            .iter()
-            .map(|&rowid| db.ask(rowid, args.column).to_bytes())
-            .collect();
-        let lookups: Vec<(u64, &[u8])> = asks
-            .iter()
-            .map(|ask| (start, &ask[..exofs_abi::chain::BATCH_SCRATCH_SIZE]))
-            .collect();
-        let hops = args.hops.unwrap_or(0);
-        for answer in handle
-            .chain_batch(&args.prog, hops, &lookups, args.via.into())
+    let via = args.via.into();
+    let answers = if args.batch {
+        db.lookup_batch(&handle, &args.prog, &table, &args.rowids, args.column, via)
             .map_err(failed)?
-        {
-            answers.push((answer.status, answer.hops, answer.scratch.to_vec()));
-        }
     } else {
+        let mut answers = Vec::new();
         for &rowid in &args.rowids {
-            let scratch = db.ask(rowid, args.column).to_bytes();
+            let scratch = db.ask(rowid, table.stored(args.column)?).to_bytes();
             let mut chain = db.chain(&args.prog, table.root, &scratch);
             if let Some(hops) = args.hops {
                 chain.hop_limit = hops;
             }
-            chain.via = args.via.into();
+            chain.via = via;
             let answer = handle.chain(&chain).map_err(failed)?;
-            answers.push((answer.status, answer.hops, answer.scratch.to_vec()));
+            answers.push(Answer::of(
+                &table,
+                args.column,
+                rowid,
+                answer.status,
+                answer.hops,
+                &answer.scratch,
+            ));
         }
-    }
+        answers
+    };
     Ok(report(&args.rowids, &answers))
 }
 
 /// Prints a line per rowid; exit 0 if every chain finished (found or not), else 1.
-fn report(rowids: &[i64], answers: &[(i32, u32, Vec<u8>)]) -> ExitCode {
+fn report(rowids: &[i64], answers: &[Answer]) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
-    for (&rowid, (chain_status, hops, scratch)) in rowids.iter().zip(answers) {
-        if !report_one(rowid, *chain_status, *hops, scratch) {
+    for (&rowid, answer) in rowids.iter().zip(answers) {
+        if !report_one(rowid, answer) {
             code = ExitCode::from(1);
         }
     }
     code
 }
 
-fn report_one(rowid: i64, chain_status: i32, hops: u32, scratch: &[u8]) -> bool {
-    if chain_status != status::DONE {
-        let why = match chain_status {
+fn report_one(rowid: i64, answer: &Answer) -> bool {
+    let hops = answer.hops;
+    if answer.status != status::DONE {
+        let why = match answer.status {
             status::ABORTED => {
                 ": a page is not what a rowid table's B-tree holds (a corrupt database, an \
-                 index, or a record header larger than its page)"
+                 index, a record header larger than its page), or the column lies more than \
+                 49 overflow pages into its record"
             }
-            status::HOP_LIMIT => ": too many pages (a cycle in the tree or an overflow chain?)",
+            status::HOP_LIMIT => {
+                ": too many pages (a cycle in the tree, or a batch resumed on many overflow \
+                 pages: ask without --batch)"
+            }
             status::OUT_OF_FILE => ": a page pointer past the end of the file",
             _ => "",
         };
         println!(
             "rowid {rowid}: {} after {hops} hops{why}",
-            status::name(chain_status)
+            status::name(answer.status)
         );
         return false;
     }
-    match value_of(scratch) {
+    match &answer.value {
         Some(value) => println!("rowid {rowid}: {value} ({hops} hops)"),
         None => println!("rowid {rowid}: not found ({hops} hops)"),
     }

@@ -67,7 +67,12 @@ fn make_database(path: &str, page_size: u32, rows: i64) {
         "PRAGMA page_size = {page_size}; PRAGMA journal_mode = DELETE;
          CREATE TABLE first(x);
          INSERT INTO first VALUES (1), ('two'), (3.5);
-         CREATE TABLE t(i, r, s, b, tail);"
+         CREATE TABLE t(i, r, s, b, tail);
+         CREATE TABLE typed(id INTEGER PRIMARY KEY, x REAL, twice AS (id * 2) VIRTUAL,
+                            name TEXT, next INT GENERATED ALWAYS AS (id + 1) STORED);
+         WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 300)
+         INSERT INTO typed(id, x, name)
+             SELECT k * 5, CASE WHEN k % 2 = 0 THEN k ELSE k + 0.5 END, 'row ' || k FROM n;"
     ))
     .expect("schema");
     let tx = conn.unchecked_transaction().expect("transaction");
@@ -104,10 +109,16 @@ fn make_database(path: &str, page_size: u32, rows: i64) {
     tx.commit().expect("commit");
 }
 
-/// SQLite's own answer for `column` of row `rowid` of `t`, as a chain returns it.
-fn sqlite_answer(conn: &Connection, rowid: i64, column: &str, batch: bool) -> Option<Value> {
+/// SQLite's own answer for `column` of row `rowid` of `table`, as a chain returns it.
+fn sqlite_answer(
+    conn: &Connection,
+    table: &str,
+    rowid: i64,
+    column: &str,
+    batch: bool,
+) -> Option<Value> {
     let mut statement = conn
-        .prepare_cached(&format!("SELECT {column} FROM t WHERE rowid = ?"))
+        .prepare_cached(&format!("SELECT {column} FROM {table} WHERE rowid = ?"))
         .expect("prepare");
     let mut rows = statement.query([rowid]).expect("query");
     let row = rows.next().expect("step")?;
@@ -134,8 +145,8 @@ fn rowids_of(rows: i64) -> Vec<i64> {
     rowids
 }
 
-/// Runs `exofs sqlite` (through `run`) for every column over `rowids`, and compares each
-/// line with SQLite's answer from `conn`.
+/// Runs `exofs sqlite` (through `run`) for every column of `t` over `rowids`, and
+/// compares each line with SQLite's answer from `conn`.
 fn check_all(
     run: &dyn Fn(&[&str]) -> std::process::Output,
     target: &str,
@@ -143,12 +154,26 @@ fn check_all(
     rowids: &[i64],
     batch: bool,
 ) {
+    let columns: Vec<(usize, &str)> = COLUMNS.iter().copied().enumerate().collect();
+    check_table(run, target, conn, "t", &columns, rowids, batch);
+}
+
+/// As `check_all`, for `columns` (declared index, name) of `table`.
+fn check_table(
+    run: &dyn Fn(&[&str]) -> std::process::Output,
+    target: &str,
+    conn: &Connection,
+    table: &str,
+    columns: &[(usize, &str)],
+    rowids: &[i64],
+    batch: bool,
+) {
     let list: Vec<String> = rowids.iter().map(i64::to_string).collect();
     let list = list.join(",");
-    for (k, column) in COLUMNS.iter().enumerate() {
+    for &(k, column) in columns {
         let k = k.to_string();
         let mut args = vec![
-            "sqlite", target, "/db", "--table", "t", "--column", &k, "--rowid", &list,
+            "sqlite", target, "/db", "--table", table, "--column", &k, "--rowid", &list,
         ];
         if batch {
             args.push("--batch");
@@ -159,7 +184,7 @@ fn check_all(
         let lines: Vec<&str> = printed.lines().collect();
         assert_eq!(lines.len(), rowids.len(), "{printed}");
         for (line, &rowid) in lines.iter().zip(rowids) {
-            let expected = match sqlite_answer(conn, rowid, column, batch) {
+            let expected = match sqlite_answer(conn, table, rowid, column, batch) {
                 Some(value) => format!("rowid {rowid}: {value} ("),
                 None => format!("rowid {rowid}: not found ("),
             };
@@ -196,6 +221,38 @@ fn rowid_lookups_on_an_image_answer_as_sqlite_does() {
         let run = |args: &[&str]| m.run(args);
         check_all(&run, m.image(), &conn, &rowids_of(rows), false);
         check_all(&run, m.image(), &conn, &rowids_of(rows), true);
+        // Declared columns as SQLite reads them: the rowid for INTEGER PRIMARY KEY (the
+        // record holds NULL), reals for whole numbers in a REAL column (stored as
+        // integers), columns after a VIRTUAL generated one (not stored), a STORED one.
+        let typed = [(0, "id"), (1, "x"), (3, "name"), (4, "next")];
+        let typed_rowids: Vec<i64> = (0..1510).step_by(7).collect();
+        for batch in [false, true] {
+            check_table(
+                &run,
+                m.image(),
+                &conn,
+                "typed",
+                &typed,
+                &typed_rowids,
+                batch,
+            );
+        }
+        let out = m.run(&[
+            "sqlite",
+            m.image(),
+            "/db",
+            "--table",
+            "typed",
+            "--column",
+            "2",
+            "--rowid",
+            "5",
+        ]);
+        assert!(
+            text(&out).contains("VIRTUAL generated column"),
+            "{}",
+            text(&out)
+        );
         // The schema table, whose root is page 1, after the database header.
         for (k, column) in ["type", "name", "tbl_name", "rootpage", "sql"]
             .iter()
@@ -503,6 +560,11 @@ fn corrupt_pages_end_in_a_status_never_a_value_and_bad_databases_are_refused_by_
         "WITHOUT ROWID",
     );
     refused("CREATE TABLE t(a);", "nope", "no table named `nope`");
+    refused(
+        "PRAGMA journal_mode = WAL; CREATE TABLE t(a); INSERT INTO t VALUES (1);",
+        "t",
+        "WAL mode",
+    );
     fs::write(&file.0, "not a database at all, just text. ".repeat(8)).expect("write");
     let out = m.run(&["put", m.image(), file.path(), "/db"]);
     assert!(out.status.success(), "put: {}", text(&out));

@@ -29,12 +29,14 @@
 #define EXOFS_INLINE static __attribute__((always_inline)) inline
 
 /* bpf_loop (helper 181): calls callback(index, ctx) for index 0, 1, ... up to nr_loops
- * times (at most 1 << 23), stopping when it returns 1; returns the calls made. The count
- * is declared 64-bit on purpose: the verifier inlines bpf_loop and compares all 64 bits
+ * times (at most 1 << 23), stopping when it returns 1; returns the calls made. Named
+ * exofs_bpf_loop so as not to clash with libbpf's declaration, whose count is a __u32:
+ * this one's is 64-bit on purpose. The verifier inlines bpf_loop and compares all 64 bits
  * of the register with its maximum, and a 32-bit value may arrive with garbage above it
  * (the call then does nothing and returns -E2BIG). Declared this way, the compiler
  * zero-extends it. */
-static long (*bpf_loop)(__u64 nr_loops, void *callback, void *ctx, __u64 flags) = (void *)181;
+static long (*exofs_bpf_loop)(__u64 nr_loops, void *callback, void *ctx,
+			      __u64 flags) = (void *)181;
 
 /* The u64 at scratch offset `at` (8-aligned), read from memory whose contents the
  * verifier does not track. */
@@ -205,7 +207,7 @@ static __attribute__((noinline)) __u64 exofs_leb128(struct exofs_hop_state *s, _
 		if (count > EXOFS_BLOCK_SIZE)                                                  \
 			return -1;                                                             \
 		exofs_set_scratch_word(s, EXOFS_SEARCH_WORD, (__u64)count << 32);              \
-		bpf_loop(EXOFS_SEARCH_STEPS, name##_step, &c, 0);                              \
+		exofs_bpf_loop(EXOFS_SEARCH_STEPS, name##_step, &c, 0);                        \
 		w = exofs_scratch_word(s, EXOFS_SEARCH_WORD);                                  \
 		if ((__u32)w != (__u32)(w >> 32) || (w >> 32) > EXOFS_BLOCK_SIZE)              \
 			return -1;                                                             \

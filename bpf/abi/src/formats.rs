@@ -165,11 +165,17 @@ const _: () = assert!(core::mem::size_of::<list::Node>() == 24);
 /// `n` starts at byte `(n - 1) * page_size`, so a lookup starts at the root page's offset.
 ///
 /// The scratch is a [`Lookup`](self::Lookup) of this module: the caller fills rowid,
-/// column, page size and usable size (from the database header, which the caller reads:
-/// the page size is 512..=4096, the usable size at least 480); the chain fills kind,
-/// length and the value. Its first 32 bytes are everything a walk needs between hops, so
-/// a batch (32 bytes of scratch per lookup) returns integers, reals, NULLs and lengths,
-/// but no text or blob bytes.
+/// column (its index in the record), page size and usable size (from the database header,
+/// which the caller reads: the page size is 512..=4096, the usable size at least 480); the
+/// chain fills kind, length and the value. A batch (32 bytes of scratch per lookup)
+/// returns integers, reals, NULLs and lengths, but no text or blob bytes.
+///
+/// While it skips along overflow pages, a walk also keeps the pages it visited (to catch
+/// a cycle) in the bytes. A batched lookup resumed after a miss gets only its first 32
+/// bytes back: it then walks again from its leaf. Each resumption on a new overflow page
+/// costs the pages before it again, so a batch that misses on every page reaches the hop
+/// limit (64) for a column about 8 overflow pages into its record; a single chain keeps
+/// its whole scratch and reaches 49 overflow pages.
 pub mod sqlite {
     /// Scratch offset of the text or blob bytes.
     pub const BYTES_OFFSET: usize = 32;
@@ -205,7 +211,8 @@ pub mod sqlite {
         pub const ABSENT: u8 = 6;
     }
 
-    /// `phase`: where a walk is (internal; 0 when a lookup starts).
+    /// `phase`: where a walk is (internal; 0 when a lookup starts), and one flag the
+    /// caller may set.
     pub mod phase {
         /// Descending the table B-tree.
         pub const DESCEND: u8 = 0;
@@ -213,6 +220,10 @@ pub mod sqlite {
         pub const SKIP: u8 = 1;
         /// On overflow pages, `progress` bytes of the value gathered so far.
         pub const GATHER: u8 = 2;
+        /// In (a flag, kept): return a text's or blob's kind and length, not its bytes,
+        /// and so walk no overflow page for them. What a batch sets: its lookups have 32
+        /// bytes of scratch, no room for the bytes.
+        pub const LENGTH_ONLY: u8 = 0x80;
     }
 
     /// The scratch of a `sqlite_rowid` lookup (little-endian).
@@ -261,6 +272,12 @@ pub mod sqlite {
                 value: 0,
                 bytes: [0; MAX_BYTES],
             }
+        }
+
+        /// The same lookup, asking for lengths only ([`phase::LENGTH_ONLY`]).
+        pub fn length_only(mut self) -> Self {
+            self.phase |= phase::LENGTH_ONLY;
+            self
         }
 
         /// The scratch bytes of this lookup.

@@ -6,15 +6,21 @@
 //! once whatever the page holds.
 //!
 //! The stack is the scarce thing: an application function shares 512 bytes with the
-//! driver, which takes about 400 of them. So the lookup's state is read and written in
+//! driver's frames below it (under 200 bytes). So the lookup's state is read and written in
 //! place in the scratch, the walk over the serial types keeps its cursor there too, and
 //! each part is a function of its own (frames add up along a call path, not across it).
 //!
 //! Refused (ABORTED): index pages (index B-trees and WITHOUT ROWID tables), page sizes
 //! over 4096, a record whose header does not fit on its leaf page, reserved serial types,
-//! and anything out of place (a cell pointer outside the cell area, a child page 0, an
-//! overflow chain that ends early). A cycle in the tree or in an overflow chain ends at
-//! the chain's hop limit (HOP_LIMIT); a page past the end of the file is OUT_OF_FILE.
+//! a column more than 49 overflow pages into its record, and anything out of place (a
+//! cell pointer outside the cell area, a child page 0, an overflow chain that ends early
+//! or visits a page twice). A cycle in the tree ends at the chain's hop limit
+//! (HOP_LIMIT); a page past the end of the file is OUT_OF_FILE.
+//!
+//! It reads the record's columns in storage order and returns what the record holds: the
+//! caller maps declared columns to stored ones and turns the record's value into SQLite's
+//! (the rowid for an INTEGER PRIMARY KEY column, a real for a whole number in a REAL
+//! column): exofs_client::sqlite::Table.
 #![no_std]
 #![no_main]
 
@@ -64,7 +70,7 @@ fn walk(state: &mut HopState) -> Option<i32> {
     {
         return None;
     }
-    match l.phase {
+    match l.phase & !phase::LENGTH_ONLY {
         phase::DESCEND => descend(state, usable),
         phase::SKIP | phase::GATHER => overflow(state, usable),
         _ => None,
@@ -83,13 +89,26 @@ fn go_to_page(state: &mut HopState, page: u32) -> Option<i32> {
     Some(NEXT_CONTINUE)
 }
 
-/// Offset in the page of cell `index`, from the cell pointer array at `pointers`.
-fn cell_at(state: &HopState, pointers: usize, index: u32, usable: usize) -> Option<usize> {
+/// Offset in the page of cell `index`, from the cell pointer array at `pointers`, which
+/// holds `cells` pointers: a cell lies after the array and before the usable end.
+#[inline(always)]
+fn cell_at(
+    state: &HopState,
+    pointers: usize,
+    cells: u32,
+    index: u32,
+    usable: usize,
+) -> Option<usize> {
     let cell = be16(state, pointers + 2 * index as usize)? as usize;
-    if cell < pointers || cell >= usable {
+    if cell < pointers + 2 * cells as usize || cell >= usable {
         return None;
     }
     Some(cell)
+}
+
+/// Sets the walk's phase, keeping the caller's flag.
+fn set_phase(l: &mut Lookup, to: u8) {
+    l.phase = (l.phase & phase::LENGTH_ONLY) | to;
 }
 
 /// A table leaf cell's rowid, payload size and payload offset.
@@ -117,14 +136,14 @@ fn descend(state: &mut HopState, usable: usize) -> Option<i32> {
             // Cells are (left child, key): the child holds the rowids <= key. The first
             // cell whose key is >= rowid, else the right-most child.
             let index = partition_point(state, cells, move |s, i| {
-                let cell = cell_at(s, pointers, i, usable)?;
+                let cell = cell_at(s, pointers, cells, i, usable)?;
                 let (key, _) = sqlite_varint(s, cell + 4)?;
                 Some((key as i64) < rowid)
             })?;
             let child = if index == cells {
                 be32(state, at + 8)?
             } else {
-                be32(state, cell_at(state, pointers, index, usable)?)?
+                be32(state, cell_at(state, pointers, cells, index, usable)?)?
             };
             go_to_page(state, child)
         }
@@ -134,14 +153,14 @@ fn descend(state: &mut HopState, usable: usize) -> Option<i32> {
                 return None;
             }
             let index = partition_point(state, cells, move |s, i| {
-                let cell = cell_at(s, pointers, i, usable)?;
+                let cell = cell_at(s, pointers, cells, i, usable)?;
                 let (key, _, _) = leaf_cell(s, cell)?;
                 Some(key < rowid)
             })?;
             if index == cells {
                 return Some(found(state, kind::NOT_FOUND));
             }
-            let cell = cell_at(state, pointers, index, usable)?;
+            let cell = cell_at(state, pointers, cells, index, usable)?;
             let (key, payload, start) = leaf_cell(state, cell)?;
             if key != rowid {
                 return Some(found(state, kind::NOT_FOUND));
@@ -216,6 +235,11 @@ fn column_of(
             set_scratch_word(s, WALK, word(FAILED, 0));
             return false;
         };
+        if cursor as usize + len > header_end {
+            // A serial type running past the header's end: corrupt, as SQLite says.
+            set_scratch_word(s, WALK, word(FAILED, 0));
+            return false;
+        }
         if i == column {
             lookup(s).value = serial_type;
             set_scratch_word(s, WALK, word(FOUND, body));
@@ -268,7 +292,8 @@ fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Op
         return Some(found(state, kind::ABSENT));
     };
     let (what, size) = serial(serial_type)?;
-    if u64::from(body) + size > payload {
+    // (A payload is at most 2^31 bytes in SQLite; a larger size is a corrupt header.)
+    if u64::from(body) + size > payload || size > u64::from(i32::MAX as u32) {
         return None;
     }
     let l = lookup(state);
@@ -287,7 +312,7 @@ fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Op
         // walked (the leaf first) to catch a cycle.
         set_visited(state, 0, leaf);
         let l = lookup(state);
-        l.phase = phase::SKIP;
+        set_phase(l, phase::SKIP);
         l.progress = (body - local) as u32;
         l.value = u64::from(leaf) << 32 | 1;
     } else {
@@ -297,7 +322,10 @@ fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Op
         if lookup(state).progress >= wanted {
             return Some(finish(state));
         }
-        lookup(state).phase = phase::GATHER;
+        set_phase(lookup(state), phase::GATHER);
+    }
+    if start + local + 4 > usable {
+        return None;
     }
     let first_overflow = be32(state, start + local)?;
     if first_overflow == leaf {
@@ -310,6 +338,7 @@ fn record(state: &mut HopState, usable: usize, payload: u64, start: usize) -> Op
 /// or blob.
 fn wanted(l: &Lookup) -> u32 {
     match l.kind {
+        kind::TEXT | kind::BLOB if l.phase & phase::LENGTH_ONLY != 0 => 0,
         kind::TEXT | kind::BLOB => l.length.min(MAX_BYTES as u32),
         _ => l.length,
     }
@@ -350,7 +379,7 @@ fn finish(state: &mut HopState) -> i32 {
         l.value = ((l.value << shift) as i64 >> shift) as u64;
     }
     l.progress = 0;
-    l.phase = phase::DESCEND;
+    set_phase(l, phase::DESCEND);
     NEXT_DONE
 }
 
@@ -419,7 +448,7 @@ fn overflow(state: &mut HopState, usable: usize) -> Option<i32> {
     let page = page_of(state);
     let mut from = 4usize;
     // Whether the value starts on this page (else this page ends it).
-    let starts_here = lookup(state).phase == phase::SKIP;
+    let starts_here = lookup(state).phase & !phase::LENGTH_ONLY == phase::SKIP;
     let l = lookup(state);
     if starts_here {
         let (leaf, count) = ((l.value >> 32) as u32, l.value as u32);
@@ -428,7 +457,7 @@ fn overflow(state: &mut HopState, usable: usize) -> Option<i32> {
         }
         if visited(state, count - 1) == 0 {
             let l = lookup(state);
-            l.phase = phase::DESCEND;
+            set_phase(l, phase::DESCEND);
             l.value = 0;
             l.progress = 0;
             return go_to_page(state, leaf);
@@ -453,7 +482,7 @@ fn overflow(state: &mut HopState, usable: usize) -> Option<i32> {
         let l = lookup(state);
         l.progress = 0;
         l.value = 0;
-        l.phase = phase::GATHER;
+        set_phase(l, phase::GATHER);
     } else if l.progress == 0 {
         // GATHER arrives here with some bytes taken already.
         return None;

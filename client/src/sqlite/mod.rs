@@ -21,6 +21,9 @@ use std::collections::HashSet;
 use std::io;
 use std::os::fd::AsFd;
 
+mod schema;
+pub use schema::{Affinity, Column};
+
 /// Reads exactly `buf.len()` bytes at `offset` of the database file.
 pub type Read<'a> = dyn FnMut(u64, &mut [u8]) -> io::Result<()> + 'a;
 
@@ -64,10 +67,14 @@ impl std::fmt::Display for Value {
             Self::Null => write!(f, "NULL"),
             Self::Integer(value) => write!(f, "{value}"),
             Self::Real(value) => write!(f, "{value:?}"),
+            // (Line breaks escaped: one value, one line.)
             Self::Text { bytes, length } => write!(
                 f,
                 "'{}'{}",
-                String::from_utf8_lossy(bytes),
+                String::from_utf8_lossy(bytes)
+                    .replace('\\', "\\\\")
+                    .replace('\n', "\\n")
+                    .replace('\r', "\\r"),
                 shown(bytes, *length)
             ),
             Self::Blob { bytes, length } => {
@@ -100,14 +107,62 @@ pub struct Table {
     pub root: u32,
     /// Its CREATE statement.
     pub sql: String,
+    /// Its columns as declared (none known for CREATE TABLE ... AS SELECT: every column
+    /// is then stored in order).
+    pub columns: Vec<Column>,
+}
+
+impl Table {
+    /// The index in the record of declared column `column` (from 0).
+    pub fn stored(&self, column: u16) -> io::Result<u16> {
+        if self.columns.is_empty() {
+            return Ok(column);
+        }
+        let Some(declared) = self.columns.get(usize::from(column)) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "`{}` has {} columns; column {column} does not exist",
+                    self.name,
+                    self.columns.len()
+                ),
+            ));
+        };
+        declared.stored.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "column {column} of `{}` (`{}`) is a VIRTUAL generated column: it is \
+                     computed when read, not stored",
+                    self.name, declared.name
+                ),
+            )
+        })
+    }
+
+    /// A value of declared column `column` of row `rowid` as the record holds it (None:
+    /// no such row), turned into what SQLite returns: the rowid for the column that
+    /// aliases it (the record holds NULL there), a real for a whole number stored in a
+    /// column of REAL affinity (SQLite stores those as integers).
+    pub fn as_sqlite(&self, column: u16, rowid: i64, value: Option<Value>) -> Option<Value> {
+        let value = value?;
+        let Some(declared) = self.columns.get(usize::from(column)) else {
+            return Some(value);
+        };
+        Some(match value {
+            Value::Null if declared.rowid_alias => Value::Integer(rowid),
+            Value::Integer(v) if declared.affinity == Affinity::Real => Value::Real(v as f64),
+            other => other,
+        })
+    }
 }
 
 /// An SQLite database file, as far as its header goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Database {
-    pub page_size: u32,
+    page_size: u32,
     /// The page size minus the reserved bytes at the end of each page.
-    pub usable: u32,
+    usable: u32,
 }
 
 fn invalid(message: String) -> io::Error {
@@ -149,7 +204,37 @@ impl Database {
                 header[20]
             )));
         }
+        // Bytes 18 and 19: the file format versions, 2 in WAL mode. Committed changes may
+        // then be in the -wal file only, which chains do not read.
+        if header[18] == 2 || header[19] == 2 {
+            return Err(invalid(
+                "the database is in WAL mode: committed changes may be in its -wal file, \
+                 which chains do not read (PRAGMA journal_mode = DELETE converts it)"
+                    .into(),
+            ));
+        }
+        let encoding = u32::from_be_bytes([header[56], header[57], header[58], header[59]]);
+        if encoding > 1 {
+            return Err(invalid(format!(
+                "the database's text encoding is UTF-16 ({}): only UTF-8 databases are served",
+                if encoding == 2 {
+                    "little-endian"
+                } else {
+                    "big-endian"
+                }
+            )));
+        }
         Ok(Self { page_size, usable })
+    }
+
+    /// The page size (512..=4096).
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// The page size minus the reserved bytes at the end of each page.
+    pub fn usable(&self) -> u32 {
+        self.usable
     }
 
     /// Byte offset of page `page` in the file.
@@ -174,10 +259,13 @@ impl Database {
             .iter()
             .any(|schema| schema.eq_ignore_ascii_case(name))
         {
+            let sql = "CREATE TABLE sqlite_schema(type text, name text, tbl_name text, \
+                       rootpage integer, sql text)";
             return Ok(Table {
                 name: name.to_owned(),
                 root: 1,
-                sql: String::new(),
+                sql: sql.to_owned(),
+                columns: schema::columns(sql).0,
             });
         }
         let mut found = None;
@@ -201,7 +289,8 @@ impl Database {
                 format!("no table named `{name}` in the schema"),
             ));
         };
-        if sql.to_ascii_uppercase().contains("WITHOUT ROWID") {
+        let (columns, without_rowid) = schema::columns(&sql);
+        if without_rowid {
             return Err(invalid(format!(
                 "`{name}` is a WITHOUT ROWID table (an index B-tree): sqlite_rowid looks up \
                  rowid tables only"
@@ -211,7 +300,12 @@ impl Database {
             .ok()
             .filter(|&root| root > 0)
             .ok_or_else(|| invalid(format!("`{name}` has root page {root} in the schema")))?;
-        Ok(Table { name, root, sql })
+        Ok(Table {
+            name,
+            root,
+            sql,
+            columns,
+        })
     }
 
     /// Calls `each(rowid, record)` for every row of the table B-tree at `root`, in rowid
@@ -332,16 +426,18 @@ impl Database {
         Ok((rowid as i64, payload))
     }
 
-    /// The user-space lookup: one read per page, from the root down, then the overflow
-    /// pages of the record. None: no such row.
+    /// The user-space lookup of declared column `column` of row `rowid` of `table`: one
+    /// read per page, from the root down, then the overflow pages of the record. None: no
+    /// such row.
     pub fn walk(
         &self,
         read: &mut Read<'_>,
-        root: u32,
+        table: &Table,
         rowid: i64,
         column: u16,
     ) -> io::Result<Option<Value>> {
-        let mut number = root;
+        let stored = table.stored(column)?;
+        let mut number = table.root;
         let mut seen = HashSet::new();
         loop {
             if !seen.insert(number) {
@@ -373,12 +469,11 @@ impl Database {
                 }
                 let (_, payload) = self.leaf_payload(read, &page, number, node.cells[low])?;
                 let record = decode_record(&payload, number)?;
-                return Ok(Some(
-                    record
-                        .into_iter()
-                        .nth(usize::from(column))
-                        .unwrap_or(Value::Absent),
-                ));
+                let value = record
+                    .into_iter()
+                    .nth(usize::from(stored))
+                    .unwrap_or(Value::Absent);
+                return Ok(table.as_sqlite(column, rowid, Some(value)));
             }
             number = match node.cells.get(low) {
                 Some(cell) => be32(&page, *cell, number)?,
@@ -387,9 +482,10 @@ impl Database {
         }
     }
 
-    /// The scratch of a chained lookup of `column` of row `rowid`.
-    pub fn ask(&self, rowid: i64, column: u16) -> Lookup {
-        Lookup::ask(rowid, column, self.page_size as u16, self.usable as u16)
+    /// The scratch of a chained lookup of record column `stored` (see [`Table::stored`])
+    /// of row `rowid`.
+    pub fn ask(&self, rowid: i64, stored: u16) -> Lookup {
+        Lookup::ask(rowid, stored, self.page_size as u16, self.usable as u16)
     }
 
     /// The chain of a lookup over the table at `root`, with `scratch` from [`Self::ask`].
@@ -399,65 +495,90 @@ impl Database {
         chain
     }
 
-    /// Looks `column` of row `rowid` up in the table at `root`, with one chain of
+    /// Looks declared column `column` of row `rowid` of `table` up with one chain of
     /// `program` (a loaded `sqlite_rowid`).
     pub fn lookup<F: AsFd>(
         &self,
         file: &Handle<F>,
         program: &str,
-        root: u32,
+        table: &Table,
         rowid: i64,
         column: u16,
         via: Via,
     ) -> io::Result<Answer> {
-        let scratch = self.ask(rowid, column).to_bytes();
-        let mut chain = self.chain(program, root, &scratch);
+        let scratch = self.ask(rowid, table.stored(column)?).to_bytes();
+        let mut chain = self.chain(program, table.root, &scratch);
         chain.via = via;
         let answer = file.chain(&chain)?;
-        Ok(Answer {
-            status: answer.status,
-            hops: answer.hops,
-            value: if answer.status == status::DONE {
-                value_of(&answer.scratch)
-            } else {
-                None
-            },
-        })
+        Ok(Answer::of(
+            table,
+            column,
+            rowid,
+            answer.status,
+            answer.hops,
+            &answer.scratch,
+        ))
     }
 
-    /// Looks `column` up in many rows, 32 lookups per kernel call. A batch returns no
-    /// text or blob bytes (a batched lookup has 32 bytes of scratch), only their lengths.
+    /// Looks declared column `column` up in many rows, 32 lookups per kernel call. A batch
+    /// returns no text or blob bytes (a batched lookup has 32 bytes of scratch), only
+    /// their lengths, and does not walk overflow pages for them.
     pub fn lookup_batch<F: AsFd>(
         &self,
         file: &Handle<F>,
         program: &str,
-        root: u32,
+        table: &Table,
         rowids: &[i64],
         column: u16,
         via: Via,
     ) -> io::Result<Vec<Answer>> {
+        let stored = table.stored(column)?;
         let asks: Vec<_> = rowids
             .iter()
-            .map(|&rowid| self.ask(rowid, column).to_bytes())
+            .map(|&rowid| self.ask(rowid, stored).length_only().to_bytes())
             .collect();
-        let start = self.offset_of(root);
+        let start = self.offset_of(table.root);
         let lookups: Vec<(u64, &[u8])> = asks
             .iter()
             .map(|ask| (start, &ask[..exofs_abi::chain::BATCH_SCRATCH_SIZE]))
             .collect();
         let answers = file.chain_batch(program, 0, &lookups, via)?;
-        Ok(answers
+        Ok(rowids
             .iter()
-            .map(|answer: &BatchAnswer| Answer {
-                status: answer.status,
-                hops: answer.hops,
-                value: if answer.status == status::DONE {
-                    value_of(&answer.scratch)
-                } else {
-                    None
-                },
+            .zip(&answers)
+            .map(|(&rowid, answer): (&i64, &BatchAnswer)| {
+                Answer::of(
+                    table,
+                    column,
+                    rowid,
+                    answer.status,
+                    answer.hops,
+                    &answer.scratch,
+                )
             })
             .collect())
+    }
+}
+
+impl Answer {
+    /// The answer a finished chain of declared column `column` of row `rowid` gives.
+    pub fn of(
+        table: &Table,
+        column: u16,
+        rowid: i64,
+        chain_status: i32,
+        hops: u32,
+        scratch: &[u8],
+    ) -> Self {
+        Self {
+            status: chain_status,
+            hops,
+            value: if chain_status == status::DONE {
+                table.as_sqlite(column, rowid, value_of(scratch))
+            } else {
+                None
+            },
+        }
     }
 }
 
