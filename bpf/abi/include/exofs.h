@@ -206,12 +206,13 @@ struct exofs_list_node {
 #define EXOFS_SQLITE_TEXT 4
 #define EXOFS_SQLITE_BLOB 5
 #define EXOFS_SQLITE_ABSENT 6 /* the row has fewer columns: the column's default applies */
+#define EXOFS_SQLITE_LENGTH_ONLY 0x80 /* phase flag, in: a text's or blob's length, no bytes */
 struct exofs_sqlite_lookup {
 	__s64 rowid;      /* in */
-	__u16 column;     /* in: from 0, in declared order */
+	__u16 column;     /* in: its index in the record (declared order less VIRTUAL columns) */
 	__u16 page_size;  /* in: 512..4096 */
 	__u16 usable;     /* in: page size minus the reserved bytes */
-	__u8 phase;       /* 0 at the start */
+	__u8 phase;       /* 0 at the start, or EXOFS_SQLITE_LENGTH_ONLY */
 	__u8 kind;        /* out: EXOFS_SQLITE_* */
 	__u32 length;     /* out: bytes of the value (text, blob: all of it) */
 	__u32 progress;   /* internal */

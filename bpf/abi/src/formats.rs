@@ -232,13 +232,15 @@ pub mod sqlite {
     pub struct Lookup {
         /// In: the rowid sought.
         pub rowid: i64,
-        /// In: the column, from 0, in the table's declared order.
+        /// In: the column's index in the record (the declared order, less the VIRTUAL
+        /// generated columns before it: exofs_client::sqlite::Table::stored).
         pub column: u16,
         /// In: the database's page size (512..=4096).
         pub page_size: u16,
         /// In: the usable size (page size minus the header's reserved bytes).
         pub usable: u16,
-        /// Internal: a [`phase`] value.
+        /// A [`phase`] value (0 when a lookup starts), with the caller's
+        /// [`phase::LENGTH_ONLY`] flag.
         pub phase: u8,
         /// Out: a [`kind`] value.
         pub kind: u8,

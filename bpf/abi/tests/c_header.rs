@@ -116,6 +116,10 @@ fn rust_layout() -> BTreeMap<String, i64> {
             "EXOFS_SQLITE_ABSENT",
             i64::from(formats::sqlite::kind::ABSENT),
         ),
+        (
+            "EXOFS_SQLITE_LENGTH_ONLY",
+            i64::from(formats::sqlite::phase::LENGTH_ONLY),
+        ),
     ] {
         map.insert(name.into(), value);
     }

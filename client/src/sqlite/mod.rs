@@ -67,14 +67,12 @@ impl std::fmt::Display for Value {
             Self::Null => write!(f, "NULL"),
             Self::Integer(value) => write!(f, "{value}"),
             Self::Real(value) => write!(f, "{value:?}"),
-            // (Line breaks escaped: one value, one line.)
+            // (Escaped as Rust escapes a string for debugging: control characters,
+            // quotes, backslashes. One value, one line, no terminal escapes.)
             Self::Text { bytes, length } => write!(
                 f,
                 "'{}'{}",
-                String::from_utf8_lossy(bytes)
-                    .replace('\\', "\\\\")
-                    .replace('\n', "\\n")
-                    .replace('\r', "\\r"),
+                String::from_utf8_lossy(bytes).escape_debug(),
                 shown(bytes, *length)
             ),
             Self::Blob { bytes, length } => {
@@ -204,8 +202,15 @@ impl Database {
                 header[20]
             )));
         }
-        // Bytes 18 and 19: the file format versions, 2 in WAL mode. Committed changes may
-        // then be in the -wal file only, which chains do not read.
+        // Bytes 18 and 19: the file format's write and read versions: 1, or 2 in WAL
+        // mode, where committed changes may be in the -wal file only, which chains do not
+        // read. SQLite refuses to read a file whose read version is above 2.
+        if header[19] > 2 || header[18] > 2 {
+            return Err(invalid(format!(
+                "file format versions {} and {}: a newer SQLite's, unknown here",
+                header[18], header[19]
+            )));
+        }
         if header[18] == 2 || header[19] == 2 {
             return Err(invalid(
                 "the database is in WAL mode: committed changes may be in its -wal file, \
@@ -214,15 +219,24 @@ impl Database {
             ));
         }
         let encoding = u32::from_be_bytes([header[56], header[57], header[58], header[59]]);
-        if encoding > 1 {
-            return Err(invalid(format!(
-                "the database's text encoding is UTF-16 ({}): only UTF-8 databases are served",
-                if encoding == 2 {
-                    "little-endian"
-                } else {
-                    "big-endian"
-                }
-            )));
+        match encoding {
+            0 | 1 => {}
+            2 | 3 => {
+                return Err(invalid(format!(
+                    "the database's text encoding is UTF-16 ({}): only UTF-8 databases are \
+                     served",
+                    if encoding == 2 {
+                        "little-endian"
+                    } else {
+                        "big-endian"
+                    }
+                )))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "the header gives text encoding {other}, which SQLite never writes"
+                )))
+            }
         }
         Ok(Self { page_size, usable })
     }
@@ -265,7 +279,16 @@ impl Database {
                 name: name.to_owned(),
                 root: 1,
                 sql: sql.to_owned(),
-                columns: schema::columns(sql).0,
+                columns: ["type", "name", "tbl_name", "rootpage", "sql"]
+                    .iter()
+                    .zip(0..)
+                    .map(|(name, at)| Column {
+                        name: (*name).to_owned(),
+                        affinity: Affinity::of(if at == 3 { "integer" } else { "text" }),
+                        rowid_alias: false,
+                        stored: Some(at),
+                    })
+                    .collect(),
             });
         }
         let mut found = None;
@@ -289,7 +312,7 @@ impl Database {
                 format!("no table named `{name}` in the schema"),
             ));
         };
-        let (columns, without_rowid) = schema::columns(&sql);
+        let (columns, without_rowid) = schema::columns(&name, &sql)?;
         if without_rowid {
             return Err(invalid(format!(
                 "`{name}` is a WITHOUT ROWID table (an index B-tree): sqlite_rowid looks up \
@@ -327,7 +350,7 @@ impl Database {
             if node.leaf {
                 for cell in node.cells {
                     let (rowid, payload) = self.leaf_payload(read, &page, number, cell)?;
-                    each(rowid, decode_record(&payload, number)?);
+                    each(rowid, decode_record(&payload, number, usize::MAX)?);
                 }
             } else {
                 // Children pushed last to first, so the leftmost is walked first.
@@ -468,7 +491,7 @@ impl Database {
                     return Ok(None);
                 }
                 let (_, payload) = self.leaf_payload(read, &page, number, node.cells[low])?;
-                let record = decode_record(&payload, number)?;
+                let record = decode_record(&payload, number, usize::from(stored))?;
                 let value = record
                     .into_iter()
                     .nth(usize::from(stored))
@@ -664,8 +687,10 @@ fn local_size(payload: u64, usable: u64) -> u64 {
     }
 }
 
-/// Every column of a record.
-fn decode_record(payload: &[u8], number: u32) -> io::Result<Vec<Value>> {
+/// The columns of a record up to column `upto` (all of them if it has fewer), with the
+/// checks the chain makes: a serial type may not run past the header, nor a value past
+/// the payload.
+fn decode_record(payload: &[u8], number: u32, upto: usize) -> io::Result<Vec<Value>> {
     let bad = || invalid(format!("page {number}: a malformed record"));
     let (header_size, mut at) = varint(payload, 0, number)?;
     let header_size = usize::try_from(header_size).map_err(|_| bad())?;
@@ -674,9 +699,12 @@ fn decode_record(payload: &[u8], number: u32) -> io::Result<Vec<Value>> {
     }
     let mut body = header_size;
     let mut values = Vec::new();
-    while at < header_size {
+    while at < header_size && values.len() <= upto {
         let (serial, n) = varint(payload, at, number)?;
         at += n;
+        if at > header_size {
+            return Err(bad());
+        }
         let size = match serial {
             0 | 8 | 9 => 0,
             1..=4 => serial as usize,
