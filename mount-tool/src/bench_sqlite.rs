@@ -24,7 +24,9 @@
 //! then the timed lookups.
 
 use crate::bench_chain::Phase;
-use crate::bench_via_mount::{policy_granting, run_client, timed_phase, user_ids, Mount};
+use crate::bench_via_mount::{
+    median_phases, policy_granting, run_client, run_rounds, timed_phase, user_ids, Mount,
+};
 use exofs_client::sqlite::{Database, Value};
 use exofs_client::{Handle, Via};
 use rusqlite::{Connection, OpenFlags};
@@ -170,17 +172,13 @@ pub fn bench_sqlite(args: &SqliteArgs) -> Result<()> {
         if args.mode.as_deref().is_some_and(|wanted| wanted != mode) {
             continue;
         }
-        let mut rounds: Vec<Vec<Phase>> = Vec::new();
-        for round in 0..args.rounds.max(1) {
-            let mut this_round = Vec::new();
-            for turn in 0..paths.len() {
-                let path = paths[(round + turn) % paths.len()];
-                if mode != "warm" {
-                    mount.down()?;
-                    crate::bench_mount::drop_all_caches()?;
-                    mount.up()?;
-                }
-                seed += 1;
+        let mut rounds = run_rounds(
+            &mount,
+            &paths,
+            mode,
+            args.rounds.max(1),
+            &mut seed,
+            &mut |path, seed, round| {
                 let mut command = Command::new(std::env::current_exe()?);
                 command
                     .args(["bench", "sqlite", "--client"])
@@ -195,24 +193,10 @@ pub fn bench_sqlite(args: &SqliteArgs) -> Result<()> {
                     .gid(gid);
                 let phase = run_client(command, path, mode, args.lookups)?;
                 println!("{mode} round {}: {path} {:.0}", round + 1, phase.per_sec());
-                this_round.push(phase);
-            }
-            rounds.push(this_round);
-        }
-        for path in &paths {
-            let mut runs: Vec<Phase> = rounds
-                .iter_mut()
-                .flat_map(|round| {
-                    let at = round.iter().position(|p| p.path == *path);
-                    at.map(|at| round.swap_remove(at))
-                })
-                .collect();
-            runs.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
-            let middle = runs.len() / 2;
-            if let Some(median) = runs.into_iter().nth(middle) {
-                phases.push(median);
-            }
-        }
+                Ok(phase)
+            },
+        )?;
+        phases.extend(median_phases(&mut rounds, &paths, mode));
     }
     drop(mount);
     report(args, &phases, rows, db_bytes)

@@ -229,44 +229,82 @@ pub fn run(args: &ChainArgs, image: &Path, key_count: u64, depth: u32) -> Result
         } else {
             (args.lookups / 10).max(500)
         };
-        for round in 0..args.rounds {
-            let mut phases = Vec::new();
-            for turn in 0..paths.len() {
-                let path = paths[(round + turn) % paths.len()];
-                if mode != "warm" {
-                    mount.down()?;
-                    crate::bench_mount::drop_all_caches()?;
-                    mount.up()?;
-                }
-                seed += 1;
-                phases.push(client_phase(
+        rounds.extend(run_rounds(
+            &mount,
+            &paths,
+            mode,
+            args.rounds,
+            &mut seed,
+            &mut |path, seed, _| {
+                client_phase(
                     &file, path, mode, lookups, seed, key_count, depth, args, uid, gid,
-                )?);
-            }
-            rounds.push(phases);
-        }
+                )
+            },
+        )?);
     }
     drop(mount);
     print_rounds(&rounds, args.rounds);
-    // Per phase, its median round, in the order of PATHS.
     let mut medians = Vec::new();
     for mode in ["warm", cold] {
-        for path in &paths {
-            let mut runs: Vec<Phase> = rounds
-                .iter_mut()
-                .flat_map(|round| {
-                    let at = round.iter().position(|p| p.path == *path && p.mode == mode);
-                    at.map(|at| round.swap_remove(at))
-                })
-                .collect();
-            runs.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
-            let middle = runs.len() / 2;
-            if let Some(median) = runs.into_iter().nth(middle) {
-                medians.push(median);
-            }
-        }
+        medians.extend(median_phases(&mut rounds, &paths, mode));
     }
     Ok(medians)
+}
+
+/// Runs one phase of `path` with its seed, in round `round` (from 0).
+pub(crate) type RunPhase<'a> = dyn FnMut(&'static str, u64, usize) -> Result<Phase> + 'a;
+
+/// `rounds` rounds of a phase of every path in `mode`, the paths taking turns (each round
+/// starts with the next path); before each phase but a warm one, a fresh daemon and
+/// dropped caches. `seed` moves on by one per phase.
+pub(crate) fn run_rounds(
+    mount: &Mount,
+    paths: &[&'static str],
+    mode: &str,
+    rounds: usize,
+    seed: &mut u64,
+    phase: &mut RunPhase<'_>,
+) -> Result<Vec<Vec<Phase>>> {
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        let mut phases = Vec::new();
+        for turn in 0..paths.len() {
+            let path = paths[(round + turn) % paths.len()];
+            if mode != "warm" {
+                mount.down()?;
+                crate::bench_mount::drop_all_caches()?;
+                mount.up()?;
+            }
+            *seed += 1;
+            phases.push(phase(path, *seed, round)?);
+        }
+        all.push(phases);
+    }
+    Ok(all)
+}
+
+/// Per path, in the order of `paths`, its median round in `mode` (taken out of `rounds`).
+pub(crate) fn median_phases(
+    rounds: &mut [Vec<Phase>],
+    paths: &[&'static str],
+    mode: &str,
+) -> Vec<Phase> {
+    let mut medians = Vec::new();
+    for path in paths {
+        let mut runs: Vec<Phase> = rounds
+            .iter_mut()
+            .flat_map(|round| {
+                let at = round.iter().position(|p| p.path == *path && p.mode == mode);
+                at.map(|at| round.swap_remove(at))
+            })
+            .collect();
+        runs.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
+        let middle = runs.len() / 2;
+        if let Some(median) = runs.into_iter().nth(middle) {
+            medians.push(median);
+        }
+    }
+    medians
 }
 
 /// Each round's rates, and its ratio of the chain ioctl to one FUSE round trip per hop.

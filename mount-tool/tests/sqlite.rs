@@ -196,13 +196,9 @@ fn check_table(
     }
 }
 
-#[test]
-fn rowid_lookups_on_an_image_answer_as_sqlite_does() {
-    const TEST: &str = "rowid_lookups_on_an_image_answer_as_sqlite_does";
-    if !common::can_mount(TEST) {
-        return;
-    }
-    let m = Mounted::new(TEST, "64M");
+/// A fresh image, not mounted, with `sqlite_rowid` loaded.
+fn image_with_program(test: &str) -> Mounted {
+    let m = Mounted::new(test, "64M");
     let out = m.run(&[
         "prog",
         "load",
@@ -211,6 +207,16 @@ fn rowid_lookups_on_an_image_answer_as_sqlite_does() {
         "example:sqlite_rowid",
     ]);
     assert!(out.status.success(), "prog load: {}", text(&out));
+    m
+}
+
+#[test]
+fn rowid_lookups_on_an_image_answer_as_sqlite_does() {
+    const TEST: &str = "rowid_lookups_on_an_image_answer_as_sqlite_does";
+    if !common::can_mount(TEST) {
+        return;
+    }
+    let m = image_with_program(TEST);
     // 4 KiB pages, and 512-byte pages (the smallest: deeper trees, long overflow chains).
     for (page_size, rows) in [(4096, 1500), (512, 400)] {
         let db = Temp::new(&format!("image-{page_size}.db"));
@@ -381,15 +387,7 @@ fn corrupt_pages_end_in_a_status_never_a_value_and_bad_databases_are_refused_by_
     if !common::can_mount(TEST) {
         return;
     }
-    let m = Mounted::new(TEST, "64M");
-    let out = m.run(&[
-        "prog",
-        "load",
-        m.image(),
-        "sqlite_rowid",
-        "example:sqlite_rowid",
-    ]);
-    assert!(out.status.success(), "prog load: {}", text(&out));
+    let m = image_with_program(TEST);
     const PAGE: usize = 1024;
     let good = Temp::new("good.db");
     make_database(good.path(), PAGE as u32, 300);
