@@ -326,7 +326,7 @@ fn client(args: &SqliteArgs, file: &Path) -> Result<()> {
             };
             for group in keys.chunks(32) {
                 let start = Instant::now();
-                let answers = db.lookup_batch(&handle, PROGRAM, &table, group, 0, via)?;
+                let answers = db.lookup_batch(&handle, PROGRAM, &table, group, 0, via.into())?;
                 let ns = start.elapsed().as_nanos() as u64;
                 for (rowid, answer) in group.iter().zip(answers) {
                     check(*rowid, answer.value)?;
@@ -339,7 +339,7 @@ fn client(args: &SqliteArgs, file: &Path) -> Result<()> {
             let start = Instant::now();
             let value = match path.as_str() {
                 "chain" => {
-                    db.lookup(&handle, PROGRAM, &table, rowid, 0, Via::Direct)?
+                    db.lookup(&handle, PROGRAM, &table, rowid, 0, Via::Direct.into())?
                         .value
                 }
                 "pread_walk" => db.walk(&mut read, &table, rowid, 0)?,

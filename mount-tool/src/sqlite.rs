@@ -6,7 +6,7 @@
 
 use crate::progs::{self, Target, ViaArg};
 use exofs_abi::chain::status;
-use exofs_client::sqlite::{Answer, Database};
+use exofs_client::sqlite::{Answer, Database, How};
 use kernel_ext::binding::{BatchItem, BatchRequest, ChainRequest};
 use std::error::Error;
 use std::os::unix::fs::FileExt;
@@ -125,28 +125,20 @@ fn through_mount(mountpoint: &Path, args: &SqliteArgs) -> Result<ExitCode> {
         .map_err(|e| in_file(&inside, e))?;
     let handle = exofs_client::Handle::new(file);
     let failed = |e: std::io::Error| format!("{}: chain: {e}", inside.display());
-    let via = args.via.into();
+    let how = How {
+        via: args.via.into(),
+        hop_limit: args.hops.unwrap_or(0),
+    };
     let answers = if args.batch {
-        db.lookup_batch(&handle, &args.prog, &table, &args.rowids, args.column, via)
+        db.lookup_batch(&handle, &args.prog, &table, &args.rowids, args.column, how)
             .map_err(failed)?
     } else {
         let mut answers = Vec::new();
         for &rowid in &args.rowids {
-            let scratch = db.ask(rowid, table.stored(args.column)?).to_bytes();
-            let mut chain = db.chain(&args.prog, table.root, &scratch);
-            if let Some(hops) = args.hops {
-                chain.hop_limit = hops;
-            }
-            chain.via = via;
-            let answer = handle.chain(&chain).map_err(failed)?;
-            answers.push(Answer::of(
-                &table,
-                args.column,
-                rowid,
-                answer.status,
-                answer.hops,
-                &answer.scratch,
-            ));
+            answers.push(
+                db.lookup(&handle, &args.prog, &table, rowid, args.column, how)
+                    .map_err(failed)?,
+            );
         }
         answers
     };

@@ -97,6 +97,20 @@ pub struct Answer {
     pub value: Option<Value>,
 }
 
+/// How a lookup runs: which way it reaches the kernel, and its hops at most (0: as many
+/// as the caller's grant allows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct How {
+    pub via: Via,
+    pub hop_limit: u32,
+}
+
+impl From<Via> for How {
+    fn from(via: Via) -> Self {
+        Self { via, hop_limit: 0 }
+    }
+}
+
 /// A table as the schema names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
@@ -527,11 +541,12 @@ impl Database {
         table: &Table,
         rowid: i64,
         column: u16,
-        via: Via,
+        how: How,
     ) -> io::Result<Answer> {
         let scratch = self.ask(rowid, table.stored(column)?).to_bytes();
         let mut chain = self.chain(program, table.root, &scratch);
-        chain.via = via;
+        chain.via = how.via;
+        chain.hop_limit = how.hop_limit;
         let answer = file.chain(&chain)?;
         Ok(Answer::of(
             table,
@@ -553,7 +568,7 @@ impl Database {
         table: &Table,
         rowids: &[i64],
         column: u16,
-        via: Via,
+        how: How,
     ) -> io::Result<Vec<Answer>> {
         let stored = table.stored(column)?;
         let asks: Vec<_> = rowids
@@ -565,7 +580,7 @@ impl Database {
             .iter()
             .map(|ask| (start, &ask[..exofs_abi::chain::BATCH_SCRATCH_SIZE]))
             .collect();
-        let answers = file.chain_batch(program, 0, &lookups, via)?;
+        let answers = file.chain_batch(program, how.hop_limit, &lookups, how.via)?;
         Ok(rowids
             .iter()
             .zip(&answers)
