@@ -42,6 +42,7 @@ use libfs::{ChangeKind, ExtentChange, ExtentListener, Fs};
 
 use crate::binder::BindError;
 use crate::extent_map::{self, ChunkError};
+use crate::hot::{Filler, HotTable, HotWrites};
 use crate::loader::LoadError;
 use crate::store::Maps;
 pub use crate::store::{pin_dir, BoundProgram, PolicyEntry, Stats, Store, Subject, DEFAULT_BPFFS};
@@ -91,6 +92,8 @@ pub enum BindingError {
     Register(&'static str),
     #[error("the device mapping serves direct chains and cannot be replaced")]
     Serving,
+    #[error("the hot-block table: {0}")]
+    Hot(String),
     #[error("{0}: another mount daemon holds these pins (a mount of the same file system, or of a copy with its uuid); unmount it first")]
     Held(PathBuf),
     #[error("{0}: not a directory owned by this user; remove it (someone else may have made it to plant pins)")]
@@ -131,6 +134,10 @@ pub struct BindingOptions {
     pub pin: bool,
     /// The bpffs mount point.
     pub bpffs: PathBuf,
+    /// Bytes of blocks the hot-block table holds (`crate::hot`), when this binding
+    /// creates the maps; a table is filled only by a daemon that serves it
+    /// ([`Binding::serve_hot`]). 0 makes a table of one slot, never filled.
+    pub hot_bytes: u64,
 }
 
 impl Default for BindingOptions {
@@ -138,6 +145,7 @@ impl Default for BindingOptions {
         Self {
             pin: true,
             bpffs: PathBuf::from(DEFAULT_BPFFS),
+            hot_bytes: 0,
         }
     }
 }
@@ -385,6 +393,9 @@ pub struct Binding {
     mapping: DeviceMapping,
     /// Whether direct chains read `mapping` (see [`Binding::serve_direct`]).
     serving: std::sync::atomic::AtomicBool,
+    /// The hot-block table's filler, while this binding serves one
+    /// ([`Binding::serve_hot`]).
+    hot: std::sync::Mutex<Option<(Arc<HotTable>, Filler)>>,
 }
 
 impl std::ops::Deref for Binding {
@@ -429,7 +440,44 @@ impl Binding {
             listener,
             mapping,
             serving: std::sync::atomic::AtomicBool::new(false),
+            hot: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Serves the hot-block table to direct chains (`crate::hot`): empties it, has
+    /// `writes` (the device this binding's file system writes through) empty a block's
+    /// slot after every write of it, and starts the thread that copies the blocks direct
+    /// hops want into slots. Before [`Binding::serve_direct`]: no direct chain may read a
+    /// slot left by an earlier daemon.
+    pub fn serve_hot(&self, writes: &Arc<HotWrites>) -> Result<()> {
+        if !std::ptr::addr_eq(Arc::as_ptr(self.fs.device()), Arc::as_ptr(writes)) {
+            return Err(BindingError::Hot(
+                "the file system does not write through the HotWrites given".into(),
+            ));
+        }
+        if self.serving.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BindingError::Serving);
+        }
+        let table = Arc::new(HotTable::open(self.store.maps.clone())?);
+        // Writes empty slots from now on; then the table is emptied of whatever an
+        // earlier daemon left; only then is it filled.
+        writes
+            .attach(table.clone())
+            .map_err(|_| BindingError::Hot("this device already serves a table".into()))?;
+        table.clear()?;
+        let filler = Filler::start(table.clone(), self.fs.device().clone())
+            .map_err(|err| BindingError::Hot(format!("starting its filler: {err}")))?;
+        *self.hot.lock().unwrap_or_else(|p| p.into_inner()) = Some((table, filler));
+        Ok(())
+    }
+
+    /// The hot-block table this binding serves, if any.
+    pub fn hot_table(&self) -> Option<Arc<HotTable>> {
+        self.hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(table, _)| table.clone())
     }
 
     /// Makes this process the daemon of the binding's maps: the policy's speaker, and the
@@ -842,6 +890,12 @@ impl Binding {
             self.mapping.retire()?;
             self.serving
                 .store(false, std::sync::atomic::Ordering::Release);
+        }
+        // Stops the filler (its thread is joined), then empties the index: no later
+        // daemon may find this one's slots.
+        if let Some((table, filler)) = self.hot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            drop(filler);
+            table.clear()?;
         }
         self.fs.unsubscribe(&self.listener);
         let entries: Vec<(u64, BTreeSet<u64>)> = self

@@ -35,6 +35,7 @@ pub mod binding;
 pub mod btf;
 mod elf_check;
 pub mod extent_map;
+pub mod hot;
 pub mod index;
 pub mod loader;
 pub mod ring;

@@ -425,7 +425,19 @@ impl MapHandle {
 
     /// Creates the map `map` of an object and writes its initial data (data sections).
     pub(crate) fn create(name: &str, map: &aya_obj::Map) -> Result<Self, LoadError> {
-        let spec = Self::spec_of(map);
+        Self::create_with_entries(name, map, map.max_entries())
+    }
+
+    /// As [`MapHandle::create`], with `max_entries` entries instead of the definition's.
+    pub(crate) fn create_with_entries(
+        name: &str,
+        map: &aya_obj::Map,
+        max_entries: u32,
+    ) -> Result<Self, LoadError> {
+        let spec = MapSpec {
+            max_entries,
+            ..Self::spec_of(map)
+        };
         if map.pinning() != PinningType::None {
             log::warn!("map `{name}` asks to be pinned; loading it unpinned (pin explicitly)");
         }

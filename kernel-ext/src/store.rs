@@ -37,6 +37,7 @@ use exofs_abi::chain::{
     programs, stats, RegisterCtx, TicketKey, MAP_DAEMON, MAP_PROGRAM, MAP_TICKETS,
 };
 use exofs_abi::extents::{ExtentKey, FileKey, MAP_EXTENTS, MAP_FILES};
+use exofs_abi::hot::{MAP_HOT, MAP_HOT_INDEX, MAP_HOT_WANTED};
 use exofs_abi::policy::{
     program_tag, PolicyGrant, PolicyKey, MAP_POLICY, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID,
     SUBJECT_UID,
@@ -72,6 +73,10 @@ const PINNED_MAPS: &[(&str, &str)] = &[
     // Every process that binds programs must link them to the one daemon entry.
     (MAP_DAEMON, "daemon"),
     (MAP_TICKETS, "tickets"),
+    // The hot-block table: programs bound by another process read the daemon's.
+    (MAP_HOT, "hot"),
+    (MAP_HOT_INDEX, "hot-index"),
+    (MAP_HOT_WANTED, "hot-wanted"),
 ];
 
 /// Directory, beside `maps/`, whose presence says a holder (the mount daemon) owns the
@@ -322,6 +327,10 @@ pub struct Stats {
     pub direct_invalid: u64,
     /// Direct chains denied because the caller's uid holds no ticket for a file.
     pub denied_no_ticket: u64,
+    /// Direct hops served from the hot-block table, and those that read the daemon's
+    /// mapping instead.
+    pub hot_hits: u64,
+    pub hot_misses: u64,
 }
 
 /// One file system's driver maps and bound programs (see the module documentation).
@@ -451,6 +460,7 @@ impl Store {
         let options = BindingOptions {
             pin: true,
             bpffs: bpffs.to_owned(),
+            hot_bytes: 0,
         };
         Self::open_maps(uuid, &options, true)
     }
@@ -498,6 +508,12 @@ impl Store {
                 Some(path) if pinned_only => {
                     return Err(BindingError::NotPinned(path.to_owned()));
                 }
+                // The hot-block table has as many slots as the options ask for.
+                _ if name == MAP_HOT => MapHandle::create_with_entries(
+                    name,
+                    definition,
+                    crate::hot::slots_for(options.hot_bytes),
+                )?,
                 _ => MapHandle::create(name, definition)?,
             };
             all.insert(name.clone(), handle);
@@ -571,7 +587,8 @@ impl Store {
         for key in self.maps.tickets.keys::<TicketKey>()? {
             self.maps.tickets.delete(&key)?;
         }
-        Ok(())
+        // A dead daemon's hot-block table: slots are unreachable without their index.
+        self.clear_hot_index()
     }
 
     /// Lets `uid` run direct chains over `ino` (on top of the policy's grant): what the
@@ -610,6 +627,20 @@ impl Store {
         // read-only image nothing else clears the maps).
         for key in self.maps.tickets.keys::<TicketKey>()? {
             self.maps.tickets.delete(&key)?;
+        }
+        // So is the hot-block table: a dead daemon's slots may hold blocks the image no
+        // longer holds (it may have been changed since), and this daemon may not serve
+        // a table at all. Without index entries no slot is read.
+        self.clear_hot_index()
+    }
+
+    /// Removes every entry of the hot-block table's index (`exofs_abi::hot`): no slot
+    /// is read by a direct hop until the daemon that serves the table fills it again.
+    pub(crate) fn clear_hot_index(&self) -> Result<()> {
+        if let Some(index) = self.maps.all.get(MAP_HOT_INDEX) {
+            for key in index.keys::<u64>()? {
+                index.delete(&key)?;
+            }
         }
         Ok(())
     }
@@ -1027,6 +1058,8 @@ impl Store {
             denied_batch: counts[stats::DENIED_BATCH as usize],
             direct_invalid: counts[stats::DIRECT_INVALID as usize],
             denied_no_ticket: counts[stats::DENIED_NO_TICKET as usize],
+            hot_hits: counts[stats::HOT_HITS as usize],
+            hot_misses: counts[stats::HOT_MISSES as usize],
         })
     }
 

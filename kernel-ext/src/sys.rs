@@ -87,6 +87,8 @@ pub enum Cmd {
     ProgTestRun,
     /// BPF_BTF_LOAD
     BtfLoad,
+    /// BPF_OBJ_GET_INFO_BY_FD
+    ObjGetInfoByFd,
 }
 
 impl Cmd {
@@ -102,6 +104,7 @@ impl Cmd {
             Self::ObjPin => 6,
             Self::ObjGet => 7,
             Self::ProgTestRun => 10,
+            Self::ObjGetInfoByFd => 15,
             Self::BtfLoad => 18,
         }
     }
@@ -119,6 +122,7 @@ impl Cmd {
             Self::ObjGet => "BPF_OBJ_GET",
             Self::ProgTestRun => "BPF_PROG_TEST_RUN",
             Self::BtfLoad => "BPF_BTF_LOAD",
+            Self::ObjGetInfoByFd => "BPF_OBJ_GET_INFO_BY_FD",
         }
     }
 }
@@ -327,6 +331,28 @@ struct ObjAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD (the `info` member).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The start of `struct bpf_map_info`: what [`map_info`] reads (the kernel fills no more
+/// than `info_len` bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct MapInfoHead {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
 }
 
 /// `union bpf_attr` for BPF_PROG_TEST_RUN (the `test` member).
@@ -736,6 +762,29 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SysError> {
         source,
     })?;
     Ok(())
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on a map: its geometry as the kernel holds it.
+pub fn map_info(map: BorrowedFd<'_>) -> Result<MapSpec, SysError> {
+    let mut info = MapInfoHead::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd_u32(map),
+        info_len: std::mem::size_of::<MapInfoHead>() as u32,
+        info: &mut info as *mut MapInfoHead as u64,
+    };
+    // SAFETY: InfoAttr is BPF_OBJ_GET_INFO_BY_FD's attr; `info` points at a live buffer of
+    // `info_len` bytes that the kernel writes.
+    unsafe { bpf(Cmd::ObjGetInfoByFd, &mut attr) }.map_err(|source| SysError::Call {
+        cmd: Cmd::ObjGetInfoByFd,
+        source,
+    })?;
+    Ok(MapSpec {
+        map_type: info.map_type,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+        map_flags: info.map_flags,
+    })
 }
 
 /// BPF_OBJ_GET: opens the map or program pinned at `path`.

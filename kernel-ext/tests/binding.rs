@@ -35,6 +35,7 @@ fn pins_live_as_long_as_programs() {
     let options = BindingOptions {
         pin: true,
         bpffs: bpffs.dir.clone(),
+        ..BindingOptions::default()
     };
     let Some(binding) = common::binding("pins", &fs, &options) else {
         return;
@@ -104,6 +105,7 @@ fn programs_changed_by_another_process_are_seen_at_once() {
     let options = BindingOptions {
         pin: true,
         bpffs: bpffs.dir.clone(),
+        ..BindingOptions::default()
     };
     let Some(daemon) = common::binding("replace", &fs, &options) else {
         return;
@@ -247,6 +249,202 @@ fn no_direct_chain_ever_returns_another_files_block() {
     leak_test("leak-direct", true);
 }
 
+/// The program of the leak tests: the first 32 bytes of the block at the offset.
+const PEEK: &str = "int next(struct exofs_hop_state *s) {
+     __u64 *out = (__u64 *)s->scratch;
+     if (s->data_len < 32)
+         return EXOFS_NEXT_ABORT;
+     for (int i = 0; i < 4; i++)
+         out[i] = *(__u64 *)&s->data[i * 8];
+     return EXOFS_NEXT_DONE;
+ }";
+
+/// Direct hops are served from the hot-block table once the daemon has copied their
+/// blocks in, and a block written through the file system is what the very next direct
+/// chain sees: the write empties the block's slot before it returns.
+#[test]
+fn the_hot_block_table_serves_direct_hops_and_follows_every_write() {
+    let Some((_image, fs, binding)) = common::setup_hot("hot", 16 << 20, 1 << 20) else {
+        return;
+    };
+    binding.serve_direct().expect("become the daemon");
+    let peek = compile_c("peek-hot", PEEK);
+    let peek = binding.bind("peek", &peek).expect("bind peek");
+    const BLOCKS: u64 = 8;
+    let ino = fs
+        .create(ROOT_INO, b"hot", 0o644, 0, 0)
+        .expect("create")
+        .ino;
+    let write_all = |version: u64| {
+        for block in 0..BLOCKS {
+            fs.write_at(ino, block * 4096, &data_block(7, version, block))
+                .expect("write");
+        }
+    };
+    write_all(0);
+    binding
+        .load_policy(&[PolicyEntry {
+            subject: Subject::Uid(LEAK_USER),
+            ino,
+            program: "peek".to_owned(),
+            grant: PolicyGrant {
+                max_hops: 8,
+                max_batch: 32,
+            },
+        }])
+        .expect("policy");
+    let hits = || binding.stats().expect("stats").hot_hits;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // SAFETY: a raw setresuid changes this thread's credentials only.
+            let dropped =
+                unsafe { libc::syscall(libc::SYS_setresuid, LEAK_USER, LEAK_USER, LEAK_USER) };
+            assert_eq!(dropped, 0, "drop to uid {LEAK_USER}");
+            let version_of = |block: u64| {
+                let (chain_status, scratch) =
+                    direct_peek(&binding, &peek, ino, block * 4096).expect("registered");
+                assert_eq!(chain_status, status::DONE, "block {block}");
+                let word =
+                    |i: usize| u64::from_le_bytes(scratch[i * 8..i * 8 + 8].try_into().expect("8"));
+                assert_eq!((word(0), word(1), word(3)), (DATA_MAGIC, 7, block));
+                word(2)
+            };
+            for version in 0..20u64 {
+                // Until every block comes from the table.
+                for block in 0..BLOCKS {
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    loop {
+                        let before = hits();
+                        assert_eq!(version_of(block), version, "block {block}");
+                        if hits() > before {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "block {block} is never served");
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+                write_all(version + 1);
+                for block in 0..BLOCKS {
+                    assert_eq!(
+                        version_of(block),
+                        version + 1,
+                        "block {block} read old bytes after a write"
+                    );
+                }
+            }
+        });
+    });
+}
+
+/// A device whose block reads take 300 µs longer, after the bytes are read: a fill of
+/// the hot-block table then holds old bytes for that long, the window in which a write
+/// can return before the fill writes its slot.
+#[derive(Debug)]
+struct SlowReads(Arc<dyn libfs::BlockDevice>);
+
+impl libfs::BlockDevice for SlowReads {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)?;
+        if buf.len() == 4096 {
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.0.raw_fd()
+    }
+    fn settle(&self) -> std::io::Result<()> {
+        self.0.settle()
+    }
+}
+
+/// Writes racing the daemon's filler: once a write of a block has returned, no direct
+/// chain reads an older version of it from the table, however the fill that copied the
+/// block interleaved with the write (its reads are slowed to make the race likely).
+#[test]
+fn no_direct_chain_reads_a_block_older_than_the_last_write_that_returned() {
+    let slow = |device| Arc::new(SlowReads(device)) as Arc<dyn libfs::BlockDevice>;
+    let Some((_image, fs, binding)) = common::setup_hot_over("hot-race", 16 << 20, 1 << 20, slow)
+    else {
+        return;
+    };
+    binding.serve_direct().expect("become the daemon");
+    let peek = compile_c("peek-hot-race", PEEK);
+    let peek = binding.bind("peek", &peek).expect("bind peek");
+    const BLOCKS: u64 = 4;
+    let ino = fs
+        .create(ROOT_INO, b"race", 0o644, 0, 0)
+        .expect("create")
+        .ino;
+    let write_all = |version: u64| {
+        for block in 0..BLOCKS {
+            fs.write_at(ino, block * 4096, &data_block(9, version, block))
+                .expect("write");
+        }
+    };
+    write_all(0);
+    binding
+        .load_policy(&[PolicyEntry {
+            subject: Subject::Uid(LEAK_USER),
+            ino,
+            program: "peek".to_owned(),
+            grant: PolicyGrant {
+                max_hops: 8,
+                max_batch: 32,
+            },
+        }])
+        .expect("policy");
+    let (written, stop, reads) = (AtomicU64::new(0), AtomicBool::new(false), AtomicU64::new(0));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // SAFETY: a raw setresuid changes this thread's credentials only.
+            let dropped =
+                unsafe { libc::syscall(libc::SYS_setresuid, LEAK_USER, LEAK_USER, LEAK_USER) };
+            assert_eq!(dropped, 0, "drop to uid {LEAK_USER}");
+            while !stop.load(Ordering::SeqCst) {
+                for block in 0..BLOCKS {
+                    let floor = written.load(Ordering::SeqCst);
+                    let (chain_status, scratch) =
+                        direct_peek(&binding, &peek, ino, block * 4096).expect("registered");
+                    assert_eq!(chain_status, status::DONE, "block {block}");
+                    let version = u64::from_le_bytes(scratch[16..24].try_into().expect("8 bytes"));
+                    assert!(
+                        version >= floor,
+                        "block {block}: version {version} read after version {floor} was written"
+                    );
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        scope.spawn(|| {
+            for version in 1..=300 {
+                write_all(version);
+                written.store(version, Ordering::SeqCst);
+                // Time for the filler to copy the blocks in before the next write.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+    });
+    let stats = binding.stats().expect("stats");
+    println!(
+        "{} reads, {} of {} direct hops from the hot-block table",
+        reads.into_inner(),
+        stats.hot_hits,
+        stats.hot_hits + stats.hot_misses
+    );
+    assert!(stats.hot_hits > 0, "the hot-block table served no hop");
+}
+
 /// The unprivileged user of the direct leak test.
 const LEAK_USER: u32 = 65534;
 
@@ -255,7 +453,15 @@ fn leak_test(name: &str, direct: bool) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let Some((_image, fs, binding)) = common::setup(name, 24 << 20) else {
+    // Direct chains as the mount daemon serves them: through its hot-block table, which
+    // holds every data block here, filled as chains ask for blocks and emptied as the
+    // writer rewrites them.
+    let setup = if direct {
+        common::setup_hot(name, 24 << 20, 8 << 20)
+    } else {
+        common::setup(name, 24 << 20)
+    };
+    let Some((_image, fs, binding)) = setup else {
         return;
     };
     if direct {
@@ -279,17 +485,7 @@ fn leak_test(name: &str, direct: bool) {
             .collect();
         binding.load_policy(&entries).expect("policy");
     };
-    let peek = compile_c(
-        &format!("peek-{name}"),
-        "int next(struct exofs_hop_state *s) {
-             __u64 *out = (__u64 *)s->scratch;
-             if (s->data_len < 32)
-                 return EXOFS_NEXT_ABORT;
-             for (int i = 0; i < 4; i++)
-                 out[i] = *(__u64 *)&s->data[i * 8];
-             return EXOFS_NEXT_DONE;
-         }",
-    );
+    let peek = compile_c(&format!("peek-{name}"), PEEK);
     let peek = binding.bind("peek", &peek).expect("bind peek");
     let write_file = |name: &str, tag: u64, version: u64| {
         let ino = fs
@@ -445,14 +641,24 @@ fn leak_test(name: &str, direct: bool) {
     let stats = binding.stats().expect("stats");
     println!(
         "leak test ({}), {seconds} s: {chains} chains, {done} done, {} stale in the kernel, \
-         {churns} rewrites, {reused} with blocks reused by marker files; leaks: {leaks}",
+         {churns} rewrites, {reused} with blocks reused by marker files, {} of {} direct \
+         hops from the hot-block table; leaks: {leaks}",
         if direct {
             "direct, unprivileged"
         } else {
             "privileged"
         },
-        stats.stale
+        stats.stale,
+        stats.hot_hits,
+        stats.hot_hits + stats.hot_misses
     );
+    if direct {
+        assert!(
+            stats.hot_hits > 0,
+            "the hot-block table served hops ({})",
+            stats.hot_hits
+        );
+    }
     assert!(done > 1000, "chains ran ({done} done)");
     assert!(
         reused > 0,

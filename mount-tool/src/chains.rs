@@ -33,6 +33,7 @@ use kernel_ext::binding::{
     BatchItem, BatchRequest, Binding, BindingError, ChainRequest, NamedSubject, PolicyEntry,
     Subject,
 };
+use kernel_ext::hot::HotWrites;
 use libfs::Fs;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -178,6 +179,7 @@ impl ChainService {
     /// the policy read from `policy_path` (none: deny everything).
     pub fn new(
         binding: Binding,
+        hot: Option<&Arc<HotWrites>>,
         policy_path: Option<PathBuf>,
         namespace: Arc<AtomicU64>,
     ) -> Result<Self, String> {
@@ -186,6 +188,11 @@ impl ChainService {
             None => Policy::default(),
         };
         binding.hold().map_err(|e| e.to_string())?;
+        // Before the registration: no direct chain may read a table an earlier daemon
+        // left.
+        if let Some(writes) = hot {
+            binding.serve_hot(writes).map_err(|e| e.to_string())?;
+        }
         // The daemon is the policy's speaker, and direct chains read its mapping.
         binding
             .serve_direct()

@@ -89,8 +89,8 @@ enum Command {
         /// Stay in the foreground and log to stderr.
         #[arg(short = 'f', long)]
         foreground: bool,
-        /// Options: ro, allow_other, no_default_permissions, cache=SIZE, policy=FILE,
-        /// log=FILE, bpffs=DIR (docs/MOUNT.md).
+        /// Options: ro, allow_other, no_default_permissions, cache=SIZE, hot=SIZE,
+        /// policy=FILE, log=FILE, bpffs=DIR (docs/MOUNT.md).
         #[arg(short = 'o', default_value = "")]
         options: String,
     },

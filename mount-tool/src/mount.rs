@@ -14,7 +14,8 @@ use crate::chains::ChainService;
 use crate::fuse::ExofsFuse;
 use fuser::{Config, MountOption, SessionACL};
 use kernel_ext::binding::{Binding, BindingOptions};
-use libfs::{Fs, OpenOptions};
+use kernel_ext::hot::HotWrites;
+use libfs::{FileDevice, Fs, OpenOptions};
 use std::error::Error;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -31,6 +32,10 @@ const READY: &str = "ready";
 /// Environment variable telling a foreground daemon to report readiness on stdout.
 const REPORT_READY: &str = "EXOFS_REPORT_READY";
 
+/// Bytes of blocks in the hot-block table when `-o hot` is not given: about 16k blocks,
+/// taken from memory the kernel does not reclaim (map values).
+pub const DEFAULT_HOT: u64 = 64 << 20;
+
 /// Parsed `-o` options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
@@ -43,6 +48,9 @@ pub struct MountOptions {
     pub default_permissions: bool,
     /// Metadata cache budget in bytes.
     pub cache: Option<u64>,
+    /// Bytes of blocks in the hot-block table direct chains read (`-o hot=SIZE`; 0: no
+    /// table; default [`DEFAULT_HOT`]).
+    pub hot: Option<u64>,
     /// The policy file (absolute): who may run chains on which files.
     pub policy: Option<PathBuf>,
     /// Where a background daemon logs (appended); without it only `-f` logs (stderr).
@@ -58,6 +66,7 @@ impl Default for MountOptions {
             allow_other: false,
             default_permissions: true,
             cache: None,
+            hot: None,
             policy: None,
             log: None,
             bpffs: None,
@@ -84,6 +93,11 @@ impl MountOptions {
                     options.cache = Some(
                         crate::size::parse_size(size)
                             .map_err(|e| format!("-o cache={size}: {e}"))?,
+                    );
+                }
+                ("hot", Some(size)) => {
+                    options.hot = Some(
+                        crate::size::parse_size(size).map_err(|e| format!("-o hot={size}: {e}"))?,
                     );
                 }
                 ("policy", Some(file)) => {
@@ -150,6 +164,9 @@ fn option_text(options: &MountOptions) -> String {
     }
     if let Some(cache) = options.cache {
         list.push(format!("cache={cache}"));
+    }
+    if let Some(hot) = options.hot {
+        list.push(format!("hot={hot}"));
     }
     if let Some(policy) = &options.policy {
         list.push(format!("policy={}", policy.display()));
@@ -242,13 +259,16 @@ fn stop_on_signals(mut unmounter: fuser::SessionUnmounter) -> Result<()> {
 /// mount serves files without chains when BPF is missing; with one, that is an error.
 fn chain_service(
     fs: &Arc<Fs>,
+    writes: &Arc<HotWrites>,
     options: &MountOptions,
     bpffs: &Path,
     namespace: &Arc<AtomicU64>,
 ) -> Result<Option<Arc<ChainService>>> {
+    let hot_bytes = options.hot.unwrap_or(DEFAULT_HOT);
     let binding_options = BindingOptions {
         pin: true,
         bpffs: bpffs.to_owned(),
+        hot_bytes,
     };
     let binding = match Binding::open(fs.clone(), &binding_options) {
         Ok(binding) => binding,
@@ -258,7 +278,8 @@ fn chain_service(
         }
         Err(err) => return Err(format!("the kernel binding for the policy: {err}").into()),
     };
-    let service = ChainService::new(binding, options.policy.clone(), namespace.clone())?;
+    let hot = (hot_bytes > 0).then_some(writes);
+    let service = ChainService::new(binding, hot, options.policy.clone(), namespace.clone())?;
     Ok(Some(Arc::new(service)))
 }
 
@@ -272,9 +293,13 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
     if let Some(cache) = options.cache {
         open.cache_bytes = usize::try_from(cache)?;
     }
-    let fs = Arc::new(Fs::open(image, &open).map_err(|e| format!("{}: {e}", image.display()))?);
+    // Every write goes through `writes`, which keeps the hot-block table current.
+    let named = |e: libfs::Error| format!("{}: {e}", image.display());
+    let device = FileDevice::open(image, !options.read_only).map_err(named)?;
+    let writes = Arc::new(HotWrites::new(Arc::new(device)));
+    let fs = Arc::new(Fs::open_device(writes.clone(), &open).map_err(named)?);
     let namespace = Arc::new(AtomicU64::new(0));
-    let chains = chain_service(&fs, options, bpffs, &namespace)?;
+    let chains = chain_service(&fs, &writes, options, bpffs, &namespace)?;
     let mut mount_options = vec![
         MountOption::FSName(image.display().to_string()),
         MountOption::Subtype("exofs".into()),

@@ -65,6 +65,7 @@ pub(crate) fn open_target(path: &Path, bpffs: &Path) -> Result<Target> {
             let options = BindingOptions {
                 pin: true,
                 bpffs: bpffs.to_owned(),
+                ..BindingOptions::default()
             };
             Ok(Target::Image(
                 Binding::open(Arc::new(fs), &options).map_err(explain)?,
@@ -272,6 +273,11 @@ pub fn stats(image: &Path, bpffs: &Path) -> Result<()> {
         stats.refused
     );
     println!("stale     {} (each retried)", stats.stale);
+    println!(
+        "hot hits  {} of {} direct hops (read from the hot-block table)",
+        stats.hot_hits,
+        stats.hot_hits + stats.hot_misses
+    );
     println!("aborted   {}", stats.aborted);
     Ok(())
 }

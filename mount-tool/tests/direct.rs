@@ -259,6 +259,18 @@ fn pins(m: &Mounted, program: &str, privileged: bool) -> (PathBuf, PathBuf) {
     (dir.join(chain).join(program), dir.join(batch).join(program))
 }
 
+/// Direct hops served from the hot-block table so far, from `exofs stats`.
+fn hot_hits(m: &Mounted) -> u64 {
+    let out = m.run(&["stats", m.dir()]);
+    assert!(out.status.success(), "stats: {}", text(&out));
+    let stats = text(&out);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("hot hits"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no `hot hits` in {stats}"))
+}
+
 /// The kernel's denial counters from `exofs stats`: (denied, no grant, hops, batch, no
 /// handle).
 fn denials(m: &Mounted) -> (u64, u64, u64, u64, u64) {
@@ -821,6 +833,42 @@ fn after_kill_9_of_the_daemon_direct_chains_return_no_data_whoever_takes_its_pid
     let answer = user.send(&chain);
     assert_eq!(status_of(&answer), DONE, "{answer}");
     assert_eq!(lookup_of(scratch_of(&answer)), reference(4243));
+    // Until the daemon has copied the walk's blocks into its hot-block table and both the
+    // chain and the batch are served from it: after the kill, they must give no data
+    // from the table either.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = hot_hits(&m);
+        let answer = user.send(&chain);
+        assert_eq!(status_of(&answer), DONE, "{answer}");
+        let chain_hops = fields(&answer)["hops"] as u64;
+        let by_chain = hot_hits(&m) - before;
+        let answer = user.send(&batch);
+        let lookups = lookups_of(&answer);
+        assert!(
+            lookups
+                .iter()
+                .take(16)
+                .all(|(status, _, _)| *status == DONE),
+            "{answer}"
+        );
+        let batch_hops: u64 = lookups
+            .iter()
+            .take(16)
+            .map(|(_, hops, _)| *hops as u64)
+            .sum();
+        let by_batch = hot_hits(&m) - before - by_chain;
+        // Every hop of both from the table: after the kill no hop can miss it and fail
+        // on the mapping instead, so only the end-of-call check can refuse the data.
+        if by_chain == chain_hops && by_batch == batch_hops {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hot-block table serves no hops"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // Only the daemon may name a subject: a root process that is not it, running the
     // privileged program and naming the granted user, is checked as itself (root, who
@@ -855,10 +903,12 @@ fn after_kill_9_of_the_daemon_direct_chains_return_no_data_whoever_takes_its_pid
     let answer = user.send(&chain);
     assert_eq!(status_of(&answer), NO_DAEMON, "{answer}");
     assert_eq!(lookup_of(scratch_of(&answer)), (0, 0), "{answer}");
+    assert_eq!(fields(&answer)["hops"], 0, "{answer}");
     let answer = user.send(&batch);
-    for (status, _, scratch) in lookups_of(&answer).iter().take(16) {
+    for (status, hops, scratch) in lookups_of(&answer).iter().take(16) {
         assert_eq!(*status, NO_DAEMON, "{answer}");
         assert_eq!(lookup_of(scratch).0, 0, "{answer}");
+        assert_eq!(*hops, 0, "{answer}");
     }
     // A newly opened pin (the pins outlive the daemon until its bpffs goes): the same.
     let mut late = Forge::spawn(&built, &m, "btree", Some((uid, gid)));

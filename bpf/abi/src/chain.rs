@@ -121,8 +121,12 @@ pub mod stats {
     /// chain: it has not asked for it (`IOC_DIRECT`) through a handle it opened, or has
     /// closed every such handle.
     pub const DENIED_NO_TICKET: u32 = 12;
+    /// Direct hops served from the hot-block table (`crate::hot`).
+    pub const HOT_HITS: u32 = 13;
+    /// Direct hops that found no slot for their block and read the daemon's mapping.
+    pub const HOT_MISSES: u32 = 14;
     /// Entries in the map.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 }
 
 /// The driver's programs, by ELF symbol: the privileged single chain and batch (the

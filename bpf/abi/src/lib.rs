@@ -7,6 +7,7 @@
 pub mod chain;
 pub mod extents;
 pub mod formats;
+pub mod hot;
 pub mod ioctl;
 pub mod policy;
 

@@ -33,8 +33,8 @@ use exofs_abi::extents::{
 
 use exofs_abi::policy::{PolicyKey, MODE_KEY, SUBJECT_CGROUP, SUBJECT_GID, SUBJECT_UID};
 
-use crate::daemon;
 use crate::task_storage::TaskStorage;
+use crate::{daemon, hot};
 
 /// `BPF_F_NO_PREALLOC`: the hash maps take memory for the entries they hold, not for their
 /// capacity (preallocated, the extents map alone was 200 MB, charged to the memory cgroup
@@ -321,6 +321,8 @@ pub struct Walk {
     last_subject: [u64; 5],
     /// Direct programs: the number of the daemon's registration the walk reads through.
     daemon_seq: u64,
+    /// Direct programs: 1 once a hop of this call was served from the hot-block table.
+    hot_used: u64,
     batch: [BatchLookup; MAX_BATCH],
 }
 
@@ -456,6 +458,7 @@ unsafe fn prepare<const DIRECT: bool>(
     (*walk).map_addr = map_addr;
     (*walk).map_len = map_len;
     (*walk).daemon_seq = daemon_seq;
+    (*walk).hot_used = 0;
     Ok((state, walk))
 }
 
@@ -548,7 +551,14 @@ unsafe fn run<const DIRECT: bool>(ctx: *mut ChainCtx) -> (i32, u32, u64) {
         (&mut values as *mut Values).cast(),
         0,
     );
-    let result = (*walk).status as i32;
+    let mut result = (*walk).status as i32;
+    if DIRECT && !served_by_live_daemon(&*walk) {
+        // Nothing read from the table leaves: not the hop count, which depends on what
+        // was read, nor the bytes in the task's block buffer.
+        result = status::NO_DAEMON;
+        (*walk).hops = (*walk).first_hop;
+        clear_block(&mut *state);
+    }
     let resumable = result == status::MISSING && (*walk).depth == 0;
     if result == status::MISSING {
         (*ctx).missing = (*walk).missing;
@@ -568,6 +578,15 @@ unsafe fn run<const DIRECT: bool>(ctx: *mut ChainCtx) -> (i32, u32, u64) {
     }
     let walked = (*walk).hops.saturating_sub((*walk).first_hop);
     (result, (*walk).hops as u32, walked)
+}
+
+/// False if a hop of this call was served from the hot-block table and the daemon that
+/// fills the table has died (or unregistered) since: the table is current only while the
+/// daemon holds the file system, so the call's data must not be returned. Checked at the
+/// end of the call: if the daemon is alive then, it was alive at every hop before.
+#[inline(always)]
+unsafe fn served_by_live_daemon(walk: &Walk) -> bool {
+    walk.hot_used == 0 || daemon::alive(walk.daemon_seq, walk.map_addr)
 }
 
 /// The first hop's number as the caller gave it, at most the hop limit (a chain that
@@ -749,16 +768,22 @@ unsafe fn run_batch<const DIRECT: bool>(ctx: *mut BatchCtx) -> i32 {
         (&mut values as *mut Values).cast(),
         0,
     );
+    // As for a chain: a dead daemon's table gives no data (no hop counts either). The
+    // scratches stay as sent.
+    let live = !DIRECT || served_by_live_daemon(&*walk);
+    if !live {
+        clear_block(&mut *state);
+    }
     for_each_slot!(I => {
         let lookup = &(*walk).batch[I];
         bytes
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, status)))
             .cast::<i32>()
-            .write_volatile(lookup.status);
+            .write_volatile(if live { lookup.status } else { status::NO_DAEMON });
         bytes
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, hops)))
             .cast::<u32>()
-            .write_volatile(lookup.hops);
+            .write_volatile(if live { lookup.hops } else { 0 });
         bytes
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, missing)))
             .cast::<u64>()
@@ -775,15 +800,17 @@ unsafe fn run_batch<const DIRECT: bool>(ctx: *mut BatchCtx) -> i32 {
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_hop)))
             .cast::<u32>()
             .write_volatile(lookup.start_hop);
-        let scratch = lookup.scratch.as_ptr().cast::<u64>();
-        for w in 0..BATCH_SCRATCH_WORDS {
-            bytes
-                .add(slot_field(I, core::mem::offset_of!(BatchLookup, scratch)) + w * 8)
-                .cast::<u64>()
-                .write_volatile(scratch.add(w).read_unaligned());
+        if live {
+            let scratch = lookup.scratch.as_ptr().cast::<u64>();
+            for w in 0..BATCH_SCRATCH_WORDS {
+                bytes
+                    .add(slot_field(I, core::mem::offset_of!(BatchLookup, scratch)) + w * 8)
+                    .cast::<u64>()
+                    .write_volatile(scratch.add(w).read_unaligned());
+            }
         }
     });
-    (*ctx).done = (*walk).done as u32;
+    (*ctx).done = if live { (*walk).done as u32 } else { 0 };
     status::DONE
 }
 
@@ -912,6 +939,12 @@ unsafe fn read_hop<const DIRECT: bool>(
         return status::INVALID;
     }
     if DIRECT {
+        if hot::read(state.data.as_mut_ptr().cast(), physical, within, len) {
+            count(stats::HOT_HITS, 1);
+            walk.hot_used = 1;
+            return checked_again(state, file, len);
+        }
+        count(stats::HOT_MISSES, 1);
         let ret = daemon::copy_from_daemon(
             state.data.as_mut_ptr().cast(),
             len,

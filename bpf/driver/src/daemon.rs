@@ -200,6 +200,17 @@ pub fn is_daemon() -> bool {
     }
 }
 
+/// Whether registration `seq`'s daemon still has its memory: one byte of its mapping at
+/// `addr` is copied. After it exits (or is killed) its task has no memory map and the copy
+/// fails; a newer registration fails `seq`.
+///
+/// Safety: `addr` is inside the mapping of registration `seq`.
+#[inline(never)]
+pub unsafe fn alive(seq: u64, addr: u64) -> bool {
+    let mut byte = 0u64;
+    copy_from_daemon(core::ptr::addr_of_mut!(byte).cast(), 1, addr, seq) == 0
+}
+
 /// Copies `len` bytes at `addr` in the daemon's memory to `dst` (may sleep on a fault).
 /// 0, or a negative value if there is no daemon, it is no longer registration `seq`, or
 /// the copy failed.

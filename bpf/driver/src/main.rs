@@ -15,6 +15,7 @@
 
 mod chain;
 mod daemon;
+mod hot;
 mod task_storage;
 
 use core::ffi::c_void;

@@ -3,7 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use kernel_ext::binding::{Binding, BindingOptions};
-use libfs::{FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
+use kernel_ext::hot::HotWrites;
+use libfs::{BlockDevice, FileDevice, FormatOptions, Fs, OpenOptions, ROOT_INO};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +56,39 @@ pub fn setup(test: &str, size: u64) -> Option<(Image, Arc<Fs>, Binding)> {
         ..BindingOptions::default()
     };
     let binding = binding(test, &fs, &options)?;
+    Some((image, fs, binding))
+}
+
+/// A fresh image whose file system writes through a [`HotWrites`], and an unpinned
+/// binding on it with a hot-block table of `hot_bytes`, served (`Binding::serve_hot`) but
+/// not yet registered as the daemon.
+pub fn setup_hot(test: &str, size: u64, hot_bytes: u64) -> Option<(Image, Arc<Fs>, Binding)> {
+    setup_hot_over(test, size, hot_bytes, |device| device)
+}
+
+/// As [`setup_hot`], with the image's device wrapped by `wrap` under the [`HotWrites`].
+pub fn setup_hot_over(
+    test: &str,
+    size: u64,
+    hot_bytes: u64,
+    wrap: impl FnOnce(Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice>,
+) -> Option<(Image, Arc<Fs>, Binding)> {
+    let image =
+        Image(std::env::temp_dir().join(format!("exofs-ke-{}-{test}.img", std::process::id())));
+    let device = FileDevice::create(&image.0, size).expect("image");
+    libfs::format(Arc::new(device), &FormatOptions::default()).expect("format");
+    let device = FileDevice::open(&image.0, true).expect("open the image");
+    let writes = Arc::new(HotWrites::new(wrap(Arc::new(device))));
+    let fs = Arc::new(Fs::open_device(writes.clone(), &OpenOptions::default()).expect("open"));
+    let options = BindingOptions {
+        pin: false,
+        hot_bytes,
+        ..BindingOptions::default()
+    };
+    let binding = binding(test, &fs, &options)?;
+    binding
+        .serve_hot(&writes)
+        .expect("serve the hot-block table");
     Some((image, fs, binding))
 }
 
