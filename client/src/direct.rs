@@ -10,7 +10,7 @@
 
 use exofs_abi::chain::{
     status, BatchCtx, BatchLookup, ChainCtx, ChainFile, BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH,
-    SCRATCH_SIZE,
+    SCRATCH_SIZE, TABLE_ONLY,
 };
 use exofs_abi::ioctl::{DirectIoctl, IOC_DIRECT};
 use std::collections::HashMap;
@@ -226,7 +226,69 @@ pub(crate) fn chain(
     )))
 }
 
+/// Where a lookup of a direct batch stands: where it resumes (after a stop at a block
+/// the table lacks) and with which scratch.
+#[derive(Clone, Copy)]
+struct Cursor {
+    start_file: u32,
+    start_offset: u64,
+    start_hop: u32,
+    /// Anything but u64::MAX: the resumed hop may read the daemon's mapping.
+    missing: u64,
+    scratch: [u8; BATCH_SCRATCH_SIZE],
+    /// The file (and generation) the resume point was read from; None: from the start.
+    file: Option<ChainFile>,
+    /// Stops so far: past [`MAX_STOPS`] the lookup runs without TABLE_ONLY.
+    stops: u32,
+}
+
+impl Cursor {
+    fn new((start, scratch): (u64, &[u8])) -> Self {
+        let mut cursor = Self {
+            start_file: 0,
+            start_offset: start,
+            start_hop: 0,
+            missing: u64::MAX,
+            scratch: [0; BATCH_SCRATCH_SIZE],
+            file: None,
+            stops: 0,
+        };
+        cursor.scratch[..scratch.len()].copy_from_slice(scratch);
+        cursor
+    }
+}
+
+/// Stops of one lookup after which it runs without TABLE_ONLY (waiting for its blocks
+/// one at a time, but surely ending): a lookup stops at most once per hop unless the
+/// table keeps losing its blocks (writes, a table smaller than the working set) or a
+/// program fans out (a stop with other branches pending restarts the lookup).
+const MAX_STOPS: u32 = 16;
+
+/// Batches of fewer lookups run without TABLE_ONLY: there is too little to overlap.
+const MIN_OVERLAPPED: usize = 4;
+
+/// Rounds of a direct batch at most: a safety net (a lookup stops at most MAX_STOPS
+/// times, and restarts at most ATTEMPTS times).
+const MAX_ROUNDS: u32 = 2 * (MAX_STOPS + 1) * (ATTEMPTS + 1);
+
+/// How long a direct batch waits after a round that left many lookups at blocks the
+/// daemon's hot-block table does not hold: time for the daemon to notice them and start
+/// their reads together (it looks every 100 µs while blocks are wanted).
+const FILL_WAIT: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Runs a batch directly: the answers, in order.
+///
+/// Every lookup runs with TABLE_ONLY: a hop whose block is not in the daemon's hot-block
+/// table stops its lookup (MISSING) instead of waiting for the disk there, one block at
+/// a time. When a round has run every pending lookup, the daemon reads the round's
+/// missing blocks together, and the stopped lookups resume at their hop, each allowed to
+/// read its own block from the daemon's mapping (already in memory, or on its way). So a
+/// batch's misses overlap, as the daemon's batch ioctl does with its own reads.
+///
+/// Before resuming, the batch waits [`FILL_WAIT`] if at least a quarter of the round's
+/// lookups stopped: then the data is cold, and the reads must be under way before the
+/// lookups wait for them. A few stops mean blocks the table does not hold but memory
+/// does (a table smaller than the working set): those resume at once.
 pub(crate) fn batch(
     file: &impl AsFd,
     program: &str,
@@ -234,16 +296,40 @@ pub(crate) fn batch(
     lookups: &[(u64, &[u8])],
     memo: Memo<'_>,
 ) -> Result<Vec<BatchAnswer>, DirectError> {
-    let mut answers = Vec::with_capacity(lookups.len());
-    for group in lookups.chunks(MAX_BATCH) {
-        let mut fresh = false;
-        let mut pending: Vec<usize> = (0..group.len()).collect();
-        let mut done: Vec<Option<BatchAnswer>> = vec![None; group.len()];
-        for _ in 0..ATTEMPTS {
-            if pending.is_empty() {
-                break;
+    let mut cursors: Vec<Cursor> = lookups.iter().copied().map(Cursor::new).collect();
+    let mut done: Vec<Option<BatchAnswer>> = vec![None; lookups.len()];
+    let mut changes = vec![0u32; lookups.len()];
+    let mut pending: Vec<usize> = (0..lookups.len()).collect();
+    let mut fresh = false;
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        if rounds > MAX_ROUNDS {
+            return Err(DirectError::Failed(io::Error::new(
+                io::ErrorKind::Interrupted,
+                format!("lookups still unfinished after {MAX_ROUNDS} rounds"),
+            )));
+        }
+        let direct = discovered(file, program, fresh, memo)?;
+        // A resume point read from another generation of the file (a new discovery since)
+        // holds offsets into the old file: that lookup starts again.
+        for &index in &pending {
+            if cursors[index].file.is_some_and(|file| file != direct.file) {
+                cursors[index] = Cursor::new(lookups[index]);
             }
-            let direct = discovered(file, program, fresh, memo)?;
+        }
+        let overlap = lookups.len() >= MIN_OVERLAPPED;
+        let (table_only, faulting): (Vec<usize>, Vec<usize>) = pending
+            .iter()
+            .partition(|&&index| overlap && cursors[index].stops < MAX_STOPS);
+        let mut again = Vec::new();
+        let (mut missed, mut rediscover) = (0, false);
+        let ran = pending.len();
+        let groups = table_only
+            .chunks(MAX_BATCH)
+            .map(|group| (group, TABLE_ONLY))
+            .chain(faulting.chunks(MAX_BATCH).map(|group| (group, 0)));
+        for (group, flags) in groups {
             let mut ctx = BatchCtx {
                 file_count: 1,
                 hop_limit: if hop_limit == 0 {
@@ -252,58 +338,89 @@ pub(crate) fn batch(
                     hop_limit
                 },
                 read_len: BLOCK_SIZE as u32,
-                count: pending.len() as u32,
+                count: group.len() as u32,
+                flags,
                 ..BatchCtx::default()
             };
             ctx.files[0] = direct.file;
-            for (slot, &index) in ctx.lookups.iter_mut().zip(&pending) {
-                let (start, scratch) = group[index];
+            for (slot, &index) in ctx.lookups.iter_mut().zip(group) {
+                let cursor = &cursors[index];
                 *slot = BatchLookup {
-                    start_offset: start,
+                    start_file: cursor.start_file,
+                    start_offset: cursor.start_offset,
+                    start_hop: cursor.start_hop,
+                    missing: cursor.missing,
+                    scratch: cursor.scratch,
                     ..BatchLookup::default()
                 };
-                slot.scratch[..scratch.len()].copy_from_slice(scratch);
             }
             let refused = test_run(&direct.batch, bytes_of_mut(&mut ctx))
                 .map_err(DirectError::Unavailable)?;
-            if refused != status::DONE && maybe_outdated(refused) && !fresh {
-                fresh = true;
-                continue;
-            }
-            let mut again = Vec::new();
-            for (slot, &index) in ctx.lookups.iter().zip(&pending) {
-                if refused != status::DONE {
-                    // The driver refused the whole call (policy, arguments, no daemon)
-                    // and wrote no lookup.
+            if refused != status::DONE {
+                if maybe_outdated(refused) && !fresh {
+                    rediscover = true;
+                    again.extend_from_slice(group);
+                    continue;
+                }
+                // The driver refused the whole call (policy, arguments, no daemon) and
+                // wrote no lookup: the caller gets its own scratch back.
+                for &index in group {
                     done[index] = Some(BatchAnswer {
                         status: refused,
                         hops: 0,
-                        scratch: slot.scratch,
+                        scratch: Cursor::new(lookups[index]).scratch,
                     });
-                    continue;
                 }
-                if changed(slot.status) || (maybe_outdated(slot.status) && !fresh) {
+                continue;
+            }
+            for (slot, &index) in ctx.lookups.iter().zip(group) {
+                if slot.status == status::MISSING {
+                    cursors[index] = Cursor {
+                        start_file: slot.start_file,
+                        start_offset: slot.start_offset,
+                        start_hop: slot.start_hop,
+                        // (0 from the driver: the device offset is not told.)
+                        missing: 0,
+                        scratch: slot.scratch,
+                        file: Some(direct.file),
+                        stops: cursors[index].stops + 1,
+                    };
+                    missed += 1;
+                    again.push(index);
+                } else if changed(slot.status) || (maybe_outdated(slot.status) && !fresh) {
+                    // From the start, after a new discovery.
+                    changes[index] += 1;
+                    if changes[index] >= ATTEMPTS {
+                        return Err(DirectError::Failed(io::Error::new(
+                            io::ErrorKind::Interrupted,
+                            format!("the file kept changing during {ATTEMPTS} attempts"),
+                        )));
+                    }
+                    cursors[index] = Cursor::new(lookups[index]);
+                    rediscover = true;
                     again.push(index);
                 } else {
+                    // A lookup that resumed has its caller's scratch in its own.
                     done[index] = Some(BatchAnswer {
                         status: slot.status,
                         hops: slot.hops,
-                        scratch: slot.scratch,
+                        scratch: if slot.status == status::DONE {
+                            slot.scratch
+                        } else {
+                            Cursor::new(lookups[index]).scratch
+                        },
                     });
                 }
             }
-            pending = again;
-            fresh = true;
         }
-        if !pending.is_empty() {
-            return Err(DirectError::Failed(io::Error::new(
-                io::ErrorKind::Interrupted,
-                format!("the file kept changing during {ATTEMPTS} attempts"),
-            )));
+        again.sort_unstable();
+        pending = again;
+        fresh = rediscover;
+        if missed > 0 && 4 * missed >= ran {
+            std::thread::sleep(FILL_WAIT);
         }
-        answers.extend(done.into_iter().flatten());
     }
-    Ok(answers)
+    Ok(done.into_iter().flatten().collect())
 }
 
 /// `BPF_OBJ_GET`: opens a pinned object (read and write: what the kernel asks of a

@@ -38,8 +38,10 @@ use crate::loader::{LoadError, MapHandle};
 use crate::store::Maps;
 use crate::sys;
 
-/// How often the filler looks for wanted blocks.
+/// How often the filler looks for wanted blocks when the last look found none...
 const FILL_INTERVAL: Duration = Duration::from_millis(1);
+/// ...and when it found some: direct batches with TABLE_ONLY wait for it.
+const BUSY_INTERVAL: Duration = Duration::from_micros(100);
 /// Blocks the filler copies in one round at most (the rest wait for the next round).
 const FILL_ROUND: usize = 256;
 /// Bytes of one slot in the map (array values are 8-byte aligned; this one is already).
@@ -298,7 +300,12 @@ impl HotTable {
     }
 
     /// Copies the blocks direct hops noted as wanted into slots (up to [`FILL_ROUND`]),
-    /// reading them from `device`. Returns how many it copied.
+    /// reading them from `device`. Returns how many blocks were wanted.
+    ///
+    /// The reads of a round are started together (POSIX_FADV_WILLNEED on the device's
+    /// descriptor, exactly each block) before the first is waited for, so that their
+    /// waits overlap: a direct batch that stopped at its lookups' misses (TABLE_ONLY)
+    /// resumes into reads already under way.
     ///
     /// Reads happen outside the table's lock, so that a slow read never holds up the
     /// writes (each write takes the lock to empty slots). A block is written into its
@@ -324,9 +331,26 @@ impl HotTable {
         if blocks.is_empty() {
             return 0;
         }
+        let wanted = blocks.len() as u64;
         let device_blocks = device.size() / BLOCK_SIZE as u64;
+        {
+            let clock = self.lock();
+            blocks.retain(|block| *block < device_blocks && !clock.slot_of.contains_key(block));
+        }
+        if let Some(fd) = device.raw_fd() {
+            for block in &blocks {
+                // SAFETY: advice on a descriptor the device owns; no memory is passed.
+                unsafe {
+                    libc::posix_fadvise(
+                        fd,
+                        (block * BLOCK_SIZE as u64) as libc::off_t,
+                        BLOCK_SIZE as libc::off_t,
+                        libc::POSIX_FADV_WILLNEED,
+                    )
+                };
+            }
+        }
         let mut buf = vec![0u8; BLOCK_SIZE];
-        let mut filled = 0;
         for block in blocks {
             if block >= device_blocks || self.lock().slot_of.contains_key(&block) {
                 continue;
@@ -349,11 +373,9 @@ impl HotTable {
             clock.slot_of.insert(block, slot);
             if let Err(err) = self.index().set(&block, &slot, sys::BPF_ANY) {
                 log::warn!("hot-block index: adding block {block}: {err}");
-                continue;
             }
-            filled += 1;
         }
-        filled
+        wanted
     }
 
     /// The slot to fill next: an empty one, or the first the clock hand finds unused
@@ -468,8 +490,8 @@ impl Filler {
             .name("exofs-hot".into())
             .spawn(move || {
                 while !stopped.load(Ordering::Acquire) {
-                    table.fill(&*device);
-                    std::thread::sleep(FILL_INTERVAL);
+                    let busy = table.fill(&*device) > 0;
+                    std::thread::sleep(if busy { BUSY_INTERVAL } else { FILL_INTERVAL });
                 }
             })?;
         Ok(Self {

@@ -445,6 +445,177 @@ fn no_direct_chain_reads_a_block_older_than_the_last_write_that_returned() {
     assert!(stats.hot_hits > 0, "the hot-block table served no hop");
 }
 
+/// Two hops: the block at the offset, then the next block, whose first 32 bytes it
+/// returns with the hop it was read at.
+const FOLLOW: &str = "int next(struct exofs_hop_state *s) {
+     __u64 *out = (__u64 *)s->scratch;
+     if (s->data_len < 32)
+         return EXOFS_NEXT_ABORT;
+     if (s->hop == 0) {
+         s->next_file[0] = s->file;
+         s->next_offset[0] = s->offset + 4096;
+         s->next_count = 1;
+         return EXOFS_NEXT_CONTINUE;
+     }
+     for (int i = 0; i < 4; i++)
+         out[i] = *(__u64 *)&s->data[i * 8];
+     return EXOFS_NEXT_DONE;
+ }";
+
+/// A direct batch with TABLE_ONLY stops each lookup at a block the hot-block table lacks
+/// (MISSING, with a resume point and no device offset), and a lookup resumed with
+/// `missing` set reads that one block from the daemon's mapping and stops again at the
+/// next. With a filled table the batch runs through; without a table worth the name the
+/// flag changes nothing.
+#[test]
+fn a_table_only_direct_batch_stops_at_blocks_the_table_lacks_and_resumes() {
+    // A table nobody fills, one the daemon fills, and none (one slot).
+    let unfilled = BindingOptions {
+        pin: false,
+        hot_bytes: 1 << 20,
+        ..BindingOptions::default()
+    };
+    let (_unfilled_image, unfilled_fs) = common::image("table-only-unfilled", 16 << 20);
+    let Some(unfilled) = common::binding("table-only", &unfilled_fs, &unfilled) else {
+        return;
+    };
+    let Some((_image, fs, filled)) = common::setup_hot("table-only", 16 << 20, 1 << 20) else {
+        return;
+    };
+    let Some((_plain_image, plain_fs, plain)) = common::setup("table-only-plain", 16 << 20) else {
+        return;
+    };
+    const LOOKUPS: u64 = 8;
+    let mut served = Vec::new();
+    for (fs, binding) in [
+        (&unfilled_fs, &unfilled),
+        (&fs, &filled),
+        (&plain_fs, &plain),
+    ] {
+        binding.serve_direct().expect("become the daemon");
+        let follow = compile_c("follow-table-only", FOLLOW);
+        let follow = binding.bind("follow", &follow).expect("bind follow");
+        let ino = fs
+            .create(ROOT_INO, b"blocks", 0o644, 0, 0)
+            .expect("create")
+            .ino;
+        for block in 0..=LOOKUPS {
+            fs.write_at(ino, block * 4096, &data_block(5, 0, block))
+                .expect("write");
+        }
+        binding
+            .load_policy(&[PolicyEntry {
+                subject: Subject::Uid(LEAK_USER),
+                ino,
+                program: "follow".to_owned(),
+                grant: PolicyGrant {
+                    max_hops: 8,
+                    max_batch: 32,
+                },
+            }])
+            .expect("policy");
+        let file = binding.register(ino).expect("register");
+        binding.grant_ticket(LEAK_USER, ino).expect("ticket");
+        served.push((follow, file));
+    }
+    type Lookups = [exofs_abi::chain::BatchLookup; exofs_abi::chain::MAX_BATCH];
+    let batch = |(follow, file): &(Arc<kernel_ext::binding::BoundProgram>, _),
+                 lookups: &Lookups| {
+        let mut ctx = exofs_abi::chain::BatchCtx {
+            file_count: 1,
+            hop_limit: 8,
+            read_len: 32,
+            count: LOOKUPS as u32,
+            flags: exofs_abi::chain::TABLE_ONLY,
+            lookups: *lookups,
+            ..Default::default()
+        };
+        ctx.files[0] = *file;
+        let status = follow
+            .direct_batch_program()
+            .test_run_pod(&mut ctx)
+            .expect("run the direct batch");
+        assert_eq!(status, status::DONE as u32);
+        ctx
+    };
+    let mut fresh: Lookups = Default::default();
+    for (block, lookup) in fresh.iter_mut().take(LOOKUPS as usize).enumerate() {
+        lookup.start_offset = block as u64 * 4096;
+    }
+    let word = |scratch: &[u8], i: usize| {
+        u64::from_le_bytes(scratch[i * 8..i * 8 + 8].try_into().expect("8"))
+    };
+    let answered = |ctx: &exofs_abi::chain::BatchCtx| {
+        for (block, lookup) in ctx.lookups.iter().take(LOOKUPS as usize).enumerate() {
+            assert_eq!(lookup.status, status::DONE, "lookup {block}");
+            assert_eq!(lookup.hops, 2, "lookup {block}");
+            assert_eq!(
+                (word(&lookup.scratch, 0), word(&lookup.scratch, 3)),
+                (DATA_MAGIC, block as u64 + 1),
+                "lookup {block}"
+            );
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // SAFETY: a raw setresuid changes this thread's credentials only.
+            let dropped =
+                unsafe { libc::syscall(libc::SYS_setresuid, LEAK_USER, LEAK_USER, LEAK_USER) };
+            assert_eq!(dropped, 0, "drop to uid {LEAK_USER}");
+            // The unfilled table: every lookup stops at hop 0, then (resumed) at hop 1.
+            let mut lookups = fresh;
+            for hop in 0..2u32 {
+                let ctx = batch(&served[0], &lookups);
+                for (block, lookup) in ctx.lookups.iter().take(LOOKUPS as usize).enumerate() {
+                    assert_eq!(
+                        lookup.status,
+                        status::MISSING,
+                        "lookup {block} at hop {hop}"
+                    );
+                    assert_eq!(lookup.missing, 0, "a device offset was told");
+                    assert_eq!(lookup.start_hop, hop, "lookup {block}");
+                    assert_eq!(
+                        lookup.start_offset,
+                        (block as u64 + u64::from(hop)) * 4096,
+                        "lookup {block}"
+                    );
+                }
+                lookups = ctx.lookups;
+                // Resumed with `missing` u64::MAX: it stops again at once.
+                let mut unnamed = lookups;
+                for lookup in unnamed.iter_mut() {
+                    lookup.missing = u64::MAX;
+                }
+                let again = batch(&served[0], &unnamed);
+                assert!(again.lookups[..LOOKUPS as usize]
+                    .iter()
+                    .all(|lookup| lookup.status == status::MISSING && lookup.start_hop == hop));
+            }
+            let ctx = batch(&served[0], &lookups);
+            answered(&ctx);
+
+            // The daemon fills its table with the wanted blocks: no stop any more.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let ctx = batch(&served[1], &fresh);
+                if ctx.done == LOOKUPS as u32 {
+                    answered(&ctx);
+                    break;
+                }
+                let mut lookups = ctx.lookups;
+                for lookup in lookups.iter_mut().filter(|l| l.status == status::MISSING) {
+                    lookup.missing = 0;
+                }
+                assert!(Instant::now() < deadline, "the table never held the blocks");
+                std::thread::sleep(Duration::from_millis(2));
+                batch(&served[1], &lookups);
+            }
+            // Without a table, the flag changes nothing.
+            answered(&batch(&served[2], &fresh));
+        });
+    });
+}
+
 /// The unprivileged user of the direct leak test.
 const LEAK_USER: u32 = 65534;
 

@@ -285,6 +285,10 @@ fn chain_service(
 
 /// The daemon: mounts, serves until unmounted, then checkpoints and closes.
 fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) -> Result<()> {
+    // Blocked before any thread starts (threads inherit the mask: the hot-block table's
+    // filler, fuser's workers), so that only the waiting thread takes them; one that
+    // comes during start-up waits for it.
+    stop_signals().thread_block()?;
     let mut open = if options.read_only {
         OpenOptions::read_only()
     } else {
@@ -318,9 +322,6 @@ fn serve(image: &Path, mountpoint: &Path, options: &MountOptions, bpffs: &Path) 
         SessionACL::Owner
     };
     config.n_threads = Some(std::thread::available_parallelism().map_or(2, |n| n.get()));
-    // Blocked before fuser starts its threads (they inherit the mask), so only the
-    // waiting thread takes them.
-    stop_signals().thread_block()?;
     if !options.read_only {
         commit_periodically(&fs)?;
     }

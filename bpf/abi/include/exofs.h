@@ -82,6 +82,7 @@ struct exofs_hop_state {
 #define EXOFS_BATCH_SCRATCH_SIZE 32
 #define EXOFS_NO_FAULT 1
 #define EXOFS_SUBJECT_NAMED 2
+#define EXOFS_TABLE_ONLY 4 /* direct: stop MISSING at a block the hot-block table lacks */
 
 /* One lookup of a batch (the batch program's context is struct exofs_batch_ctx). */
 struct exofs_batch_lookup {

@@ -279,6 +279,21 @@ pub const NO_FAULT: u32 = 1;
 /// Direct programs refuse it.
 pub const SUBJECT_NAMED: u32 = 2;
 
+/// [`ChainCtx::flags`] and [`BatchCtx::flags`], direct programs only: a hop whose block
+/// is not in the mount daemon's hot-block table ends the chain (or the batched lookup)
+/// with status MISSING and a resume point, instead of reading the daemon's mapping, which
+/// would wait for the disk one block at a time. The block is noted as wanted, and the
+/// daemon reads the blocks wanted together.
+///
+/// `missing` comes back 0: a direct caller is not told device offsets. The caller resumes
+/// as after any MISSING, with `missing` set to anything but u64::MAX. The first hop of
+/// the resumed lookup may then read the mapping (its block's read is under way, so the
+/// waits overlap); later hops stop again at blocks the table lacks.
+///
+/// Privileged programs ignore the flag, and so do direct programs of a mount whose table
+/// has under 64 slots (`-o hot=0` makes one).
+pub const TABLE_ONLY: u32 = 4;
+
 /// One lookup of a batch.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -68,6 +68,7 @@ fn rust_layout() -> BTreeMap<String, i64> {
         "EXOFS_SUBJECT_NAMED".into(),
         i64::from(chain::SUBJECT_NAMED),
     );
+    map.insert("EXOFS_TABLE_ONLY".into(), i64::from(chain::TABLE_ONLY));
     // The ioctl numbers as <sys/ioctl.h> computes them (unsigned: print as long).
     map.insert("EXOFS_IOC_CHAIN".into(), i64::from(ioctl::IOC_CHAIN));
     map.insert(

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use exofs_abi::chain::{
     stats, status, BatchCtx, BatchLookup, ChainCtx, ChainFile, HopState, TicketKey,
     BATCH_SCRATCH_SIZE, BLOCK_SIZE, MAX_BATCH, MAX_CHAIN_FILES, MAX_FANOUT, MAX_HOPS, NEXT_ABORT,
-    NEXT_CONTINUE, NEXT_DONE, NO_FAULT, SCRATCH_SIZE, SUBJECT_NAMED,
+    NEXT_CONTINUE, NEXT_DONE, NO_FAULT, SCRATCH_SIZE, SUBJECT_NAMED, TABLE_ONLY,
 };
 use exofs_abi::extents::{
     ExtentChunk, ExtentKey, FileInfo, FileKey, EXTENTS_PER_CHUNK, EXTENT_UNWRITTEN,
@@ -784,22 +784,26 @@ unsafe fn run_batch<const DIRECT: bool>(ctx: *mut BatchCtx) -> i32 {
             .add(slot_field(I, core::mem::offset_of!(BatchLookup, hops)))
             .cast::<u32>()
             .write_volatile(if live { lookup.hops } else { 0 });
-        bytes
-            .add(slot_field(I, core::mem::offset_of!(BatchLookup, missing)))
-            .cast::<u64>()
-            .write_volatile(lookup.missing);
-        bytes
-            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_file)))
-            .cast::<u32>()
-            .write_volatile(lookup.start_file);
-        bytes
-            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_offset)))
-            .cast::<u64>()
-            .write_volatile(lookup.start_offset);
-        bytes
-            .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_hop)))
-            .cast::<u32>()
-            .write_volatile(lookup.start_hop);
+        // A resume point after hops from a dead daemon's table would carry what they
+        // read: the fields stay as sent.
+        if live {
+            bytes
+                .add(slot_field(I, core::mem::offset_of!(BatchLookup, missing)))
+                .cast::<u64>()
+                .write_volatile(lookup.missing);
+            bytes
+                .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_file)))
+                .cast::<u32>()
+                .write_volatile(lookup.start_file);
+            bytes
+                .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_offset)))
+                .cast::<u64>()
+                .write_volatile(lookup.start_offset);
+            bytes
+                .add(slot_field(I, core::mem::offset_of!(BatchLookup, start_hop)))
+                .cast::<u32>()
+                .write_volatile(lookup.start_hop);
+        }
         if live {
             let scratch = lookup.scratch.as_ptr().cast::<u64>();
             for w in 0..BATCH_SCRATCH_WORDS {
@@ -945,6 +949,14 @@ unsafe fn read_hop<const DIRECT: bool>(
             return checked_again(state, file, len);
         }
         count(stats::HOT_MISSES, 1);
+        // TABLE_ONLY: stop here, unless this is the first hop of a lookup resumed after
+        // such a stop (`missing` sent), whose block is on its way. A direct caller is
+        // not told the block's device offset: `missing` says only that it stopped.
+        let resumed_here = walk.may_wait != u64::MAX && walk.hops == walk.first_hop;
+        if walk.flags & TABLE_ONLY as u64 != 0 && !resumed_here && hot::served() {
+            walk.missing = 0;
+            return status::MISSING;
+        }
         let ret = daemon::copy_from_daemon(
             state.data.as_mut_ptr().cast(),
             len,

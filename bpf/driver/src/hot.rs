@@ -39,6 +39,16 @@ static EXOFS_HOT_INDEX: HashMap<u64, u32> =
 #[map]
 static EXOFS_HOT_WANTED: Array<u64> = Array::with_max_entries(WANTED_SLOTS, BPF_F_MMAPABLE);
 
+/// Slots a table needs for TABLE_ONLY to be honoured: below that (`-o hot=0` makes one
+/// slot) a lookup would stop at nearly every hop of any working set.
+const SERVED_SLOTS: u32 = 64;
+
+/// Whether the daemon serves a table worth stopping for (see [`SERVED_SLOTS`]).
+#[inline(always)]
+pub fn served() -> bool {
+    EXOFS_HOT.get_ptr(SERVED_SLOTS - 1).is_some()
+}
+
 /// Copies `len` bytes at `within` of device block `block` into `dst` from the block's
 /// slot. False if no slot holds it (the block is then noted as wanted) or the daemon was
 /// writing the slot.
